@@ -1,0 +1,136 @@
+"""Tunnel frame codec (sans-I/O). The wire format is documented in ``PROTOCOL.md``.
+
+Every frame is a 10-byte header followed by ``length`` payload bytes::
+
+    type:u8  flags:u8  stream_id:u32  length:u32      (network byte order)
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+import orjson
+
+HEADER = struct.Struct("!BBII")
+HEADER_SIZE = HEADER.size
+MAX_PAYLOAD = 256 * 1024          # a DATA frame never carries more; larger = protocol error
+MAX_CONTROL_PAYLOAD = 64 * 1024   # JSON frames (HELLO, OPEN, ...)
+PROTOCOL_VERSION = 1
+U32 = struct.Struct("!I")
+U64 = struct.Struct("!Q")
+
+
+class FrameType(IntEnum):
+    HELLO = 0          # device -> node, stream 0, JSON {version, device_id, token, meta}
+    WELCOME = 1        # node -> device, stream 0, JSON {ok, node, error?, ping_interval}
+    OPEN = 2           # node -> device, JSON {host, port, window}
+    OPEN_OK = 3        # device -> node, JSON {bound_host, bound_port, resolved_ip, window}
+    OPEN_FAIL = 4      # device -> node, JSON {rep, reason, resolved_ip?}
+    DATA = 5           # either way, raw bytes, counts against the receiver's window
+    WINDOW = 6         # either way, u32 increment of the sender's window for this stream
+    FIN = 7            # either way, half-close: the sender will send no more DATA
+    RST = 8            # either way, abort the stream (payload: optional UTF-8 reason)
+    PING = 9           # either way, stream 0, u64 opaque; flags ACK = pong
+    GOAWAY = 10        # either way, stream 0, JSON {reason}: no new streams; reconnect elsewhere
+    CONTROL = 11       # node -> device, stream 0, JSON {id, command, ...}
+    CONTROL_REPLY = 12  # device -> node, stream 0, JSON {id, ...}
+
+
+FLAG_ACK = 0x01
+JSON_TYPES = frozenset({FrameType.HELLO, FrameType.WELCOME, FrameType.OPEN, FrameType.OPEN_OK,
+                        FrameType.OPEN_FAIL, FrameType.GOAWAY, FrameType.CONTROL, FrameType.CONTROL_REPLY})
+
+
+class FrameError(Exception):
+    """The peer violated the framing; the connection must be closed."""
+
+
+@dataclass(slots=True)
+class Frame:
+    type: int
+    flags: int
+    stream_id: int
+    payload: bytes
+
+    def json(self) -> dict:
+        """Decode a JSON payload; raises FrameError when it is not a JSON object."""
+        try:
+            value = orjson.loads(self.payload)
+        except orjson.JSONDecodeError as exc:
+            raise FrameError(f"bad JSON in {FrameType(self.type).name}") from exc
+        if not isinstance(value, dict):
+            raise FrameError(f"{FrameType(self.type).name} payload is not an object")
+        return value
+
+
+def encode(ftype: int, stream_id: int, payload: bytes = b"", flags: int = 0) -> bytes:
+    """One frame as bytes."""
+    return HEADER.pack(ftype, flags, stream_id, len(payload)) + payload
+
+
+def header(ftype: int, stream_id: int, length: int, flags: int = 0) -> bytes:
+    """Just the header, for writing a DATA payload without copying it (``writelines``)."""
+    return HEADER.pack(ftype, flags, stream_id, length)
+
+
+def encode_json(ftype: int, stream_id: int, obj: dict) -> bytes:
+    return encode(ftype, stream_id, orjson.dumps(obj))
+
+
+def encode_window(stream_id: int, increment: int) -> bytes:
+    return encode(FrameType.WINDOW, stream_id, U32.pack(increment))
+
+
+def encode_ping(opaque: int, ack: bool = False) -> bytes:
+    return encode(FrameType.PING, 0, U64.pack(opaque), FLAG_ACK if ack else 0)
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes, get complete frames. Buffering is bounded by one frame."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Append ``data`` and return every complete frame; raises FrameError on a protocol violation."""
+        buf = self._buf
+        buf += data
+        frames: list[Frame] = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= HEADER_SIZE:
+            ftype, flags, sid, length = HEADER.unpack_from(buf, pos)
+            if ftype > FrameType.CONTROL_REPLY:
+                raise FrameError(f"unknown frame type {ftype}")
+            limit = MAX_CONTROL_PAYLOAD if ftype in JSON_TYPES else MAX_PAYLOAD
+            if length > limit:
+                raise FrameError(f"frame too large: {length} > {limit}")
+            if end - pos - HEADER_SIZE < length:
+                break
+            start = pos + HEADER_SIZE
+            frames.append(Frame(ftype, flags, sid, bytes(buf[start:start + length])))
+            pos = start + length
+        if pos:
+            del buf[:pos]
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+def validate(frame: Frame) -> None:
+    """Check the fixed-size payloads and stream-0 rules; raises FrameError."""
+    t = frame.type
+    if t == FrameType.WINDOW and len(frame.payload) != 4:
+        raise FrameError("WINDOW payload must be 4 bytes")
+    if t == FrameType.PING and len(frame.payload) != 8:
+        raise FrameError("PING payload must be 8 bytes")
+    stream_zero = t in (FrameType.HELLO, FrameType.WELCOME, FrameType.PING, FrameType.GOAWAY,
+                        FrameType.CONTROL, FrameType.CONTROL_REPLY)
+    if stream_zero != (frame.stream_id == 0):
+        raise FrameError(f"{FrameType(t).name} on wrong stream {frame.stream_id}")

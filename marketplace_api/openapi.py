@@ -1,0 +1,46 @@
+"""``GET /api/v2/openapi.json``: an OpenAPI 3.1 document generated from the routes actually served."""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+
+from .app import json_response
+
+_PARAM = re.compile(r"\{(\w+)\}")
+
+
+def build_document(app: web.Application) -> dict:
+    paths: dict[str, dict] = {}
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = info.get("path") or info.get("formatter")
+        if not path or not path.startswith("/api/") or route.method in ("HEAD", "OPTIONS", "*"):
+            continue
+        handler = route.handler
+        doc = (handler.__doc__ or handler.__name__.replace("_", " ")).strip().splitlines()[0]
+        op: dict = {"summary": doc, "operationId": f"{route.method.lower()}_{handler.__name__}",
+                    "responses": {"200": {"description": "OK"}, "400": {"description": "Bad request"},
+                                  "401": {"description": "Unauthorized"}}}
+        params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for p in _PARAM.findall(path)]
+        if params:
+            op["parameters"] = params
+        paths.setdefault(path, {})[route.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "proxyorch API", "version": "2"},
+        "components": {"securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "admin": {"type": "apiKey", "in": "header", "name": "X-Admin-Token"}}},
+        "security": [{"bearer": []}],
+        "paths": dict(sorted(paths.items())),
+    }
+
+
+def setup(app: web.Application) -> None:
+    async def openapi(request: web.Request) -> web.Response:
+        return json_response(build_document(request.app))
+
+    app.router.add_get("/api/v2/openapi.json", openapi)

