@@ -17,6 +17,7 @@ from .errors import ApiError
 
 log = logging.getLogger(__name__)
 NODE = web.AppKey("node", Any)
+NO_ROUTE = "no such route"
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -31,6 +32,10 @@ async def error_middleware(request: web.Request, handler):  # noqa: ANN001, ANN2
         return json_response(exc.body, exc.status)
     except web.HTTPRequestEntityTooLarge:
         return json_response({"success": False, "error": "request body too large"}, 400)
+    except web.HTTPNotFound:
+        return json_response({"success": False, "error": NO_ROUTE}, 404)
+    except web.HTTPMethodNotAllowed:
+        return json_response({"success": False, "error": "method not allowed"}, 405)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -117,6 +122,7 @@ async def metrics(request: web.Request) -> web.Response:
         f"proxyorch_tunnels {len(node.tunnels.connections)}",
         f"proxyorch_devices_online {len(node.tunnels.registry.device_ids())}",
         f"proxyorch_tunnel_buffered_bytes {sum(t.buffered_bytes for t in node.tunnels.connections)}",
+        f"proxyorch_client_buffered_bytes {node.proxy.client_buffered_bytes()}",
         f"proxyorch_auth_cache_hits_total {node.proxy.auth_cache.hits}",
         f"proxyorch_auth_cache_misses_total {node.proxy.auth_cache.misses}",
     ]

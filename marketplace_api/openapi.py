@@ -16,7 +16,7 @@ def build_document(app: web.Application) -> dict:
     for route in app.router.routes():
         info = route.resource.get_info() if route.resource is not None else {}
         path = info.get("path") or info.get("formatter")
-        if not path or not path.startswith("/api/") or route.method in ("HEAD", "OPTIONS", "*"):
+        if not path or route.method in ("HEAD", "OPTIONS", "*"):
             continue
         handler = route.handler
         doc = (handler.__doc__ or handler.__name__.replace("_", " ")).strip().splitlines()[0]

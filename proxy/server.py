@@ -103,6 +103,15 @@ class ProxyServer:
         if self._server is not None:
             self._server.close()
 
+    def client_buffered_bytes(self) -> int:
+        """Bytes waiting in client sockets' write buffers on this node (what slow readers cost)."""
+        total = 0
+        for s in self.sessions.all:
+            t = getattr(s, "transport", None)
+            if t is not None and not t.is_closing():
+                total += t.get_write_buffer_size()
+        return total
+
     def handle_bus_event(self, event: str) -> None:
         """Invalidate the cache; on ``kill:<id>`` terminate that connection's sessions."""
         self.auth_cache.handle_event(event)

@@ -36,6 +36,7 @@ class TargetServers:
         self.peer_port = 0
         self._runner: web.AppRunner | None = None
         self._servers: list[asyncio.AbstractServer] = []
+        self.progress: dict[str, int] = {}   # ?tag=... -> bytes the target has written so far
 
     async def start(self, host: str = "127.0.0.1") -> TargetServers:
         app = web.Application()
@@ -69,6 +70,7 @@ class TargetServers:
         resp = web.StreamResponse()
         resp.content_length = size
         await resp.prepare(request)
+        tag = request.query.get("tag")
         sent = 0
         i = 0
         while sent < size:
@@ -76,6 +78,8 @@ class TargetServers:
             await resp.write(chunk)
             sent += len(chunk)
             i += 1
+            if tag:
+                self.progress[tag] = sent
         await resp.write_eof()
         return resp
 
