@@ -99,12 +99,14 @@ def device_metadata(overrides: dict | None = None) -> dict:
 class TargetConnection(asyncio.Protocol):
     """The device's socket to a target; the local end of one tunnel stream."""
 
-    __slots__ = ("transport", "stream", "write_paused", "early")
+    __slots__ = ("transport", "stream", "write_paused", "early", "early_eof")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.stream: MuxStream | None = None
         self.write_paused = False
+        self.early: bytearray | None = bytearray()  # bytes that arrive before the stream is attached
+        self.early_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -113,16 +115,25 @@ class TargetConnection(asyncio.Protocol):
 
     def attach(self, stream: MuxStream) -> None:
         self.stream = stream
+        early, self.early = self.early, None
+        if early:
+            stream.write(bytes(early))
+        if self.early_eof:
+            stream.write_eof()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.stream is not None:
             self.stream.write(data)
+        elif self.early is not None:
+            self.early += data  # at most one read: reading is paused until attach
 
     def eof_received(self) -> bool:
         if self.stream is not None:
             self.stream.write_eof()
+        else:
+            self.early_eof = True
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:

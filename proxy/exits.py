@@ -51,6 +51,7 @@ class DirectStream(asyncio.Protocol):
         self.handler: OpenHandler | None = None
         self.write_paused = False
         self.closed = False
+        self.early = bytearray()  # bytes read before the session took the stream
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -58,10 +59,12 @@ class DirectStream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         h = self.handler
-        if h is not None:
-            h.stream_data(data)
-            if not h.sink_ready():
-                self.transport.pause_reading()  # type: ignore[union-attr]
+        if h is None:
+            self.early += data
+            return
+        h.stream_data(data)
+        if not h.sink_ready():
+            self.transport.pause_reading()  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
         if self.handler is not None:
@@ -141,7 +144,10 @@ class DirectExit:
             rep = REP_HOST_UNREACHABLE if isinstance(exc, __import__("socket").gaierror) else _errno_to_rep(exc)
             handler.open_result(OpenResult(rep=rep or REP_GENERAL, reason=str(exc)))
             return
-        proto.handler = handler
         sock = transport.get_extra_info("sockname") or ("0.0.0.0", 0)
         handler.open_result(OpenResult(rep=0, bound_host=sock[0], bound_port=sock[1], resolved_ip=addr,
                                        stream=proto))  # type: ignore[arg-type]
+        proto.handler = handler
+        if proto.early:
+            early, proto.early = bytes(proto.early), bytearray()
+            handler.stream_data(early)

@@ -101,11 +101,15 @@ class TargetServers:
             writer.close()
 
     async def _peer_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Writes the peer's address at connect and again for every line received."""
         peer = writer.get_extra_info("peername")
-        writer.write(f"{peer[0]}\n".encode())
+        line = f"{peer[0]}\n".encode()
         try:
+            writer.write(line)
             await writer.drain()
-            await reader.read(1)
+            while await reader.readline():
+                writer.write(line)
+                await writer.drain()
         except (ConnectionError, OSError):
             pass
         writer.close()
