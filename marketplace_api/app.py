@@ -95,13 +95,26 @@ def require_admin(request: web.Request) -> None:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness and the state of each backing store."""
+    import asyncio
+
     node = request.app[NODE]
-    ok = True
+    stores: dict[str, str] = {}
     try:
-        await node.pool.fetchval("SELECT 1")
-    except Exception:
-        ok = False
-    return json_response({"ok": ok, "node": node.settings.node_name}, 200 if ok else 503)
+        await asyncio.wait_for(node.pool.fetchval("SELECT 1"), 2)
+        stores["postgres"] = "ok"
+    except Exception as exc:
+        stores["postgres"] = f"down: {type(exc).__name__}"
+    bus = node.bus
+    connected = getattr(bus, "connected", None)
+    stores["bus"] = f"{type(bus).__name__}: {'ok' if connected is None or connected.is_set() else 'reconnecting'}"
+    if node.request_log is not None:
+        st = node.request_log.stats
+        stores["clickhouse"] = "ok" if node.request_log.healthy else "failing (rows kept in memory/spool)"
+        stores["request_log_backlog_rows"] = str(st.get("queue_len", 0))
+        stores["request_log_spool_bytes"] = str(st.get("spool_bytes", 0))
+    ok = stores["postgres"] == "ok"
+    return json_response({"ok": ok, "node": node.settings.node_name, "stores": stores}, 200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -126,6 +139,9 @@ async def metrics(request: web.Request) -> web.Response:
         f"proxyorch_auth_cache_hits_total {node.proxy.auth_cache.hits}",
         f"proxyorch_auth_cache_misses_total {node.proxy.auth_cache.misses}",
     ]
+    for t in node.tunnels.connections:
+        if t.device_id:
+            lines.append(f'proxyorch_tunnel_rtt_seconds{{device="{t.device_id}",peer="{t.peer}"}} {t.rtt:.6f}')
     if node.request_log is not None:
         for key, value in node.request_log.stats.items():
             if isinstance(value, int | float):
@@ -135,13 +151,14 @@ async def metrics(request: web.Request) -> web.Response:
 
 def create_app(node: Any) -> web.Application:
     """The whole API of one node."""
-    from . import openapi, routes_proxy
+    from . import openapi, routes_logs, routes_proxy
 
     app = web.Application(client_max_size=node.settings.max_body_bytes, middlewares=[error_middleware])
     app[NODE] = node
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     routes_proxy.setup(app)
+    routes_logs.setup(app)
     try:
         from . import routes_marketplace
     except ImportError:

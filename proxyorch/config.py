@@ -41,6 +41,7 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("LOG_BATCH_S", "log_batch_s", float, 1.0, "Request-log batch interval (seconds)"),
     ("BANDWIDTH_FLUSH_S", "bandwidth_flush_s", float, 60.0, "Interim byte deltas of long sessions"),
     ("LOG_RETENTION_DAYS", "log_retention_days", int, 90, "Request-log TTL"),
+    ("CLICKHOUSE_FAULT_FILE", "clickhouse_fault_file", str, "", "Test hook: request-log inserts fail while this file exists"),
     ("MAX_BODY_BYTES", "max_body_bytes", int, 1024 * 1024, "Largest JSON request body the API accepts"),
     ("LOG_LEVEL", "log_level", str, "INFO", "Python logging level"),
 ]
@@ -84,6 +85,7 @@ class Settings:
     log_batch_s: float = 1.0
     bandwidth_flush_s: float = 60.0
     log_retention_days: int = 90
+    clickhouse_fault_file: str = ""
     max_body_bytes: int = 1024 * 1024
     log_level: str = "INFO"
     extra: dict[str, Any] = field(default_factory=dict)

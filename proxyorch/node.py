@@ -48,6 +48,22 @@ def load_admin_token(settings: Settings) -> tuple[str, bool]:
     return token, True
 
 
+class FaultInjectingClickHouse:
+    """Test hook (``CLICKHOUSE_FAULT_FILE``): inserts fail while that file exists, as if ClickHouse were down."""
+
+    def __init__(self, inner, flag_path: str) -> None:  # noqa: ANN001
+        self.inner = inner
+        self.flag = Path(flag_path)
+
+    def insert_rows(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        if self.flag.exists():
+            raise ConnectionError("ClickHouse unavailable (fault injected)")
+        return self.inner.insert_rows(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.inner, name)
+
+
 class Node:
     """Everything one ``proxyorch serve`` process runs."""
 
@@ -118,7 +134,10 @@ class Node:
 
         self.clickhouse = make_client(s.clickhouse_url, s.data_dir)
         self.clickhouse.apply_schema(s.log_retention_days)
-        writer = RequestLogWriter(lambda: self.clickhouse, str(Path(s.data_dir) / "spool"),
+        writer_client = self.clickhouse
+        if s.clickhouse_fault_file:
+            writer_client = FaultInjectingClickHouse(self.clickhouse, s.clickhouse_fault_file)
+        writer = RequestLogWriter(lambda: writer_client, str(Path(s.data_dir) / "spool"),
                                   batch_rows=s.log_batch_rows, batch_seconds=s.log_batch_s)
         writer.start()
         return writer

@@ -302,6 +302,11 @@ class RequestLogWriter:
 
     # ---- lifecycle ------------------------------------------------------------------------
 
+    @property
+    def healthy(self) -> bool:
+        """False while inserts are failing (ClickHouse down); rows then wait in memory / the spool."""
+        return not self._failing
+
     def start(self) -> None:
         """Lock the spool directory and start the writer thread (which replays the spool first)."""
         if self._thread is not None:
@@ -352,7 +357,8 @@ class RequestLogWriter:
                 self._cut(force)
                 if force or time.monotonic() >= self._retry_at:
                     self._write()
-                if force:
+                if force or self._failing:
+                    # During an outage batches go to disk at once, so a crash loses nothing batched.
                     self._spool_outbox(0)
                 else:
                     self._spool_outbox(self.max_memory_rows)
