@@ -138,6 +138,8 @@ async def metrics(request: web.Request) -> web.Response:
         f"proxyorch_client_buffered_bytes {node.proxy.client_buffered_bytes()}",
         f"proxyorch_auth_cache_hits_total {node.proxy.auth_cache.hits}",
         f"proxyorch_auth_cache_misses_total {node.proxy.auth_cache.misses}",
+        f"proxyorch_auth_cache_stale_served_total {node.proxy.auth_cache.stale_served}",
+        f"proxyorch_auth_store_errors_total {node.proxy.auth_cache.store_errors}",
     ]
     for t in node.tunnels.connections:
         if t.device_id:

@@ -1,4 +1,10 @@
-"""Failed-authentication limiter: per client address and per connectionId, sliding window."""
+"""Failed-authentication limiter: per client address and per connectionId, sliding window.
+
+Per address: an address with ``limit`` failures in ``window`` is refused outright.
+Per connectionId: once an id collects ``limit`` failures (from anywhere), only addresses that
+authenticated successfully for it recently may keep trying, so a distributed guesser is stopped
+while the id's real users (on their known addresses) are unaffected.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ class FailureLimiter:
         self.window = window
         self.max_keys = max_keys
         self._failures: dict[str, deque[float]] = {}
+        self._good: dict[str, dict[str, float]] = {}   # connection id -> {address: last success}
         self.total_failures = 0
         self.total_blocked = 0
 
@@ -35,6 +42,23 @@ class FailureLimiter:
             self.total_blocked += 1
             return True
         return False
+
+    def allowed(self, address: str, connection_id: str | None) -> bool:
+        """May this address attempt to authenticate (as this connection id) now?"""
+        if self.blocked(address):
+            return False
+        if connection_id is not None and self.blocked(connection_id):
+            seen = self._good.get(connection_id, {}).get(address)
+            return seen is not None and seen > time.monotonic() - self.window * 10
+        return True
+
+    def record_success(self, address: str, connection_id: str) -> None:
+        good = self._good.setdefault(connection_id, {})
+        if len(good) >= 64:
+            good.pop(next(iter(good)))
+        good[address] = time.monotonic()
+        if len(self._good) > self.max_keys:
+            self._good.pop(next(iter(self._good)))
 
     def record_failure(self, key: str) -> None:
         now = time.monotonic()

@@ -376,7 +376,7 @@ class ClientSession(asyncio.Protocol):
         srv = self.server
         limiter = srv.limiter
         conn_id = normalize_connection_id(username)
-        if limiter.blocked(self.client_addr) or (conn_id is not None and limiter.blocked(conn_id)):
+        if not limiter.allowed(self.client_addr, conn_id):
             srv.metrics.auth_rate_limited += 1
             self._auth_done(None, "too many failed attempts", conn_id, on_ok)
             return
@@ -437,6 +437,7 @@ class ClientSession(asyncio.Protocol):
                 t.write(http.proxy_auth_required(reason))
             t.close()
             return
+        srv.limiter.record_success(self.client_addr, record.connection_id)
         self.record = record
         self.connection_id = record.connection_id
         self.device_id = record.device_id

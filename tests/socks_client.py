@@ -15,10 +15,11 @@ class SocksReplyError(Exception):
 
 
 async def socks5_open(proxy_port: int, user: str, password: str, host: str, port: int,
-                      proxy_host: str = "127.0.0.1", timeout: float = 10.0
+                      proxy_host: str = "127.0.0.1", timeout: float = 10.0, local_addr: str | None = None
                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, tuple[str, int]]:
     """Handshake + CONNECT; returns the stream and the bound address, or raises SocksReplyError."""
-    reader, writer = await asyncio.open_connection(proxy_host, proxy_port)
+    reader, writer = await asyncio.open_connection(proxy_host, proxy_port,
+                                                   local_addr=(local_addr, 0) if local_addr else None)
     try:
         writer.write(b"\x05\x01\x02")
         ver, method = await asyncio.wait_for(reader.readexactly(2), timeout)
@@ -55,10 +56,11 @@ async def socks5_open(proxy_port: int, user: str, password: str, host: str, port
         raise
 
 
-async def socks5_code(proxy_port: int, user: str, password: str, host: str, port: int) -> int:
+async def socks5_code(proxy_port: int, user: str, password: str, host: str, port: int,
+                      local_addr: str | None = None) -> int:
     """The CONNECT reply code (0 = success); auth failures come back as 0x100 + status."""
     try:
-        _r, w, _b = await socks5_open(proxy_port, user, password, host, port)
+        _r, w, _b = await socks5_open(proxy_port, user, password, host, port, local_addr=local_addr)
     except SocksReplyError as exc:
         return exc.code + (0x100 if exc.stage == "auth" else 0)
     w.close()

@@ -3,7 +3,9 @@
 Records expire ``ttl`` seconds (default 100 ms) after they were read, and pushed invalidations
 (``invalidate*``) drop them at once, so a change normally lands in a few milliseconds and never
 later than the TTL. Unknown ids are cached negatively for the same TTL. Concurrent misses for one
-id share a single store query. Only password *hashes* are held.
+id share a single store query. When the store cannot be reached, a record that was never
+invalidated keeps being served (stale-if-error), so live customers survive a database restart.
+Only password *hashes* are held.
 """
 
 from __future__ import annotations
@@ -60,15 +62,18 @@ def normalize_connection_id(raw: str) -> str | None:
 class AuthCache:
     """The data plane's view of credentials. ``fetch`` reads one id from the store."""
 
-    def __init__(self, fetch: CredentialFetcher, ttl: float = 0.1) -> None:
+    def __init__(self, fetch: CredentialFetcher, ttl: float = 0.1, stale_if_error: float = 600.0) -> None:
         self._fetch = fetch
         self.ttl = ttl
+        self.stale_if_error = stale_if_error
         self._entries: dict[str, tuple[float, CredentialRecord | None]] = {}
         self._inflight: dict[str, asyncio.Future[CredentialRecord | None]] = {}
         self._compiled: dict[tuple[str, ...], Blacklist] = {}
         self._generation = 0
         self.hits = 0
         self.misses = 0
+        self.stale_served = 0
+        self.store_errors = 0
 
     def get_cached(self, connection_id: str) -> CredentialRecord | None | object:
         """The fresh cached record (or None for a known-unknown id), else ``MISSING``."""
@@ -98,9 +103,21 @@ class AuthCache:
                 self._entries[connection_id] = (time.monotonic() + self.ttl, record)
             fut.set_result(record)
             return record
-        except BaseException as exc:
+        except Exception as exc:
+            # Store unreachable: a record that was never invalidated is still the truth (nothing can
+            # change it while the store is down), so serve it for up to ``stale_if_error``.
+            self.store_errors += 1
+            entry = self._entries.get(connection_id)
+            if entry is not None and entry[0] + self.stale_if_error > time.monotonic():
+                self.stale_served += 1
+                fut.set_result(entry[1])
+                return entry[1]
             fut.set_exception(exc)
             fut.exception()  # mark retrieved
+            raise
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()
             raise
         finally:
             self._inflight.pop(connection_id, None)

@@ -1,0 +1,104 @@
+"""Registers the marketplace routes (jobs, tasks, planned tasks, payments, buckets, files, automations)
+and the background loops (planned-task assignment, temporary-file expiry)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+from aiohttp import web
+
+from . import applicants, assignment, automations, buckets, files, jobs, payments, planned, storage, tasks
+from .app import NODE
+from .errors import ApiError
+
+_TASKS = web.AppKey("marketplace_tasks", list)
+
+
+async def _start_loops(app: web.Application) -> None:
+    node = app[NODE]
+    temp_dir = Path(node.settings.data_dir).resolve() / "files" / "temp"
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    app[_TASKS] = [asyncio.create_task(assignment.sweeper(node.pool)),
+                   asyncio.create_task(files.sweeper(node.pool, temp_dir))]
+
+
+async def _stop_loops(app: web.Application) -> None:
+    for task in app.get(_TASKS, []):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _guard(handler: Handler) -> Handler:
+    """Input PostgreSQL cannot store (NUL characters, out-of-range values) is a 400, never a 500."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except asyncpg.DataError as exc:
+            raise ApiError(400, f"invalid input: {exc.__class__.__name__}") from None
+
+    return wrapper
+
+
+class _GuardedRouter:
+    """Adds routes through ``_guard`` (keeps the handler's name and docstring for the OpenAPI document)."""
+
+    def __init__(self, router: web.UrlDispatcher) -> None:
+        self._router = router
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        add = getattr(self._router, name)
+        return lambda path, handler: add(path, _guard(handler))
+
+
+def setup(app: web.Application) -> None:
+    r = _GuardedRouter(app.router)
+    r.add_post("/api/v2/jobs/applicants", applicants.list_applicants)
+    r.add_put("/api/v2/jobs/applicants", applicants.update_applicants)
+    r.add_get("/api/v2/jobs/details", jobs.job_details)
+    r.add_post("/api/v2/jobs/check-uniquenes", jobs.check_uniqueness)
+    r.add_post("/api/v2/jobs/myjobs", jobs.my_jobs)
+    r.add_get("/api/v2/jobs", jobs.list_jobs)
+    r.add_post("/api/v2/jobs/submit", jobs.submit_job)
+    r.add_put("/api/v2/jobs/update-status", jobs.update_status)
+    r.add_get("/api/v2/jobs/{job_id}/buckets", buckets.list_buckets)
+    r.add_delete("/api/v2/jobs/{job_id}/buckets", buckets.wipe_buckets)
+    r.add_get("/api/v2/jobs/{job_id}/buckets/{device_id}", buckets.get_bucket)
+    r.add_put("/api/v2/jobs/{job_id}/buckets/{device_id}", buckets.put_bucket)
+    r.add_delete("/api/v2/jobs/{job_id}/buckets/{device_id}", buckets.delete_bucket)
+
+    r.add_get("/api/v2/tasks/apply", tasks.apply)
+    r.add_post("/api/v2/tasks/details", tasks.details)
+    r.add_post("/api/v2/tasks/submit", tasks.submit)
+    r.add_get("/api/v2/tasks/planned", planned.list_planned)
+    r.add_post("/api/v2/tasks/planned", planned.submit_planned)
+    r.add_delete("/api/v2/tasks/planned", planned.delete_planned)
+    r.add_delete("/api/v2/tasks/delete", tasks.delete_task)
+    r.add_post("/api/v2/tasks/reinitiate", tasks.reinitiate)
+
+    r.add_post("/api/v2/payments/withdraw", payments.withdraw)
+    r.add_get("/api/v2/payments/withdrawals", payments.withdrawals)
+    r.add_get("/api/v2/user/balance", payments.balance)
+
+    r.add_post("/api/v2/device-bucket/read", buckets.read_device_bucket)
+    r.add_post("/api/v2/device-bucket/merge", buckets.merge_device_bucket)
+    r.add_post("/api/v2/files/upload", files.upload)
+    r.add_get("/api/v2/files/temp/{filename}", files.fetch_temp)
+    r.add_get("/api/v2/files/proof/{filename}", storage.serve_proof_file)
+
+    r.add_post("/api/v2/admin/automations", automations.create_automation)
+    r.add_get("/api/v2/admin/automations", automations.list_automations)
+    r.add_post("/api/v2/admin/deposits", payments.admin_deposit)
+
+    app.on_startup.append(_start_loops)
+    app.on_cleanup.append(_stop_loops)

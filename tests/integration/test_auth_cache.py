@@ -1,0 +1,115 @@
+"""The auth cache against a real PostgreSQL store and the real LISTEN/NOTIFY bus."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from conftest import create_database
+
+from proxy.auth_cache.cache import MISSING, AuthCache, normalize_connection_id
+from proxy.auth_cache.hashing import hash_password
+from proxy.auth_cache.store import PostgresCredentialStore
+from proxyorch import accounts, db
+from proxyorch.bus import PostgresBus, RedisBus
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def store(pg_root):
+    url = await create_database(pg_root[0])
+    pool = await db.create_pool(url, min_size=1, max_size=5)
+    await db.migrate(pool)
+    user_id, _ = await accounts.create_user(pool, "cache")
+    device = await accounts.create_device(pool, user_id)
+    yield {"pool": pool, "url": url, "device": device["remote_device_id"]}
+    await pool.close()
+
+
+async def new_credential(pool: asyncpg.Pool, device: str | None, password: str = "p" * 16) -> str:
+    cid = str(uuid.uuid4())
+    await pool.execute("INSERT INTO proxy_credentials(connection_id, password_hash, device_id) VALUES ($1,$2,$3)",
+                       cid, hash_password(cid, password), device)
+    return cid
+
+
+async def test_record_holds_hash_device_and_compiled_blacklists(store):
+    pool = store["pool"]
+    cid = await new_credential(pool, store["device"], "secret-password!")
+    await pool.execute("INSERT INTO blacklist_entries(scope, scope_id, entry) VALUES ('connection', $1, 'x.test')", cid)
+    await pool.execute("INSERT INTO blacklist_entries(scope, scope_id, entry) VALUES ('device', $1, 'y.test')",
+                       store["device"])
+    cache = AuthCache(PostgresCredentialStore(pool).fetch, ttl=0.1)
+    rec = await cache.lookup(cid)
+    assert rec is not None and rec.device_id == store["device"]
+    assert rec.check_password("secret-password!") and not rec.check_password("secret-password?")
+    scopes = {scope: bl.match("a.x.test") or bl.match("b.y.test") for scope, bl in rec.blacklists}
+    assert scopes["connection"] == "x.test" and scopes["device"] == "y.test"
+    assert b"secret-password!" not in rec.password_hash
+
+
+async def test_change_is_served_at_most_ttl_after_it_happened(store):
+    pool = store["pool"]
+    cid = await new_credential(pool, store["device"])
+    cache = AuthCache(PostgresCredentialStore(pool).fetch, ttl=0.1)
+    assert (await cache.lookup(cid)).device_id == store["device"]
+    await pool.execute("UPDATE proxy_credentials SET device_id = NULL WHERE connection_id = $1", cid)
+    changed = time.monotonic()
+    while (await cache.lookup(cid)).device_id is not None:
+        await asyncio.sleep(0.005)
+    assert time.monotonic() - changed <= 0.1 + 0.05  # TTL, plus one query's slack
+
+
+async def test_unknown_ids_are_cached_negatively_and_queries_are_shared(store):
+    pool = store["pool"]
+    cache = AuthCache(PostgresCredentialStore(pool).fetch, ttl=10)
+    ghost = str(uuid.uuid4())
+    results = await asyncio.gather(*(cache.lookup(ghost) for _ in range(20)))
+    assert results == [None] * 20
+    assert cache.misses == 1  # one store query for twenty concurrent lookups
+    assert cache.get_cached(ghost) is None and cache.get_cached(str(uuid.uuid4())) is MISSING
+
+
+async def test_notify_invalidates_far_sooner_than_the_ttl(store):
+    pool = store["pool"]
+    cid = await new_credential(pool, store["device"])
+    cache = AuthCache(PostgresCredentialStore(pool).fetch, ttl=60)  # only the push can refresh it
+    bus = PostgresBus(store["url"])
+    await bus.start(cache.handle_event)
+    try:
+        assert (await cache.lookup(cid)).device_id == store["device"]
+        await pool.execute("UPDATE proxy_credentials SET device_id = NULL WHERE connection_id = $1", cid)
+        t0 = time.monotonic()
+        while cache.get_cached(cid) is not MISSING:
+            assert time.monotonic() - t0 < 2
+            await asyncio.sleep(0.001)
+        assert (await cache.lookup(cid)).device_id is None
+    finally:
+        await bus.close()
+
+
+async def test_redis_bus_delivers_published_events(redis_url):
+    seen: list[str] = []
+    bus = RedisBus(redis_url)
+    await bus.start(seen.append)
+    try:
+        await bus.publish("conn:abc")
+        for _ in range(200):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        assert seen == ["conn:abc"]
+    finally:
+        await bus.close()
+
+
+def test_connection_ids_are_normalised_or_rejected():
+    u = uuid.uuid4()
+    assert normalize_connection_id(str(u).upper()) == str(u)
+    assert normalize_connection_id("not-a-uuid") is None
+    assert normalize_connection_id("x" * 300) is None
