@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -97,6 +98,7 @@ def cmd_device_agent(args: argparse.Namespace) -> int:
     config = AgentConfig(host=host.strip("[]") or "127.0.0.1", port=int(port), device_id=args.device_id,
                          token=args.token, tunnels=args.tunnels, source_address=args.source_address,
                          allow_private=args.allow_private, connect_timeout=args.connect_timeout,
+                         ping_interval=args.ping_interval, dead_after=args.dead_after,
                          meta=device_metadata(meta_overrides), runner=make_runner(args.automation_dir))
 
     async def main() -> None:
@@ -147,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow private, loopback and link-local targets (off by default)")
     a.add_argument("--tunnels", type=int, default=1, help="parallel tunnel connections")
     a.add_argument("--connect-timeout", type=float, default=10.0)
+    a.add_argument("--ping-interval", type=float, default=float(os.environ.get("TUNNEL_PING_S", 5)),
+                   help="seconds between keep-alive pings")
+    a.add_argument("--dead-after", type=float, default=float(os.environ.get("TUNNEL_DEAD_AFTER", 15)),
+                   help="declare the node dead after this many silent seconds and reconnect")
     a.add_argument("--country", help="ISO country code reported in the handshake")
     a.add_argument("--automation-dir", default="./automations", help="where launchAutomation code is saved")
     a.add_argument("--log-level", default="INFO")
