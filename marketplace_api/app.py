@@ -141,9 +141,11 @@ async def metrics(request: web.Request) -> web.Response:
         f"proxyorch_auth_cache_stale_served_total {node.proxy.auth_cache.stale_served}",
         f"proxyorch_auth_store_errors_total {node.proxy.auth_cache.store_errors}",
     ]
-    for t in node.tunnels.connections:
-        if t.device_id:
-            lines.append(f'proxyorch_tunnel_rtt_seconds{{device="{t.device_id}",peer="{t.peer}"}} {t.rtt:.6f}')
+    rtts = sorted(t.rtt for t in node.tunnels.connections if t.device_id and t.rtt_samples)
+    if rtts:  # aggregated: /metrics is unauthenticated, so no per-device labels
+        lines.append(f"proxyorch_tunnel_rtt_seconds_min {rtts[0]:.6f}")
+        lines.append(f"proxyorch_tunnel_rtt_seconds_median {rtts[len(rtts) // 2]:.6f}")
+        lines.append(f"proxyorch_tunnel_rtt_seconds_max {rtts[-1]:.6f}")
     if node.request_log is not None:
         for key, value in node.request_log.stats.items():
             if isinstance(value, int | float):
