@@ -277,7 +277,12 @@ class AgentTunnel(Mux):
             self._fail(sid, REP_GENERAL, "bad target")
             return
         try:
-            addresses = await asyncio.wait_for(self._resolve(host, port), cfg.connect_timeout)
+            literal = parse_ip_literal(host)
+            if literal is not None:
+                addresses = [literal]
+            else:
+                async with asyncio.timeout(cfg.connect_timeout):
+                    addresses = await self._resolve(host, port)
         except (OSError, UnicodeError, ValueError) as exc:
             self._fail(sid, REP_HOST_UNREACHABLE, f"cannot resolve {host}: {exc}")
             return
@@ -303,9 +308,9 @@ class AgentTunnel(Mux):
             last_ip = str(ip)
             local = (cfg.source_address, 0) if cfg.source_address else None
             try:
-                transport, proto = await asyncio.wait_for(
-                    loop.create_connection(TargetConnection, str(ip), port, local_addr=local),
-                    cfg.connect_timeout)
+                async with asyncio.timeout(cfg.connect_timeout):
+                    transport, proto = await loop.create_connection(TargetConnection, str(ip), port,
+                                                                    local_addr=local)
             except TimeoutError:
                 last_rep, last_reason = REP_TTL_EXPIRED, f"connect to {ip}:{port} timed out"
                 continue

@@ -52,7 +52,7 @@ class Frame:
     type: int
     flags: int
     stream_id: int
-    payload: bytes
+    payload: bytes | memoryview
 
     def json(self) -> dict:
         """Decode a JSON payload; raises FrameError when it is not a JSON object."""
@@ -88,39 +88,75 @@ def encode_ping(opaque: int, ack: bool = False) -> bytes:
 
 
 class FrameDecoder:
-    """Incremental decoder: feed bytes, get complete frames. Buffering is bounded by one frame."""
+    """Incremental decoder: feed bytes, get complete frames. Buffering is bounded by one frame.
 
-    __slots__ = ("_buf",)
+    DATA payloads are handed out as zero-copy ``memoryview`` slices of the received (immutable)
+    chunk whenever a payload lies within one chunk; only payloads split across reads are joined.
+    Control payloads are always ``bytes``.
+    """
+
+    __slots__ = ("_head", "_type", "_flags", "_sid", "_need", "_parts", "_buffered")
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._head = bytearray()      # a partial header
+        self._type = -1               # the frame whose payload is being collected (-1: none)
+        self._flags = 0
+        self._sid = 0
+        self._need = 0
+        self._parts: list[memoryview] = []
+        self._buffered = 0
 
     def feed(self, data: bytes) -> list[Frame]:
         """Append ``data`` and return every complete frame; raises FrameError on a protocol violation."""
-        buf = self._buf
-        buf += data
         frames: list[Frame] = []
+        view = memoryview(data)
         pos = 0
-        end = len(buf)
-        while end - pos >= HEADER_SIZE:
-            ftype, flags, sid, length = HEADER.unpack_from(buf, pos)
-            if ftype > FrameType.CONTROL_REPLY:
-                raise FrameError(f"unknown frame type {ftype}")
-            limit = MAX_CONTROL_PAYLOAD if ftype in JSON_TYPES else MAX_PAYLOAD
-            if length > limit:
-                raise FrameError(f"frame too large: {length} > {limit}")
-            if end - pos - HEADER_SIZE < length:
-                break
-            start = pos + HEADER_SIZE
-            frames.append(Frame(ftype, flags, sid, bytes(buf[start:start + length])))
-            pos = start + length
-        if pos:
-            del buf[:pos]
+        end = len(view)
+        unpack = HEADER.unpack_from
+        while pos < end:
+            if self._type < 0:
+                if self._head or end - pos < HEADER_SIZE:
+                    take = min(HEADER_SIZE - len(self._head), end - pos)
+                    self._head += view[pos:pos + take]
+                    pos += take
+                    if len(self._head) < HEADER_SIZE:
+                        break
+                    ftype, flags, sid, length = unpack(self._head)
+                    self._head.clear()
+                else:
+                    ftype, flags, sid, length = unpack(view, pos)
+                    pos += HEADER_SIZE
+                if ftype > FrameType.CONTROL_REPLY:
+                    raise FrameError(f"unknown frame type {ftype}")
+                limit = MAX_CONTROL_PAYLOAD if ftype in JSON_TYPES else MAX_PAYLOAD
+                if length > limit:
+                    raise FrameError(f"frame too large: {length} > {limit}")
+                if end - pos >= length:  # the whole payload is here: slice it
+                    payload = view[pos:pos + length]
+                    pos += length
+                    frames.append(Frame(ftype, flags, sid, payload if ftype == FrameType.DATA else bytes(payload)))
+                    continue
+                self._type, self._flags, self._sid, self._need = ftype, flags, sid, length
+                self._buffered = 0
+            take = min(self._need, end - pos)
+            self._parts.append(view[pos:pos + take])
+            self._need -= take
+            self._buffered += take
+            pos += take
+            if self._need == 0:
+                parts, self._parts = self._parts, []
+                payload = parts[0] if len(parts) == 1 else b"".join(parts)
+                if self._type != FrameType.DATA:
+                    payload = bytes(payload)
+                frames.append(Frame(self._type, self._flags, self._sid, payload))  # type: ignore[arg-type]
+                self._type = -1
+                self._buffered = 0
         return frames
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        """Bytes held for an incomplete frame."""
+        return len(self._head) + self._buffered
 
 
 def validate(frame: Frame) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import Protocol
 
 from . import frames
@@ -24,7 +25,7 @@ from .frames import FLAG_ACK, Frame, FrameDecoder, FrameError, FrameType
 
 log = logging.getLogger(__name__)
 
-MAX_CHUNK = 64 * 1024          # largest DATA payload we send
+MAX_CHUNK = 256 * 1024         # largest DATA payload we send (= frames.MAX_PAYLOAD)
 PENDING_HIGH = 64 * 1024       # outbound bytes held beyond the window before the source is paused
 TUNNEL_WRITE_HIGH = 4 * 1024 * 1024
 TUNNEL_WRITE_LOW = 1024 * 1024
@@ -45,7 +46,7 @@ class MuxStream:
     """One logical connection inside a tunnel."""
 
     __slots__ = ("mux", "id", "handler", "send_window", "recv_window", "recv_remaining", "unacked",
-                 "pending", "fin_pending", "local_fin", "remote_fin", "closed", "source_paused",
+                 "pending", "pending_bytes", "fin_pending", "local_fin", "remote_fin", "closed", "source_paused",
                  "last_ack", "bytes_sent", "bytes_received")
 
     def __init__(self, mux: Mux, stream_id: int, handler: StreamHandler | None, send_window: int,
@@ -57,7 +58,8 @@ class MuxStream:
         self.recv_window = recv_window
         self.recv_remaining = recv_window
         self.unacked = 0
-        self.pending = bytearray()
+        self.pending: deque[memoryview] = deque()   # outbound bytes waiting for credit (no copies)
+        self.pending_bytes = 0
         self.fin_pending = False
         self.local_fin = False
         self.remote_fin = False
@@ -68,15 +70,18 @@ class MuxStream:
         self.bytes_received = 0
 
     # -- outbound -------------------------------------------------------------------------------
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Send bytes to the peer, within the window; the rest waits (and pauses the source)."""
         if self.closed or self.local_fin or not data:
             return
-        if self.pending or self.send_window < len(data):
-            self.pending += data
-            self._flush()
-        else:
+        if not self.pending and self.send_window >= len(data):
             self._send(data)
+        else:
+            if isinstance(data, bytearray):
+                data = bytes(data)  # the caller may reuse a mutable buffer
+            self.pending.append(memoryview(data))
+            self.pending_bytes += len(data)
+            self._flush()
         self._update_source()
 
     def write_eof(self) -> None:
@@ -101,12 +106,19 @@ class MuxStream:
             mux.send_data(self.id, view[i:i + MAX_CHUNK])
 
     def _flush(self) -> None:
-        if self.pending and self.send_window > 0:
-            n = min(len(self.pending), self.send_window)
-            chunk = bytes(self.pending[:n])
-            del self.pending[:n]
-            self._send(chunk)
-        if not self.pending and self.fin_pending:
+        pending = self.pending
+        while pending and self.send_window > 0:
+            head = pending[0]
+            n = len(head)
+            if n <= self.send_window:
+                pending.popleft()
+            else:
+                n = self.send_window
+                pending[0] = head[n:]
+                head = head[:n]
+            self.pending_bytes -= n
+            self._send(head)
+        if not pending and self.fin_pending:
             self.fin_pending = False
             self._send_fin()
 
@@ -117,7 +129,7 @@ class MuxStream:
             self._finish(None)
 
     def _update_source(self) -> None:
-        want_paused = len(self.pending) > PENDING_HIGH or self.mux.write_paused
+        want_paused = self.pending_bytes > PENDING_HIGH or self.mux.write_paused
         if want_paused != self.source_paused and self.handler is not None:
             self.source_paused = want_paused
             if want_paused:
@@ -126,7 +138,7 @@ class MuxStream:
                 self.handler.resume_source()
 
     # -- inbound --------------------------------------------------------------------------------
-    def on_data(self, data: bytes) -> None:
+    def on_data(self, data: bytes | memoryview) -> None:
         n = len(data)
         if n > self.recv_remaining:
             self.reset("flow-control violation")
@@ -197,6 +209,7 @@ class MuxStream:
                 self.mux.send(frames.encode(FrameType.RST, self.id, b"closed"))
             self.closed = True
             self.pending.clear()
+            self.pending_bytes = 0
             self.mux.forget(self.id)
 
     def _finish(self, error: str | None) -> None:
@@ -204,6 +217,7 @@ class MuxStream:
             return
         self.closed = True
         self.pending.clear()
+        self.pending_bytes = 0
         self.mux.forget(self.id)
         handler, self.handler = self.handler, None
         if handler is not None:
@@ -212,7 +226,7 @@ class MuxStream:
     @property
     def buffered(self) -> int:
         """Bytes this stream holds in memory on this side (outbound, waiting for credit)."""
-        return len(self.pending)
+        return self.pending_bytes
 
 
 class Mux(asyncio.Protocol):
@@ -297,7 +311,7 @@ class Mux(asyncio.Protocol):
         if t == FrameType.RST:
             stream = self.streams.get(frame.stream_id)
             if stream is not None:
-                stream.on_rst(frame.payload.decode("utf-8", "replace"))
+                stream.on_rst(bytes(frame.payload).decode("utf-8", "replace"))
             else:
                 self.on_orphan_rst(frame.stream_id)
             return

@@ -1,7 +1,15 @@
-"""Automation runners: what the device agent does with a ``launchAutomation`` control message."""
+"""Automation runners: what the device agent does with the node's CONTROL messages.
+
+- ``{command: start|stop, automationId, code}`` — ``launchAutomation``;
+- ``{command: task_assigned, job_task_id, agent_token, ...}`` — a planned task was assigned to this
+  device: the message (with the agent token the automation uses for the agent API, see
+  ``marketplace_api.sdk.Agent.from_assignment``) is recorded for the automation to pick up.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from pathlib import Path
 
@@ -21,7 +29,22 @@ class SaveToDirRunner:
         self.folder = Path(folder)
         self.running: set[str] = set()
 
+    def _record_assignment(self, body: dict) -> dict:
+        """Write ``tasks/<job_task_id>.json`` (owner-only permissions: it holds the agent token)."""
+        task_id = _SAFE.sub("_", str(body.get("job_task_id") or "task"))
+        folder = self.folder / "tasks"
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {k: v for k, v in body.items() if k != "id"}
+        tmp = folder / f".{task_id}.json.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, folder / f"{task_id}.json")  # atomic: a reader never sees half a file
+        return {"automationId": task_id, "result": "recorded"}
+
     async def __call__(self, body: dict) -> dict:
+        if body.get("command") == "task_assigned":
+            return self._record_assignment(body)
         automation_id = _SAFE.sub("_", str(body.get("automationId") or body.get("id") or "automation"))
         command = body.get("command", "start")
         if command == "stop":

@@ -71,7 +71,7 @@ class Upstream:
     def stream_data(self, data: bytes) -> None:
         self.bytes_in += len(data)
         if self.relay.upstream is self:
-            self.relay.apply(self.relay.fsm.upstream_data(data))
+            self.relay.apply(self.relay.fsm.upstream_data(bytes(data)))
 
     def stream_eof(self) -> None:
         if self.relay.upstream is self:
