@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MAX_CHUNK = 256 * 1024         # largest DATA payload we send (= frames.MAX_PAYLOAD)
 PENDING_HIGH = 64 * 1024       # outbound bytes held beyond the window before the source is paused
+COALESCE_MAX = 256 * 1024       # flush at once beyond this many queued bytes
 TUNNEL_WRITE_HIGH = 4 * 1024 * 1024
 TUNNEL_WRITE_LOW = 1024 * 1024
 
@@ -248,7 +249,11 @@ class Mux(asyncio.Protocol):
         self.going_away = False
         self.last_rx = time.monotonic()
         self._keepalive: asyncio.TimerHandle | None = None
-        self.closed_future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.closed_future: asyncio.Future[None] = self._loop.create_future()
+        self._wbuf: list[bytes | memoryview] = []
+        self._wbuf_bytes = 0
+        self._flush_scheduled = False
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -344,13 +349,37 @@ class Mux(asyncio.Protocol):
         """The tunnel connection is gone."""
 
     # -- sending --------------------------------------------------------------------------------
+    # Frames are coalesced: everything queued during one event-loop iteration leaves in a single
+    # vectored write, so many small control frames of many sessions cost one syscall.
     def send(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
+        if self.closed or self.transport is None:
+            return
+        self._wbuf.append(data)
+        self._wbuf_bytes += len(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_writes)
 
     def send_data(self, stream_id: int, payload: bytes | memoryview) -> None:
+        if self.closed or self.transport is None:
+            return
+        self._wbuf.append(frames.header(FrameType.DATA, stream_id, len(payload)))
+        self._wbuf.append(payload)
+        self._wbuf_bytes += len(payload) + frames.HEADER_SIZE
+        if self._wbuf_bytes >= COALESCE_MAX:
+            self._flush_writes()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_writes)
+
+    def _flush_writes(self) -> None:
+        self._flush_scheduled = False
+        if not self._wbuf:
+            return
+        buf, self._wbuf = self._wbuf, []
+        self._wbuf_bytes = 0
         if self.transport is not None and not self.closed:
-            self.transport.writelines((frames.header(FrameType.DATA, stream_id, len(payload)), payload))
+            self.transport.writelines(buf)
 
     def send_goaway(self, reason: str) -> None:
         self.going_away = True
@@ -382,7 +411,7 @@ class Mux(asyncio.Protocol):
     @property
     def buffered_bytes(self) -> int:
         """Outbound bytes held by streams plus the transport's write buffer."""
-        total = sum(s.buffered for s in self.streams.values())
+        total = sum(s.buffered for s in self.streams.values()) + self._wbuf_bytes
         if self.transport is not None and not self.closed:
             total += self.transport.get_write_buffer_size()
         return total

@@ -100,5 +100,6 @@ def setup(app: web.Application) -> None:
     r.add_get("/api/v2/admin/automations", automations.list_automations)
     r.add_post("/api/v2/admin/deposits", payments.admin_deposit)
 
+    __import__(f"{__package__}.routes_agent", fromlist=["setup"]).setup(app)  # agent surface (seed 004)
     app.on_startup.append(_start_loops)
     app.on_cleanup.append(_stop_loops)

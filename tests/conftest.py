@@ -97,6 +97,10 @@ def redis_url() -> Iterator[str]:
 
 
 # -- nodes and agents -----------------------------------------------------------------------------
+class PortTaken(RuntimeError):
+    """The node could not bind one of its ports."""
+
+
 class NodeProcess:
     """A ``proxyorch serve`` subprocess with its ports and admin token."""
 
@@ -128,6 +132,17 @@ class NodeProcess:
         return env
 
     async def start(self) -> NodeProcess:
+        """Start the node; if a chosen port was taken meanwhile (a race with free_port), pick new ones."""
+        for attempt in range(3):
+            try:
+                return await self._start_once()
+            except PortTaken:
+                if attempt == 2:
+                    raise
+                self.proxy_port, self.tunnel_port, self.api_port = free_port(), free_port(), free_port()
+        raise AssertionError("unreachable")
+
+    async def _start_once(self) -> NodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([PY, "-m", "proxyorch", "serve"], env=self.env(), stdout=self.log,
@@ -136,7 +151,10 @@ class NodeProcess:
         async with aiohttp.ClientSession() as http:
             while time.time() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"node exited: {self.log_path.read_text()[-3000:]}")
+                    tail = self.log_path.read_text()[-3000:]
+                    if "address already in use" in tail.lower():
+                        raise PortTaken(tail)
+                    raise RuntimeError(f"node exited: {tail}")
                 try:
                     async with http.get(f"{self.api}/healthz") as r:
                         if r.status == 200:
