@@ -12,8 +12,10 @@ from proxy.auth_cache.hashing import hash_token
 from .names import random_name
 
 
-def new_token() -> str:
-    return secrets.token_urlsafe(32)
+def new_token(prefix: str = "po_") -> str:
+    """256 random bits, URL-safe. The prefix keeps a token from starting with '-' (which a command
+    line would take for an option) and tells token kinds apart in logs and support tickets."""
+    return prefix + secrets.token_urlsafe(32)
 
 
 async def create_user(pool: asyncpg.Pool, name: str, **fields: object) -> tuple[str, str]:
@@ -37,7 +39,7 @@ async def user_for_token(pool: asyncpg.Pool, token: str) -> str | None:
 async def create_device(pool: asyncpg.Pool, user_id: str, name: str | None = None) -> dict:
     """Register a device for ``user_id``; returns remote_device_id, name and the device token (shown once)."""
     device_id = str(uuid.uuid4())
-    token = new_token()
+    token = new_token("dev_")
     for attempt in range(40):
         label = name or random_name(attempt)
         try:

@@ -42,7 +42,7 @@ def load_admin_token(settings: Settings) -> tuple[str, bool]:
     if path.exists():
         return path.read_text().strip(), False
     path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
+    token = "adm_" + secrets.token_urlsafe(32)
     path.write_text(token)
     path.chmod(0o600)
     return token, True
