@@ -156,6 +156,8 @@ class ClientSession(asyncio.Protocol):
         self.error = ""
         self.http_raw = bytearray()
         self.logged = False
+        self.client_eof = False
+        self.upstream_eof = False
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -189,7 +191,10 @@ class ClientSession(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self.state == "relay" and self.stream is not None:
+            self.client_eof = True
             self.stream.write_eof()
+            if self.upstream_eof:  # both directions finished: nothing left to relay
+                self.transport.close()  # type: ignore[union-attr]
             return True
         if self.state == "forward" and self.http_forward is not None:
             self.http_forward.client_eof()
@@ -262,9 +267,13 @@ class ClientSession(asyncio.Protocol):
         self.transport.write(data)  # type: ignore[union-attr]
 
     def stream_eof(self) -> None:
+        self.upstream_eof = True
         t = self.transport
-        if t is not None and not t.is_closing() and t.can_write_eof():
-            t.write_eof()
+        if t is not None and not t.is_closing():
+            if self.client_eof:
+                t.close()  # both directions finished
+            elif t.can_write_eof():
+                t.write_eof()
 
     def stream_closed(self, error: str | None) -> None:
         self.stream = None

@@ -250,3 +250,36 @@ async def test_sigkill_node_devices_reconnect(pg_root, tmp_path, targets):
 def test_rms_key_file_is_private(deployment):
     key = Path(deployment.node.data_dir) / "rms.key"
     assert key.exists() and (key.stat().st_mode & 0o777) == 0o600
+
+
+@pytest.mark.parametrize("mode", ["tunnel", "direct-exit"])
+async def test_finished_sessions_release_their_sockets(pg_root, tmp_path, targets, mode):
+    env = {"DIRECT_EXIT": "1", "DIRECT_EXIT_ALLOW_PRIVATE": "1"} if mode == "direct-exit" else {}
+    dep = await fresh_deployment(pg_root, tmp_path, **env)
+    try:
+        _uid, token = await dep.user("fds")
+        device = await dep.device(token)
+        if mode == "tunnel":
+            await dep.agent(device, "--allow-private")
+        conn = await dep.connection(token, device["remote_device_id"])
+        pid = dep.node.proc.pid
+
+        async def session(i: int) -> None:
+            reader, writer, _ = await socks5_open(dep.node.proxy_port, conn["connectionId"], conn["password"],
+                                                  "127.0.0.1", targets.echo_port)
+            writer.write(b"%05d" % i)
+            writer.write_eof()  # the client half-closes first, then the target finishes
+            assert await asyncio.wait_for(reader.read(), 10) == b"%05d" % i
+            writer.close()
+
+        await asyncio.gather(*(session(i) for i in range(20)))  # warm-up: pools reach their size
+        await asyncio.sleep(0.5)
+        before = len(os.listdir(f"/proc/{pid}/fd"))
+        for batch in range(5):
+            await asyncio.gather(*(session(batch * 40 + i) for i in range(40)))
+        await asyncio.sleep(1.0)
+        after = len(os.listdir(f"/proc/{pid}/fd"))
+        assert after <= before + 3, f"{after - before} descriptors left behind by 200 sessions"
+    finally:
+        await dep.close()
+        await dep.node.stop()

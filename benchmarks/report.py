@@ -1,0 +1,382 @@
+"""Turn the results into ``RESULTS.md`` (tables, goals with pass/miss) and PNG plots."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from .scenarios import PROFILES
+
+KIB = 1024
+
+
+def _get(results: dict, scenario: str, key: str, field: str) -> float | None:
+    r = results.get(scenario, {}).get(key)
+    if not isinstance(r, dict) or "error" in r:
+        return None
+    v = r.get(field)
+    return float(v) if isinstance(v, int | float) else None
+
+
+def _fmt(v: float | None, spec: str = ".1f", unit: str = "") -> str:
+    return "—" if v is None else f"{v:{spec}}{unit}"
+
+
+def _ms(us: float | None) -> str:
+    return "—" if us is None else f"{us / 1000:.2f}"
+
+
+# -- goals -------------------------------------------------------------------------------------------
+def goals(results: dict) -> list[dict]:
+    out: list[dict] = []
+
+    def add(name: str, measured: str, ok: bool | None, detail: str = "") -> None:
+        out.append({"goal": name, "measured": measured, "ok": ok, "detail": detail})
+
+    tun = _get(results, "bulk1", "pxo_tunnel", "MBps")
+    direct = _get(results, "bulk1", "direct", "MBps")
+    pp = _get(results, "bulk1", "pproxy", "MBps")
+    ssh = _get(results, "bulk1", "ssh", "MBps")
+    if tun is not None and direct:
+        add("Tunnel bulk, 1 stream ≥ 0.5 × direct TCP", f"{tun:.0f} / {direct:.0f} MB/s = {tun / direct:.2f} ×",
+            tun >= 0.5 * direct)
+    else:
+        add("Tunnel bulk, 1 stream ≥ 0.5 × direct TCP", "not measured", None)
+    if tun is not None and pp:
+        add("Tunnel bulk, 1 stream ≥ 2 × pproxy", f"{tun:.0f} / {pp:.0f} MB/s = {tun / pp:.2f} ×", tun >= 2 * pp)
+    else:
+        add("Tunnel bulk, 1 stream ≥ 2 × pproxy", "not measured", None)
+    if tun is not None and ssh:
+        add("Tunnel bulk, 1 stream ≥ OpenSSH -R", f"{tun:.0f} / {ssh:.0f} MB/s = {tun / ssh:.2f} ×", tun >= ssh)
+    else:
+        add("Tunnel bulk, 1 stream ≥ OpenSSH -R", "not measured", None)
+
+    rt = _get(results, "rate50", "pxo_tunnel", "rate")
+    ms = _get(results, "rate50", "microsocks", "rate")
+    if rt is not None and ms:
+        add("Session rate through the tunnel ≥ 1.0 × microsocks (50 clients)",
+            f"{rt:.0f} / {ms:.0f} sessions/s = {rt / ms:.2f} ×", rt >= ms)
+    else:
+        add("Session rate through the tunnel ≥ 1.0 × microsocks (50 clients)", "not measured", None)
+
+    tp99 = _get(results, "rate1", "pxo_tunnel", "p99_us")
+    dp99 = _get(results, "rate1", "direct", "p99_us")
+    if tp99 is not None and dp99 is not None:
+        added = (tp99 - dp99) / 1000
+        add("Added latency per new session through the tunnel (loopback, 1 client): p99 ≤ 1 ms over direct",
+            f"{tp99 / 1000:.2f} ms − {dp99 / 1000:.2f} ms = {added:.2f} ms", added <= 1.0)
+    else:
+        add("Added latency per new session (p99 ≤ 1 ms over direct)", "not measured", None)
+
+    mem = _get(results, "memory", "pxo_tunnel", "bytes_per_session")
+    n = _get(results, "memory", "pxo_tunnel", "sessions")
+    if mem is not None:
+        add("Memory ≤ 16 KiB per idle tunnelled session (node + agent)",
+            f"{mem / KIB:.1f} KiB ({n:.0f} sessions)", mem <= 16 * KIB)
+    else:
+        add("Memory ≤ 16 KiB per idle tunnelled session (node + agent)", "not measured", None)
+
+    for prof in PROFILES:
+        r = results.get(f"mobile_{prof['key']}", {}).get("pxo_tunnel")
+        if not isinstance(r, dict) or "error" in r:
+            add(f"Mobile {prof['label']}: 1-stream throughput ≥ 0.8 × cap", "not measured", None)
+            add(f"Mobile {prof['label']}: interactive RTT under bulk ≤ RTT + 25 ms", "not measured", None)
+            continue
+        frac = r["fraction_of_cap"]
+        add(f"Mobile {prof['label']}: 1-stream throughput ≥ 0.8 × cap",
+            f"{r['bulk']['MBps']:.2f} / {r['cap_MBps']:.2f} MB/s = {frac:.2f} ×", frac >= 0.8)
+        p50, p99 = r["hol"].get("p50_us"), r["hol"].get("p99_us")
+        limit = prof["rtt_ms"] + 25
+        if p99 is None:
+            add(f"Mobile {prof['label']}: interactive RTT under bulk ≤ RTT + 25 ms", "no samples", False)
+        else:
+            add(f"Mobile {prof['label']}: interactive RTT under bulk ≤ {limit:.0f} ms (p99)",
+                f"p50 {p50 / 1000:.0f} ms, p99 {p99 / 1000:.0f} ms", p99 / 1000 <= limit)
+    return out
+
+
+# -- plots -------------------------------------------------------------------------------------------
+def plots(results: dict, labels: dict[str, str], plot_dir: Path) -> list[tuple[str, str]]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    made: list[tuple[str, str]] = []
+    keys = list(labels)
+
+    def bars(name: str, title: str, ylabel: str, series: list[tuple[str, str, str, float]],
+             hline: tuple[float, str] | None = None, log: bool = False) -> None:
+        sys_keys = [k for k in keys if any(_get(results, sc, k, f) is not None for _, sc, f, _ in series)]
+        if not sys_keys:
+            return
+        fig, ax = plt.subplots(figsize=(9, 4.2))
+        width = 0.8 / len(series)
+        for i, (lab, sc, f, scale) in enumerate(series):
+            vals = [(_get(results, sc, k, f) or 0) * scale for k in sys_keys]
+            xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(sys_keys))]
+            b = ax.bar(xs, vals, width, label=lab)
+            ax.bar_label(b, fmt="%.4g", fontsize=7)
+        ax.set_xticks(range(len(sys_keys)), [labels[k] for k in sys_keys], rotation=15, fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        if log:
+            ax.set_yscale("log")
+        if hline:
+            ax.axhline(hline[0], color="red", linestyle="--", linewidth=1, label=hline[1])
+        if len(series) > 1 or hline:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(plot_dir / f"{name}.png", dpi=110)
+        plt.close(fig)
+        made.append((name, title))
+
+    bars("throughput", "Bulk throughput on loopback (download)", "MB/s",
+         [("1 stream", "bulk1", "MBps", 1), ("8 streams", "bulk8", "MBps", 1)])
+    bars("session_rate", "New sessions/s, 50 concurrent clients (handshake+auth+CONNECT+64 B echo)", "sessions/s",
+         [("sessions/s", "rate50", "rate", 1)])
+    bars("session_latency", "Latency of one new session, 1 client", "ms",
+         [("p50", "rate1", "p50_us", 1e-3), ("p99", "rate1", "p99_us", 1e-3)])
+    bars("rtt", "Round trip of 64 B on an established session", "µs",
+         [("p50", "rtt", "p50_us", 1), ("p99", "rtt", "p99_us", 1)])
+    bars("cpu_per_gb", "CPU seconds per GB relayed (proxy processes, 1 stream)", "CPU s / GB",
+         [("1 stream", "bulk1", "cpu_s_per_GB", 1), ("8 streams", "bulk8", "cpu_s_per_GB", 1)])
+    bars("memory", "Memory per idle session (RSS delta / sessions)", "KiB",
+         [("KiB / session", "memory", "bytes_per_session", 1 / KIB)], hline=(16, "goal: 16 KiB"))
+
+    # mobile
+    mob = [(p, results.get(f"mobile_{p['key']}", {})) for p in PROFILES]
+    mob = [(p, r) for p, r in mob if r]
+    if mob:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        mkeys = ["direct", "pxo_tunnel", "ssh"]
+        names = {"direct": "direct TCP", "pxo_tunnel": "proxyorch tunnel", "ssh": "OpenSSH -R"}
+        for j, k in enumerate(mkeys):
+            fr = [(r.get(k) or {}).get("fraction_of_cap", 0) or 0 for _, r in mob]
+            xs = [i + (j - 1) * 0.27 for i in range(len(mob))]
+            b = axes[0].bar(xs, fr, 0.27, label=names[k])
+            axes[0].bar_label(b, fmt="%.2f", fontsize=7)
+            p99 = [((r.get(k) or {}).get("hol") or {}).get("p99_us") or 0 for _, r in mob]
+            b = axes[1].bar(xs, [v / 1000 for v in p99], 0.27, label=names[k])
+            axes[1].bar_label(b, fmt="%.0f", fontsize=7)
+        axes[0].axhline(0.8, color="red", linestyle="--", linewidth=1, label="goal 0.8")
+        axes[0].set_title("1-stream throughput / link cap")
+        axes[1].set_title("Interactive RTT p99 under a bulk stream (ms)")
+        axes[1].set_yscale("log")
+        for i, (p, _) in enumerate(mob):
+            axes[1].hlines(p["rtt_ms"] + 25, i - 0.45, i + 0.45, colors="red", linestyles="--", linewidth=1)
+        for ax in axes:
+            ax.set_xticks(range(len(mob)), [p["label"] for p, _ in mob], fontsize=8)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(plot_dir / "mobile.png", dpi=110)
+        plt.close(fig)
+        made.append(("mobile", "Mobile-like links: throughput and head-of-line isolation"))
+    return made
+
+
+# -- markdown ----------------------------------------------------------------------------------------
+def render(meta: dict, results: dict, systems: list[dict], unavailable: dict[str, str], errors: list[str],
+           profiles: dict[str, Any], plot_list: list[tuple[str, str]], plot_rel: str,
+           restarts: list[str] | None = None) -> str:
+    L: list[str] = []
+    w = L.append
+    w("# proxyorch data-plane benchmarks\n")
+    w(f"Generated by `{meta['command']}` on {meta['date']} in {meta['elapsed_s']:.0f} s "
+      f"({'quick' if meta['quick'] else 'full'} mode).\n")
+    w("## Machine\n")
+    w("| | |\n|---|---|")
+    for k, v in meta["machine"].items():
+        w(f"| {k} | {html.escape(str(v))} |")
+    w(f"| RLIMIT_NOFILE | {meta.get('nofile')} |")
+    w(f"| request log (ClickHouse rows) | {'on (product default)' if meta['request_log'] else 'off'} |")
+    if meta.get("busy_cpu_s") is not None:
+        w(f"| CPU used during the run | {meta['own_cpu_s']:.0f} s by the benchmark and what it started; "
+          f"{meta['foreign_cpu_s']:.0f} s by other processes on the machine "
+          f"({meta['foreign_cpu_s'] / max(meta['elapsed_s'], 1):.0%} of one core on average) |")
+    w("")
+    w("All traffic is on 127.0.0.1; the load generator, the target server, every proxy and the link "
+      "emulator share the same cores, so absolute numbers are a property of this machine. "
+      "Each scenario runs every system back to back.\n")
+
+    w("## Goals\n")
+    w("| goal | measured | result |\n|---|---|---|")
+    for g in goals(results):
+        res = "—" if g["ok"] is None else ("**pass**" if g["ok"] else "**MISS**")
+        w(f"| {g['goal']} | {g['measured']} | {res} |")
+    w("")
+
+    w("## Systems\n")
+    w("| system | authentication | notes |\n|---|---|---|")
+    for s in systems:
+        w(f"| {s['label']} | {s['auth']} | {s['note']} |")
+    for k, why in unavailable.items():
+        w(f"| {k} | — | **not measured:** {why} |")
+    w("")
+
+    ceiling = results.get("bulk1", {}).get("direct", {})
+    c_rate = results.get("rate50", {}).get("direct", {})
+    w("## Load generator ceiling\n")
+    w("The load generator is a C program (`benchmarks/loadgen.c`, built into `benchmarks/work/` with the system "
+      "compiler): blocking sockets, one thread per stream or per concurrent client, SOCKS5 greeting → RFC 1929 "
+      "auth → CONNECT, each step waiting for its reply. Against direct TCP to the same C epoll target it reaches:\n")
+    if ceiling and "error" not in ceiling:
+        w(f"- bulk, 1 stream: **{ceiling['MBps']:.0f} MB/s** (loadgen CPU {ceiling.get('loadgen_cpu_s', 0):.2f} s "
+          f"over the run)")
+    b8 = results.get("bulk8", {}).get("direct", {})
+    if b8 and "error" not in b8:
+        w(f"- bulk, 8 streams: **{b8['MBps']:.0f} MB/s**")
+    if c_rate and "error" not in c_rate:
+        w(f"- sessions (connect + 64 B echo + close), 50 clients: **{c_rate['rate']:.0f} sessions/s**, "
+          f"p99 {_ms(c_rate.get('p99_us'))} ms")
+    rtt = results.get("rtt", {}).get("direct", {})
+    if rtt and "error" not in rtt:
+        w(f"- 64 B round trip: p50 {rtt['p50_us']:.0f} µs, p99 {rtt['p99_us']:.0f} µs")
+    best_proxy_rate = max([_get(results, "rate50", s["key"], "rate") or 0 for s in systems if s["key"] != "direct"]
+                          or [0])
+    if c_rate and "error" not in c_rate and best_proxy_rate:
+        w(f"\nThe fastest proxy reaches {best_proxy_rate / c_rate['rate']:.0%} of the generator's direct session "
+          "ceiling, so the generator is not what limits the proxies' numbers.")
+    w("")
+
+    def table(title: str, cols: list[tuple[str, str, str, Any]]) -> None:
+        w(f"### {title}\n")
+        w("| system | " + " | ".join(c[0] for c in cols) + " |")
+        w("|---|" + "---:|" * len(cols))
+        for s in systems:
+            cells = []
+            for _, sc, f, fmt in cols:
+                r = results.get(sc, {}).get(s["key"])
+                if r is None:
+                    cells.append("—")
+                elif "error" in r:
+                    cells.append("error")
+                else:
+                    cells.append(fmt(r.get(f)))
+            w(f"| {s['label']} | " + " | ".join(cells) + " |")
+        w("")
+
+    mbs = lambda v: _fmt(v, ".1f")  # noqa: E731
+    w("## Loopback results\n")
+    table("Bulk throughput (download: target → proxy → client, MB/s = 10⁶ B/s)", [
+        ("1 stream MB/s", "bulk1", "MBps", mbs), ("8 streams MB/s", "bulk8", "MBps", mbs),
+        ("CPU s/GB (1 stream)", "bulk1", "cpu_s_per_GB", lambda v: _fmt(v, ".2f")),
+        ("CPU s/GB (8 streams)", "bulk8", "cpu_s_per_GB", lambda v: _fmt(v, ".2f"))])
+    table("New sessions (handshake + auth + CONNECT + 64 B echo + close)", [
+        ("50 clients: sessions/s", "rate50", "rate", lambda v: _fmt(v, ".0f")),
+        ("p50 ms", "rate50", "p50_us", _ms), ("p99 ms", "rate50", "p99_us", _ms),
+        ("errors", "rate50", "errors", lambda v: _fmt(v, ".0f")),
+        ("1 client: p50 ms", "rate1", "p50_us", _ms), ("p99 ms", "rate1", "p99_us", _ms)])
+    table("Round trip of 64 B on an established session", [
+        ("p50 µs", "rtt", "p50_us", lambda v: _fmt(v, ".0f")), ("p90 µs", "rtt", "p90_us", lambda v: _fmt(v, ".0f")),
+        ("p99 µs", "rtt", "p99_us", lambda v: _fmt(v, ".0f")), ("samples", "rtt", "count", lambda v: _fmt(v, ".0f"))])
+    table("Memory per idle session (RSS of the proxy processes after opening N sessions, minus before, / N)", [
+        ("sessions", "memory", "sessions", lambda v: _fmt(v, ".0f")),
+        ("KiB / session", "memory", "bytes_per_session", lambda v: _fmt(None if v is None else v / KIB, ".1f")),
+        ("RSS before MiB", "memory", "rss_before", lambda v: _fmt(None if v is None else v / 2**20, ".1f")),
+        ("RSS after MiB", "memory", "rss_after", lambda v: _fmt(None if v is None else v / 2**20, ".1f")),
+        ("open time s", "memory", "open_seconds", lambda v: _fmt(v, ".1f")),
+        ("fds left open after closing / session", "memory", "leaked_fds_per_session", lambda v: _fmt(v, ".2f"))])
+    w("CPU s/GB counts user + system CPU of the proxy's own processes (node; node + agent; sshd + ssh; "
+      "dante's process tree) over the whole run divided by all bytes relayed; not the generator's or the "
+      "target's. Memory is measured first, on freshly started processes, each session opened with one 64 B "
+      "echo so it is established end to end.\n")
+
+    if any(results.get(f"mobile_{p['key']}") for p in PROFILES):
+        w("## Mobile-like links\n")
+        w("The link between the device side and the node side (agent → node for proxyorch, ssh → sshd for "
+          "OpenSSH -R, client → target for direct TCP) goes through `benchmarks/linkemu.py`: a userspace relay "
+          "that serialises each direction at the link rate through a shallow 32 KiB bottleneck queue and then "
+          "delays it by RTT/2. Uncapped it relays several hundred MB/s, far above either profile. "
+          "Bulk = one download stream (steady state after a warm-up that excludes slow start); "
+          "interactive = 64 B echo every 20 ms on a second session through the same proxy (and the same "
+          "tunnel / ssh connection) while a bulk download saturates it.\n")
+        w("| profile | system | idle RTT p50 ms | bulk MB/s | × cap | queue drain after bulk s | "
+          "new session under bulk: open ms | RTT under bulk p50 ms | p99 ms | samples | bulk meanwhile MB/s |")
+        w("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        names = {"direct": "direct TCP (separate connections)", "pxo_tunnel": "proxyorch tunnel",
+                 "ssh": "OpenSSH -R"}
+        for p in PROFILES:
+            for k, r in results.get(f"mobile_{p['key']}", {}).items():
+                if "error" in r:
+                    w(f"| {p['label']} | {names.get(k, k)} | error: {r['error'][:80]} | | | | | | | | |")
+                    continue
+                w(f"| {p['label']} | {names.get(k, k)} | {_ms(r['idle_rtt'].get('p50_us'))} | "
+                  f"{r['bulk']['MBps']:.2f} | {r['fraction_of_cap']:.2f} | {_fmt(r.get('drain_after_bulk_s'))} | "
+                  f"{_ms(r['hol'].get('open_us'))} | {_ms(r['hol'].get('p50_us'))} | "
+                  f"{_ms(r['hol'].get('p99_us'))} | {r['hol'].get('count', 0)} | "
+                  f"{_fmt(r.get('hol_bulk_MBps'), '.2f')} |")
+        w("")
+
+    if plot_list:
+        w("## Plots\n")
+        for name, title in plot_list:
+            w(f"![{title}]({plot_rel}/{name}.png)\n")
+
+    if profiles:
+        w("## Profiles of the missed goals\n")
+        w("py-spy (`record --format raw --rate 250 --nonblocking`) on the node and on the device agent while the "
+          "scenario ran through the tunnel. Shares are of all samples of that process (idle samples excluded "
+          "by py-spy, so the shares are of busy time). Raw stacks are in `benchmarks/profiles/`. py-spy sees Python "
+          "frames only: self time of `Runner.run` is time inside uvloop's C loop (epoll, recv/send syscalls, "
+          "transport bookkeeping); self time of a Python function that calls `transport.write` (e.g. "
+          "`stream_data`, `_flush_writes`) is mostly the `send()` syscall that uvloop issues inline.\n")
+        for what, prof in profiles.items():
+            if "error" in prof:
+                w(f"- {what}: {prof['error']}\n")
+                continue
+            w(f"### {what}\n")
+            sc = prof.get("scenario", {})
+            if "MBps" in sc:
+                w(f"Scenario during profiling: {sc['MBps']:.1f} MB/s.\n")
+            elif "rate" in sc:
+                w(f"Scenario during profiling: {sc['rate']:.0f} sessions/s.\n")
+            for proc in ("node", "agent"):
+                p = prof.get(proc, {})
+                if "self" not in p:
+                    continue
+                w(f"**{proc}** ({p['samples']} samples) — top self time:\n")
+                w("| function | self |\n|---|---:|")
+                for f, share in p["self"][:10]:
+                    w(f"| `{f}` | {share:.1%} |")
+                w("")
+                w("<details><summary>inclusive time</summary>\n")
+                w("| function | inclusive |\n|---|---:|")
+                for f, share in p["inclusive"][:16]:
+                    w(f"| `{f}` | {share:.1%} |")
+                w("\n</details>\n")
+    w("## Notes and caveats\n")
+    if meta["quick"]:
+        w("- **Quick mode:** short runs (1 s per loopback measurement), idle-session memory for proxyorch only "
+          "with 300 sessions (too few for a stable per-session figure), only the 40 ms / 100 Mbit/s profile. "
+          "Use the full run (`python -m benchmarks`) for the numbers that count.")
+    w("- The proxyorch tunnel is plain TCP here (TLS is for production deployments and is not in this path); "
+      "OpenSSH encrypts and MACs every byte, so its CPU per GB includes cryptography.")
+    w("- Authentication: proxyorch, microsocks and pproxy are configured with username/password (RFC 1929, "
+      "checked on every session). Dante runs with method `none` (its username method authenticates against "
+      "system accounts); OpenSSH's dynamic forward has no SOCKS authentication.")
+    w("- pproxy 2.7.9 does not start on uvloop ≥ 0.22 (`get_event_loop()` with no loop); "
+      "`benchmarks/pproxy_uvloop.py` creates the uvloop loop first and then runs pproxy's own `main`.")
+    w("- Session latency under 50 concurrent clients is dominated by queueing in whatever is slowest; the "
+      "per-session latency goal is judged on 1 client.")
+    w("- Mobile bulk runs exclude slow start (warm-up before measuring). After each bulk run the benchmark waits "
+      "until a fresh session's round trip is back at the link RTT before the next measurement, so every "
+      "measurement starts on an empty link; the time that took is the 'queue drain' column.")
+    w("- The other processes' CPU (first table) is load that shared this machine's cores during the run; it "
+      "adds noise to every number, most to the CPU-bound loopback scenarios.")
+    w("")
+    for r in restarts or []:
+        w(f"- **Restart:** {r} — a socket leak in the direct-exit path (see the fds column of the memory "
+          "table); the node was restarted so the next scenario measures the relay rather than the leak.")
+    if restarts:
+        w("")
+    if errors:
+        w("## Errors during the run\n")
+        for e in errors:
+            w(f"- {e}")
+        w("")
+    return "\n".join(L) + "\n"
