@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import deque
 from typing import Protocol
@@ -25,11 +26,15 @@ from .frames import FLAG_ACK, Frame, FrameDecoder, FrameError, FrameType
 
 log = logging.getLogger(__name__)
 
-MAX_CHUNK = 256 * 1024         # largest DATA payload we send (= frames.MAX_PAYLOAD)
+MAX_CHUNK = 64 * 1024          # largest DATA payload we send: bounds how long a small frame waits behind one
 PENDING_HIGH = 64 * 1024       # outbound bytes held beyond the window before the source is paused
-COALESCE_MAX = 256 * 1024       # flush at once beyond this many queued bytes
-TUNNEL_WRITE_HIGH = 4 * 1024 * 1024
-TUNNEL_WRITE_LOW = 1024 * 1024
+COALESCE_MAX = 64 * 1024        # flush at once beyond this many queued bytes
+# Small tunnel buffers: bytes queued in the tunnel socket delay every stream's frames (head-of-line
+# blocking on a slow link). Above the high-water mark new DATA waits in its own stream's queue and the
+# queues are drained smallest first, so interactive streams overtake bulk ones.
+TUNNEL_WRITE_HIGH = 32 * 1024
+TUNNEL_WRITE_LOW = 8 * 1024
+TUNNEL_NOTSENT_LOWAT = 16 * 1024  # unsent bytes the kernel may hold beyond what is in flight
 
 
 class StreamHandler(Protocol):
@@ -75,13 +80,14 @@ class MuxStream:
         """Send bytes to the peer, within the window; the rest waits (and pauses the source)."""
         if self.closed or self.local_fin or not data:
             return
-        if not self.pending and self.send_window >= len(data):
+        if not self.pending and self.send_window >= len(data) and not self.mux.congested:
             self._send(data)
         else:
             if isinstance(data, bytearray):
                 data = bytes(data)  # the caller may reuse a mutable buffer
             self.pending.append(memoryview(data))
             self.pending_bytes += len(data)
+            self.mux.waiting.add(self)
             self._flush()
         self._update_source()
 
@@ -108,7 +114,8 @@ class MuxStream:
 
     def _flush(self) -> None:
         pending = self.pending
-        while pending and self.send_window > 0:
+        mux = self.mux
+        while pending and self.send_window > 0 and not mux.congested:
             head = pending[0]
             n = len(head)
             if n <= self.send_window:
@@ -119,6 +126,8 @@ class MuxStream:
                 head = head[:n]
             self.pending_bytes -= n
             self._send(head)
+        if not pending:
+            mux.waiting.discard(self)
         if not pending and self.fin_pending:
             self.fin_pending = False
             self._send_fin()
@@ -130,7 +139,7 @@ class MuxStream:
             self._finish(None)
 
     def _update_source(self) -> None:
-        want_paused = self.pending_bytes > PENDING_HIGH or self.mux.write_paused
+        want_paused = self.pending_bytes > PENDING_HIGH
         if want_paused != self.source_paused and self.handler is not None:
             self.source_paused = want_paused
             if want_paused:
@@ -252,6 +261,8 @@ class Mux(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.closed_future: asyncio.Future[None] = self._loop.create_future()
         self._wbuf: list[bytes | memoryview] = []
+        self.waiting: set[MuxStream] = set()   # streams with queued DATA
+        self._draining = False
         self._wbuf_bytes = 0
         self._flush_scheduled = False
 
@@ -259,6 +270,12 @@ class Mux(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=TUNNEL_WRITE_HIGH, low=TUNNEL_WRITE_LOW)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, TUNNEL_NOTSENT_LOWAT)
+            except OSError:
+                pass
         self._schedule_keepalive()
 
     def data_received(self, data: bytes) -> None:
@@ -285,14 +302,32 @@ class Mux(asyncio.Protocol):
             self.closed_future.set_result(None)
 
     def pause_writing(self) -> None:
+        # New DATA now waits in each stream's own queue; a stream stops reading its source only
+        # when its own queue is full, so a bulk stream cannot starve the others' sources.
         self.write_paused = True
-        for stream in list(self.streams.values()):
-            stream._update_source()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        for stream in list(self.streams.values()):
-            stream._update_source()
+        self._drain_waiting()
+
+    def _drain_waiting(self) -> None:
+        """Send queued stream data while the tunnel has room, smallest queue first (an interactive
+        reply goes ahead of bulk data)."""
+        if not self.waiting or self._draining:
+            return
+        self._draining = True
+        try:
+            while self.waiting and not self.congested:
+                before = len(self.waiting)
+                for stream in sorted(self.waiting, key=lambda s: s.pending_bytes):
+                    if self.congested:
+                        break
+                    stream._flush()
+                    stream._update_source()
+                if len(self.waiting) == before:
+                    break  # the rest wait for credit (WINDOW), not for the tunnel
+        finally:
+            self._draining = False
 
     # -- frames ---------------------------------------------------------------------------------
     def _dispatch(self, frame: Frame) -> None:
@@ -349,6 +384,11 @@ class Mux(asyncio.Protocol):
         """The tunnel connection is gone."""
 
     # -- sending --------------------------------------------------------------------------------
+    @property
+    def congested(self) -> bool:
+        """True while the tunnel holds a high-water mark of unsent bytes: new DATA waits per stream."""
+        return self.write_paused or self._wbuf_bytes >= TUNNEL_WRITE_HIGH
+
     # Frames are coalesced: everything queued during one event-loop iteration leaves in a single
     # vectored write, so many small control frames of many sessions cost one syscall.
     def send(self, data: bytes) -> None:
@@ -367,7 +407,7 @@ class Mux(asyncio.Protocol):
         self._wbuf.append(payload)
         self._wbuf_bytes += len(payload) + frames.HEADER_SIZE
         if self._wbuf_bytes >= COALESCE_MAX:
-            self._flush_writes()
+            self._flush_writes()  # the transport may call pause_writing() now
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush_writes)
@@ -380,13 +420,17 @@ class Mux(asyncio.Protocol):
         self._wbuf_bytes = 0
         if self.transport is not None and not self.closed:
             self.transport.writelines(buf)
+            if not self.write_paused:
+                self._drain_waiting()  # the coalescing buffer, not the socket, was what held them
 
     def send_goaway(self, reason: str) -> None:
         self.going_away = True
         self.send(frames.encode_json(FrameType.GOAWAY, 0, {"reason": reason}))
 
     def forget(self, stream_id: int) -> None:
-        self.streams.pop(stream_id, None)
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            self.waiting.discard(stream)
 
     def abort(self, reason: str = "") -> None:
         """Drop the tunnel at once (every stream fails)."""
