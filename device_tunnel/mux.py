@@ -307,8 +307,11 @@ class Mux(asyncio.Protocol):
         self.write_paused = True
 
     def resume_writing(self) -> None:
+        # uvloop calls this from inside a write: drain from the event loop, not re-entrantly.
         self.write_paused = False
-        self._drain_waiting()
+        if self.waiting and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_writes)
 
     def _drain_waiting(self) -> None:
         """Send queued stream data while the tunnel has room, smallest queue first (an interactive
@@ -407,21 +410,26 @@ class Mux(asyncio.Protocol):
         self._wbuf.append(payload)
         self._wbuf_bytes += len(payload) + frames.HEADER_SIZE
         if self._wbuf_bytes >= COALESCE_MAX:
-            self._flush_writes()  # the transport may call pause_writing() now
+            # Write now, but never drain stream queues from here: we may be inside a stream's own
+            # _flush, and re-entering it would reorder that stream's bytes.
+            self._flush_writes(drain=False)
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush_writes)
 
-    def _flush_writes(self) -> None:
-        self._flush_scheduled = False
-        if not self._wbuf:
-            return
-        buf, self._wbuf = self._wbuf, []
-        self._wbuf_bytes = 0
-        if self.transport is not None and not self.closed:
-            self.transport.writelines(buf)
-            if not self.write_paused:
-                self._drain_waiting()  # the coalescing buffer, not the socket, was what held them
+    def _flush_writes(self, drain: bool = True) -> None:
+        if drain:
+            self._flush_scheduled = False
+        if self._wbuf:
+            buf, self._wbuf = self._wbuf, []
+            self._wbuf_bytes = 0
+            if self.transport is not None and not self.closed:
+                self.transport.writelines(buf)
+        if drain and not self.write_paused:
+            self._drain_waiting()  # the coalescing buffer, not the socket, was what held them
+        elif self.waiting and not self._flush_scheduled:
+            self._flush_scheduled = True  # come back from the event loop to drain the queues
+            self._loop.call_soon(self._flush_writes)
 
     def send_goaway(self, reason: str) -> None:
         self.going_away = True
