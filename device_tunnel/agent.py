@@ -115,13 +115,15 @@ class TargetConnection(asyncio.Protocol):
 
     def attach(self, stream: MuxStream) -> None:
         self.stream = stream
+        if self.transport is not None and not self.transport.is_closing():
+            # Resume first: writing the early bytes may pause the source again (its queue is full),
+            # and that pause must win.
+            self.transport.resume_reading()
         early, self.early = self.early, None
         if early:
             stream.write(bytes(early))
         if self.early_eof:
             stream.write_eof()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.stream is not None:

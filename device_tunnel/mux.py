@@ -425,10 +425,12 @@ class Mux(asyncio.Protocol):
             self._wbuf_bytes = 0
             if self.transport is not None and not self.closed:
                 self.transport.writelines(buf)
-        if drain and not self.write_paused:
+        if self.write_paused or not self.waiting:
+            return  # resume_writing() comes back for the queues
+        if drain:
             self._drain_waiting()  # the coalescing buffer, not the socket, was what held them
-        elif self.waiting and not self._flush_scheduled:
-            self._flush_scheduled = True  # come back from the event loop to drain the queues
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True  # drain from the event loop, not from inside a stream's _flush
             self._loop.call_soon(self._flush_writes)
 
     def send_goaway(self, reason: str) -> None:

@@ -37,6 +37,8 @@ class TargetServers:
         self._runner: web.AppRunner | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self.progress: dict[str, int] = {}   # ?tag=... -> bytes the target has written so far
+        self.source_port = 0
+        self.source_sent = 0                 # bytes the blasting source has written in total
 
     async def start(self, host: str = "127.0.0.1") -> TargetServers:
         app = web.Application()
@@ -53,7 +55,9 @@ class TargetServers:
         self.echo_port = echo.sockets[0].getsockname()[1]
         peer = await asyncio.start_server(self._peer_tcp, host, 0)
         self.peer_port = peer.sockets[0].getsockname()[1]
-        self._servers += [echo, peer]
+        source = await asyncio.start_server(self._source, host, 0)
+        self.source_port = source.sockets[0].getsockname()[1]
+        self._servers += [echo, peer, source]
         return self
 
     async def stop(self) -> None:
@@ -99,6 +103,17 @@ class TargetServers:
             pass
         finally:
             writer.close()
+
+    async def _source(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Sends as fast as the peer takes it, from the first moment (no request needed)."""
+        try:
+            while True:
+                writer.write(BLOCK)
+                await writer.drain()
+                self.source_sent += len(BLOCK)
+        except (ConnectionError, OSError):
+            pass
+        writer.close()
 
     async def _peer_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Writes the peer's address at connect and again for every line received."""

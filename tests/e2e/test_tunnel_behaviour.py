@@ -131,3 +131,40 @@ async def test_parallel_bulk_streams_over_one_tunnel_stay_byte_identical(deploym
               f"/bytes/{size}") for _ in range(8))), 120)
     digest = expected_digest(size)
     assert all(r == (size, digest) for r in results)
+
+
+def _rss_mib(pid: int) -> float:
+    from pathlib import Path
+
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def test_target_that_talks_first_to_a_client_that_never_reads_stays_bounded(deployment, targets):
+    """Targets blasting from the first byte, clients that read nothing, a busy tunnel: the device must
+    stop reading each target once its stream's queue is full (not buffer without bound)."""
+    _uid, token = await deployment.user("blaster")
+    device = await deployment.device(token)
+    agent = await deployment.agent(device, "--allow-private")
+    conn = await deployment.connection(token, device["remote_device_id"])
+    port, cid, pw = deployment.node.proxy_port, conn["connectionId"], conn["password"]
+    rss_before = _rss_mib(agent.proc.pid)
+    sent_before = targets.source_sent
+    # keep the tunnel congested with a download that is read, while the silent clients arrive
+    busy = asyncio.create_task(fetch(port, cid, pw, targets.http_port, f"/bytes/{512 * MiB}"))
+    await asyncio.sleep(0.3)
+    writers = []
+    for _ in range(8):
+        _r, w, _ = await socks5_open(port, cid, pw, "127.0.0.1", targets.source_port)
+        writers.append(w)
+    await busy
+    await asyncio.sleep(1.0)
+    first = targets.source_sent
+    await asyncio.sleep(1.0)
+    assert targets.source_sent == first  # every target is stalled: back-pressure reached them
+    assert first - sent_before < 8 * 64 * MiB
+    assert _rss_mib(agent.proc.pid) - rss_before < 128
+    for w in writers:
+        w.close()
