@@ -7,34 +7,20 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable
-
 import asyncpg
 from aiohttp import web
 
 from . import agent_surface as surface
 from .agent_auth import agent_from_request
 from .app import NODE, bearer_token, json_response, read_json, require_user
-from .errors import ApiError
+from .errors import ApiError, guard_data_errors
 from .storage import read_json_limited
 
 SUBMIT_BODY_LIMIT = 64 * 1024 * 1024
 _DELIVERY = web.AppKey("agent_task_delivery", surface.TaskDelivery)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _guard(handler: Handler) -> Handler:
-    """Input PostgreSQL cannot store is a 400, never a 500."""
-
-    @functools.wraps(handler)
-    async def wrapper(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except asyncpg.DataError as exc:
-            raise ApiError(400, f"invalid input: {exc.__class__.__name__}") from None
-
-    return wrapper
+_guard = guard_data_errors
 
 
 def _pool(request: web.Request) -> asyncpg.Pool:

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import asyncpg
 from aiohttp import web
 
 from . import applicants, assignment, automations, buckets, files, jobs, payments, planned, storage, tasks
 from .app import NODE
-from .errors import ApiError
+from .errors import guard_data_errors
 
 _TASKS = web.AppKey("marketplace_tasks", list)
 
@@ -34,20 +31,9 @@ async def _stop_loops(app: web.Application) -> None:
             await task
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _guard(handler: Handler) -> Handler:
-    """Input PostgreSQL cannot store (NUL characters, out-of-range values) is a 400, never a 500."""
-
-    @functools.wraps(handler)
-    async def wrapper(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except asyncpg.DataError as exc:
-            raise ApiError(400, f"invalid input: {exc.__class__.__name__}") from None
-
-    return wrapper
+_guard = guard_data_errors
 
 
 class _GuardedRouter:
