@@ -9,5 +9,5 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/pip" install -q --disable-pip-version-check -e .
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp/proxyorch-runtime-$(id -u)}"
-mkdir -p "$XDG_RUNTIME_DIR"
+mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
 exec "$VENV/bin/proxyorch" serve "$@"

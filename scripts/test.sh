@@ -19,6 +19,6 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp/proxyorch-runtime-$(id -u)}"
-mkdir -p "$XDG_RUNTIME_DIR"
+mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
 "$VENV/bin/ruff" check .
 exec "$VENV/bin/python" -m pytest -q "$@"

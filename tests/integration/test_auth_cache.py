@@ -108,7 +108,7 @@ async def test_redis_bus_delivers_published_events(redis_url):
         await bus.close()
 
 
-def test_connection_ids_are_normalised_or_rejected():
+async def test_connection_ids_are_normalised_or_rejected():
     u = uuid.uuid4()
     assert normalize_connection_id(str(u).upper()) == str(u)
     assert normalize_connection_id("not-a-uuid") is None

@@ -123,7 +123,9 @@ async def test_run_immediately_assigns_to_pinned_online_device_and_mints_agent_t
     assert task["status"] == "running" and str(task["remote_device_id"]) == device["remote_device_id"]
     assert str(task["worker_id"]) == owner_id
     tokens = await dep.pool.fetch("SELECT * FROM agent_tokens WHERE job_task_id = $1", task["id"])
-    assert len(tokens) == 1 and len(bytes(tokens[0]["token_hash"])) == 32 and not tokens[0]["revoked"]
+    # one token from the assignment, plus one more when the node delivers the task over the tunnel
+    assert 1 <= len(tokens) <= 2
+    assert all(len(bytes(t["token_hash"])) == 32 and not t["revoked"] for t in tokens)
     # the busy device is not available on the market
     await dep.pool.execute("UPDATE devices SET is_on_market = true, payment_type = 'action' WHERE remote_device_id"
                            " = $1", uuid.UUID(device["remote_device_id"]))

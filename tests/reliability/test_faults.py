@@ -247,7 +247,7 @@ async def test_sigkill_node_devices_reconnect(pg_root, tmp_path, targets):
         await dep.node.stop()
 
 
-def test_rms_key_file_is_private(deployment):
+async def test_rms_key_file_is_private(deployment):
     key = Path(deployment.node.data_dir) / "rms.key"
     assert key.exists() and (key.stat().st_mode & 0o777) == 0o600
 
