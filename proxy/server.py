@@ -21,6 +21,7 @@ from .auth_cache.cache import MISSING, AuthCache, CredentialRecord, normalize_co
 from .blacklist import first_match, normalize_host, parse_ip
 from .http_connect import protocol as http
 from .ratelimit import FailureLimiter
+from .request_log.writer import SessionRecord
 from .sessions import SessionRegistry
 from .socks5.protocol import (
     Credentials,
@@ -558,8 +559,6 @@ def log_attempt(server: ProxyServer, connection_id: str, device_id: str | None, 
                 started: float, started_wall: datetime | None, client_addr: str, protocol: str,
                 reply_code: int, error: str) -> None:
     """Hand one request-log row (one proxy attempt) to the writer; never blocks."""
-    from .request_log.writer import SessionRecord
-
     server.metrics.bytes_in += bytes_in
     server.metrics.bytes_out += bytes_out
     ip = parse_ip(host) if host else None

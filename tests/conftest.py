@@ -297,3 +297,13 @@ async def fresh_deployment(pg_root: tuple[str, Path], tmp_path: Path, **env: str
     dep = Deployment(node)
     await dep.open()
     return dep
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def targets():
+    """Local target servers (HTTP bytes/peer, TCP echo, peer-address echo, blasting source)."""
+    from targets import TargetServers
+
+    t = await TargetServers().start()
+    yield t
+    await t.stop()

@@ -11,16 +11,9 @@ import pytest
 import pytest_asyncio
 from python_socks.async_.asyncio import Proxy
 from socks_client import socks5_code, socks5_open
-from targets import TargetServers, expected_digest
+from targets import expected_digest
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def targets():
-    t = await TargetServers().start()
-    yield t
-    await t.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -14,18 +14,10 @@ import pytest
 import pytest_asyncio
 from conftest import fresh_deployment
 from socks_client import socks5_code, socks5_open
-from targets import TargetServers
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 BASE = "/api/v2/proxy/connections"
 EXIT_1, EXIT_2 = "127.0.0.2", "127.0.0.3"
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def targets():
-    t = await TargetServers().start()
-    yield t
-    await t.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session", params=["postgres-notify", "redis-pubsub"])

@@ -12,16 +12,8 @@ import pytest
 import pytest_asyncio
 from conftest import fresh_deployment
 from socks_client import socks5_code, socks5_open
-from targets import TargetServers
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def targets():
-    t = await TargetServers().start()
-    yield t
-    await t.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

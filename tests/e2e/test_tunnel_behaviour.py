@@ -6,19 +6,11 @@ import asyncio
 import hashlib
 
 import pytest
-import pytest_asyncio
 from socks_client import socks5_code, socks5_open
-from targets import TargetServers, expected_digest
+from targets import expected_digest
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 MiB = 1024 * 1024
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def targets():
-    t = await TargetServers().start()
-    yield t
-    await t.stop()
 
 
 async def fetch(port: int, cid: str, pw: str, target_port: int, path: str, read: bool = True):

@@ -11,20 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from conftest import ROOT, Deployment, NodeProcess, create_database, fresh_deployment
 from socks_client import socks5_code, socks5_open
-from targets import TargetServers
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 MiB = 1024 * 1024
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def targets():
-    t = await TargetServers().start()
-    yield t
-    await t.stop()
 
 
 class BlackholeRelay:
