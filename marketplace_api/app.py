@@ -169,5 +169,7 @@ def create_app(node: Any) -> web.Application:
         routes_marketplace = None  # type: ignore[assignment]
     if routes_marketplace is not None:
         routes_marketplace.setup(app)
+    from . import routes_taskmarket
+    routes_taskmarket.setup(app)
     openapi.setup(app)
     return app

@@ -44,6 +44,8 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("CLICKHOUSE_FAULT_FILE", "clickhouse_fault_file", str, "", "Test hook: request-log inserts fail while this file exists"),
     ("MAX_BODY_BYTES", "max_body_bytes", int, 1024 * 1024, "Largest JSON request body the API accepts"),
     ("LOG_LEVEL", "log_level", str, "INFO", "Python logging level"),
+    ("IDEMPOTENCY_TTL_S", "idempotency_ttl_s", float, 86400.0, "How long an Idempotency-Key replays its first answer"),
+    ("RESUBMIT_WINDOW_S", "resubmit_window_s", float, 6 * 3600.0, "Task market: time to resubmit after a PDQG rejection"),
 ]
 
 
@@ -88,6 +90,8 @@ class Settings:
     clickhouse_fault_file: str = ""
     max_body_bytes: int = 1024 * 1024
     log_level: str = "INFO"
+    idempotency_ttl_s: float = 86400.0
+    resubmit_window_s: float = 6 * 3600.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
