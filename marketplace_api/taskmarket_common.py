@@ -154,7 +154,7 @@ USER_IDEM = idempotency.Policy(user_caller, v1_error)
 # -- input ---------------------------------------------------------------------------------------
 async def read_body(request: web.Request) -> dict:
     """The JSON object body, else 400 (413 over MAX_BODY_BYTES)."""
-    raw = await request.read() if request.can_read_body else b""
+    raw = await request.read()  # cached: the Idempotency-Key layer may have read it already
     if not raw.strip():
         raise bad("request body must be a JSON object")
     try:
