@@ -38,7 +38,8 @@ async def snapshot(dep, a: dict) -> dict:
 def fill(path: str, a: dict) -> str:
     return (path.replace("{connection_id}", a["conn"]["connectionId"])
             .replace("{device_id}", a["device"]["remote_device_id"])
-            .replace("{job_id}", a["job_id"]).replace("{filename}", a["file"]))
+            .replace("{job_id}", a["job_id"]).replace("{filename}", a["file"])
+            .replace("{id}", a["job_id"]).replace("{taskId}", a["job_id"]).replace("{bidId}", a["job_id"]))
 
 
 async def test_second_user_cannot_touch_first_users_objects(deployment):
