@@ -32,13 +32,16 @@ and a retry with the same key runs afresh. Answers with status >= 500 are not st
 Handlers must do all their database work on the ``transaction(request)`` connection (acquiring a
 second pool connection while holding it could exhaust the pool under many concurrent same-key
 requests). Without the header, ``transaction(request)`` simply opens a fresh transaction.
+Call ``setup(app)`` once per app (any surface may; repeats are ignored): it purges expired keys hourly.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
@@ -47,6 +50,7 @@ from aiohttp import web
 
 from .app import NODE
 
+log = logging.getLogger(__name__)
 HEADER = "Idempotency-Key"
 MAX_KEY_LEN = 255
 LOCK_WAIT_S = 15.0
@@ -166,3 +170,31 @@ async def purge_expired(pool: asyncpg.Pool, ttl_s: float) -> int:
     result = await pool.execute("DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)",
                                 float(ttl_s))
     return int(result.split()[-1])
+
+
+_INSTALLED = web.AppKey("idempotency_installed", bool)
+
+
+async def _purge_ctx(app: web.Application) -> AsyncIterator[None]:
+    async def loop() -> None:
+        while True:
+            ttl = float(app[NODE].settings.idempotency_ttl_s)
+            try:
+                await purge_expired(app[NODE].pool, ttl)
+            except Exception as exc:  # the store may be restarting; the next round retries
+                log.warning("idempotency purge failed: %s", exc)
+            await asyncio.sleep(min(3600.0, max(ttl, 1.0)))
+
+    task = asyncio.create_task(loop(), name="idempotency-purge")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def setup(app: web.Application) -> None:
+    """Own the hourly purge of expired keys (background task cancelled on shutdown)."""
+    if app.get(_INSTALLED):
+        return
+    app[_INSTALLED] = True
+    app.cleanup_ctx.append(_purge_ctx)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import taskmarket_agents, taskmarket_stream, taskmarket_tasks, taskmarket_work
+from . import idempotency, taskmarket_agents, taskmarket_stream, taskmarket_tasks, taskmarket_work
 from .taskmarket_common import v1_errors
 
 
 def setup(app: web.Application) -> None:
     """Add the /v1 surface to ``app`` (its middleware is scoped to /v1 paths)."""
     app.middlewares.append(v1_errors)
+    idempotency.setup(app)
     taskmarket_work.setup(app)  # first: /v1/tasks/available before /v1/tasks/{id}
     taskmarket_agents.setup(app)
     taskmarket_tasks.setup(app)

@@ -198,12 +198,14 @@ async def review_task(request: web.Request) -> web.Response:
 
 @USER_IDEM
 async def cancel_task(request: web.Request) -> web.Response:
-    """Cancel an open task: escrow refunded, pending bids rejected."""
+    """Cancel an open task (or one whose resubmit window closed): escrow refunded, pending bids rejected."""
     user_id = await require_poster(request)
     async with idempotency.transaction(request) as conn:
         task = await own_task(conn, request, user_id)
-        if task["status"] != "open":
-            raise conflict(f"Task is {task['status']}, not open")
+        lapsed = task["status"] == "pdqg_rejected" and await conn.fetchval("SELECT now() > $1::timestamptz",
+                                                                           task["resubmit_deadline"])
+        if task["status"] != "open" and not lapsed:
+            raise conflict(f"Task is {task['status']}; only open tasks or lapsed resubmits can be cancelled")
         await refund(conn, task, task["escrow"], "task cancelled")
         await conn.execute("UPDATE tm_bids SET status = 'rejected' WHERE task_id = $1 AND status = 'pending'",
                            task["id"])

@@ -4,6 +4,7 @@ live trace stream across two nodes, and the surface's OpenAPI entries."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -212,6 +213,11 @@ async def test_live_traces_cross_nodes(deployment, tmp_path):
                 assert ev_id == body["data"]["id"] and data["message"] == str(i)
             # Far under the 5 s polling safety net: the notification carried it.
             assert min(delays) < 1.0, delays
+            # Stopping a node with a stream open ends the stream; shutdown does not wait for it.
+            t0 = time.monotonic()
+            assert await node2.stop(timeout=30) == 0
+            assert time.monotonic() - t0 < 15
+            await asyncio.wait_for(watcher.task, 10)
     finally:
         await node2.stop()
 

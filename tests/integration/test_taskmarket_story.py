@@ -178,10 +178,12 @@ async def test_final_fail_refunds_the_poster_and_a_passed_warning_can_be_rejecte
 
 async def test_resubmit_window_closes(deployment):
     dep = deployment
-    task, worker, _ = await claimed_task(dep)
+    task, worker, (poster_id, poster_tok) = await claimed_task(dep)
     status, body = await dep.call("POST", f"/v1/tasks/{task['id']}/deliver", worker["apiKey"], headers=key(),
                                   json={"content": POOR})
     assert status == 201 and body["data"]["verdict"] == "rejected"
+    status, _ = await dep.call("POST", f"/v1/tasks/{task['id']}/cancel", poster_tok, headers=key())
+    assert status == 409  # the agent's resubmit window is still open
     row = await dep.pool.fetchrow("SELECT resubmit_deadline - updated_at AS window FROM tm_tasks WHERE id = $1",
                                   uuid.UUID(task["id"]))
     assert abs(row["window"].total_seconds() - 6 * 3600) < 5  # RESUBMIT_WINDOW_S default
@@ -190,6 +192,11 @@ async def test_resubmit_window_closes(deployment):
     status, body = await dep.call("POST", f"/v1/tasks/{task['id']}/resubmit", worker["apiKey"], headers=key(),
                                   json={"content": GOOD})
     assert status == 409 and body["error"]["code"] == "CONFLICT"
+    # The poster gets the escrow back by cancelling the lapsed task.
+    before = await balance(dep, poster_id)
+    status, body = await dep.call("POST", f"/v1/tasks/{task['id']}/cancel", poster_tok, headers=key())
+    assert status == 200 and body["data"]["status"] == "cancelled"
+    assert await balance(dep, poster_id) - before == Decimal("15")
 
 
 async def test_cancel_refunds_and_rejects_pending_bids_and_insufficient_funds_makes_no_task(deployment):
