@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 
 import asyncpg
 import orjson
@@ -48,15 +50,28 @@ def trace(row: asyncpg.Record) -> dict:
             "visibility": row["visibility"], "createdAt": iso(row["created_at"])}
 
 
-def encode_cursor(seq: int, category: str | None) -> str:
+def encode_cursor(secret: bytes, seq: int, category: str | None) -> str:
+    """``base64url(payload).base64url(HMAC-SHA256(secret, payload)[:16])``: opaque and unforgeable."""
     raw = orjson.dumps({"v": 1, "s": seq, "c": category})
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    mac = hmac.new(secret, raw, hashlib.sha256).digest()[:16]
+    return f"{_b64(raw)}.{_b64(mac)}"
 
 
-def decode_cursor(cursor: str, category: str | None) -> int:
-    """The position a cursor points after; 400 unless it is one this server made for this listing."""
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def decode_cursor(secret: bytes, cursor: str, category: str | None) -> int:
+    """The position a cursor points after; 400 unless this server made it for this listing."""
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        payload, _, tag = cursor.partition(".")
+        raw, mac = _unb64(payload), _unb64(tag)
+        if not hmac.compare_digest(mac, hmac.new(secret, raw, hashlib.sha256).digest()[:16]):
+            raise ValueError("bad signature")
         data = orjson.loads(raw)
     except (binascii.Error, ValueError, orjson.JSONDecodeError):
         raise bad("invalid cursor") from None

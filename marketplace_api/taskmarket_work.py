@@ -33,6 +33,16 @@ from .taskmarket_tasks import refund
 TRACE_CHANNEL = "tm_traces"
 WORKING = ("claimed", "pdqg_rejected", "delivered")
 MAX_CONTENT = 200_000
+OPEN = "status = 'open' AND (deadline IS NULL OR deadline > now())"
+SECRETS = web.AppKey("tm_secrets", dict)
+
+
+async def cursor_secret(request: web.Request, conn: asyncpg.Connection) -> bytes:
+    """The cursor HMAC key, shared by every node through PostgreSQL (read once per app)."""
+    cache = request.app[SECRETS]
+    if "cursor" not in cache:
+        cache["cursor"] = bytes(await conn.fetchval("SELECT value FROM tm_secrets WHERE name = 'cursor'"))
+    return cache["cursor"]
 
 
 async def available(request: web.Request) -> web.Response:
@@ -46,16 +56,17 @@ async def available(request: web.Request) -> web.Response:
     category = q.get("category") or None
     if category is not None:
         category = category.strip().lower()
-    after = views.decode_cursor(q["cursor"], category) if q.get("cursor") else 2**63 - 1
     async with idempotency.transaction(request) as conn:
-        rows = await conn.fetch("SELECT * FROM tm_tasks WHERE status = 'open' AND ($1::text IS NULL OR category = $1)"
+        secret = await cursor_secret(request, conn)
+        after = views.decode_cursor(secret, q["cursor"], category) if q.get("cursor") else 2**63 - 1
+        rows = await conn.fetch(f"SELECT * FROM tm_tasks WHERE {OPEN} AND ($1::text IS NULL OR category = $1)"
                                 " AND seq < $2 ORDER BY seq DESC LIMIT $3", category, after, limit + 1)
-        total = await conn.fetchval("SELECT count(*) FROM tm_tasks WHERE status = 'open'"
+        total = await conn.fetchval(f"SELECT count(*) FROM tm_tasks WHERE {OPEN}"
                                     " AND ($1::text IS NULL OR category = $1)", category)
     more = len(rows) > limit
     rows = rows[:limit]
     return ok({"items": [views.task_item(r) for r in rows],
-               "pagination": {"next_cursor": views.encode_cursor(rows[-1]["seq"], category) if more else None,
+               "pagination": {"next_cursor": views.encode_cursor(secret, rows[-1]["seq"], category) if more else None,
                               "has_more": more, "total_estimate": total}})
 
 
@@ -90,6 +101,8 @@ async def place_bid(request: web.Request) -> web.Response:
             raise forbidden("An agent cannot bid on its owner's task")
         if task["status"] != "open":
             raise conflict(f"Task is {task['status']}, no longer open for bids")
+        if task["deadline"] is not None and await conn.fetchval("SELECT now() >= $1::timestamptz", task["deadline"]):
+            raise conflict("The task's deadline has passed")
         if price > task["price"]:
             raise bad(f"proposedPrice must not exceed the task's price {views.price_str(task['price'])}")
         row = await conn.fetchrow("INSERT INTO tm_bids(id, task_id, agent_id, proposed_price, cover_letter)"
@@ -202,6 +215,7 @@ async def traces(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
+    app[SECRETS] = {}
     app.router.add_get("/v1/tasks/available", available)
     app.router.add_post("/v1/tasks/{taskId}/bids", place_bid)
     app.router.add_post("/v1/tasks/{taskId}/deliver", deliver)

@@ -86,3 +86,12 @@ CREATE TABLE idempotency_keys (
     PRIMARY KEY (caller, key)
 );
 CREATE INDEX idempotency_keys_age ON idempotency_keys(created_at);
+
+-- Server secrets of the task market shared by every node (the HMAC key of discovery cursors).
+CREATE TABLE tm_secrets (
+    name   text PRIMARY KEY,
+    value  bytea NOT NULL
+);
+INSERT INTO tm_secrets(name, value)
+    VALUES ('cursor', sha256(convert_to(gen_random_uuid()::text || gen_random_uuid()::text || clock_timestamp()::text,
+                                        'UTF8')));

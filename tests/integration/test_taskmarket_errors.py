@@ -68,6 +68,21 @@ async def test_bad_input_is_400_in_the_seed_shape(deployment):
     cursor = page["data"]["pagination"]["next_cursor"]
     assert cursor
     shaped(*await dep.call("GET", "/v1/tasks/available", ak, params={"category": "coding", "cursor": cursor}), 400)
+    # A forged cursor (payload changed, or made up without the server's key) is 400.
+    import base64
+
+    payload, _, tag = cursor.partition(".")
+    forged = base64.urlsafe_b64encode(b'{"v":1,"s":1,"c":"cursorcat"}').decode().rstrip("=")
+    for bad_cursor in (f"{forged}.{tag}", forged, f"{payload}.{tag[:-2]}AA", payload):
+        shaped(*await dep.call("GET", "/v1/tasks/available", ak,
+                               params={"category": "cursorcat", "cursor": bad_cursor}), 400)
+    # Past its deadline a task is no longer discoverable and takes no bids.
+    soon = await post_task(dep, tok, category="deadlinecat", price="1.00", deadline="2100-01-01T00:00:00Z")
+    await dep.pool.execute("UPDATE tm_tasks SET deadline = now() - interval '1 second' WHERE id = $1",
+                           uuid.UUID(soon["id"]))
+    status, listed = await dep.call("GET", "/v1/tasks/available", ak, params={"category": "deadlinecat"})
+    assert status == 200 and listed["data"]["items"] == []
+    shaped(*await dep.call("POST", f"/v1/tasks/{soon['id']}/bids", ak, json={"proposedPrice": 1}, headers=key()), 409)
     status, empty = await dep.call("GET", "/v1/tasks/available", ak, params={"category": "no-such-category"})
     assert status == 200 and empty["data"]["items"] == [] and empty["data"]["pagination"]["has_more"] is False
     bids_url = f"/v1/tasks/{tid}/bids"
