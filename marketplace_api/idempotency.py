@@ -21,7 +21,7 @@ transaction that also inserts the key's row; the handler's answer (status, conte
 stored in that row and committed together with the handler's effects, so a key is either unused or
 bound to its answer and its effects, never half. Within ``IDEMPOTENCY_TTL_S``:
 
-- same caller, same key, same request (method, path, canonical JSON body) → the stored answer is
+- same caller, same key, same request (method, path and query, canonical JSON body) → the stored answer is
   replayed byte for byte and the handler does not run;
 - same key with another request → ``error(422, "UNPROCESSABLE", ...)``;
 - concurrent requests with one key: the later ones wait on the row lock of the first and then
@@ -61,7 +61,7 @@ ErrorFactory = Callable[[int, str, str], Exception]
 
 
 def request_fingerprint(method: str, path: str, body: bytes) -> bytes:
-    """SHA-256 of method, path and the body (JSON canonicalised: key order and spacing do not matter)."""
+    """SHA-256 of method, path with query and the body (JSON canonicalised: key order and spacing do not matter)."""
     try:
         canonical = orjson.dumps(orjson.loads(body), option=orjson.OPT_SORT_KEYS) if body else b""
     except orjson.JSONDecodeError:
@@ -103,7 +103,7 @@ class Policy:
                 raise self.error(400, "BAD_REQUEST", f"{HEADER} must be 1-{MAX_KEY_LEN} printable ASCII characters")
             caller = await self.identify(request)
             body = await request.read()
-            fingerprint = request_fingerprint(request.method, request.path, body)
+            fingerprint = request_fingerprint(request.method, request.path_qs, body)
             return await self._run(request, handler, caller, key, fingerprint)
 
         return wrapper

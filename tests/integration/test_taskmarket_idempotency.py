@@ -158,3 +158,15 @@ async def test_key_replays_on_another_node(deployment, tmp_path):
         assert await balance(dep, poster_id) == Decimal("16")
     finally:
         await node2.stop()
+
+
+async def test_fingerprint_is_canonical_json_and_sees_method_path_and_query():
+    from marketplace_api.idempotency import request_fingerprint, valid_key
+
+    fp = request_fingerprint("POST", "/v1/tasks", b'{"a": 1, "b": [1, 2]}')
+    assert fp == request_fingerprint("POST", "/v1/tasks", b'{"b":[1,2],"a":1}')
+    assert fp != request_fingerprint("POST", "/v1/tasks", b'{"a": 2, "b": [1, 2]}')
+    assert fp != request_fingerprint("POST", "/v1/tasks?x=1", b'{"a": 1, "b": [1, 2]}')
+    assert fp != request_fingerprint("PUT", "/v1/tasks", b'{"a": 1, "b": [1, 2]}')
+    assert request_fingerprint("POST", "/p", b"not json") != request_fingerprint("POST", "/p", b"not  json")
+    assert valid_key("a" * 255) and not valid_key("a" * 256) and not valid_key("") and not valid_key("\u00e9")
