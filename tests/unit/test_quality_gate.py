@@ -103,3 +103,44 @@ def test_verdict_thresholds_follow_the_seed():
 def test_key_terms_drop_stop_words_and_stem():
     terms = key_terms("Summarize earnings", "the reports and the earnings")
     assert "the" not in terms and "earn" in terms and "report" in terms
+
+
+CODE_TITLE = "Write a Python function to deduplicate a list"
+CODE_DESCRIPTION = ("Write a Python function that removes duplicate items from a list while preserving the original "
+                    "order. Include type hints, a docstring and a few unit tests with pytest.")
+CODE_GOOD = '''## Order-preserving deduplication
+
+The function walks the list once and remembers what it has seen in a set, so it runs in linear time
+and keeps the first occurrence of every item in its original order.
+
+```python
+from collections.abc import Hashable, Iterable
+
+
+def dedupe(items: Iterable[Hashable]) -> list:
+    """Return the items without duplicates, preserving the original order."""
+    seen = set()
+    result = []
+    for item in items:
+        if item not in seen:
+            seen.add(item)
+            result.append(item)
+    return result
+```
+
+### Unit tests (pytest)
+- `test_removes_duplicates`: `dedupe([1, 2, 1, 3, 2]) == [1, 2, 3]`
+- `test_preserves_order`: `dedupe(["b", "a", "b"]) == ["b", "a"]`
+- `test_empty_list`: `dedupe([]) == []`
+
+Type hints use `Hashable` because items are stored in a set; unhashable items would need a slower
+list-based check.
+'''
+
+
+def test_coding_task_good_answer_passes_and_a_stub_is_rejected():
+    assert score_delivery(CODE_TITLE, CODE_DESCRIPTION, CODE_GOOD).verdict == "passed"
+    stub = score_delivery(CODE_TITLE, CODE_DESCRIPTION, "def dedupe(x):\n    # TODO\n    pass\n")
+    assert stub.verdict == "rejected" and "penalty_placeholder" in stub.checks
+    one_liner = score_delivery(CODE_TITLE, CODE_DESCRIPTION, "def dedupe(x): return list(dict.fromkeys(x))")
+    assert one_liner.verdict == "rejected"
