@@ -169,5 +169,6 @@ def create_app(node: Any) -> web.Application:
         routes_marketplace = None  # type: ignore[assignment]
     if routes_marketplace is not None:
         routes_marketplace.setup(app)
+    __import__(f"{__package__}.routes_escrow", fromlist=["setup"]).setup(app)  # escrow jobs (seed 002)
     openapi.setup(app)
     return app

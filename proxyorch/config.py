@@ -44,6 +44,12 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("CLICKHOUSE_FAULT_FILE", "clickhouse_fault_file", str, "", "Test hook: request-log inserts fail while this file exists"),
     ("MAX_BODY_BYTES", "max_body_bytes", int, 1024 * 1024, "Largest JSON request body the API accepts"),
     ("LOG_LEVEL", "log_level", str, "INFO", "Python logging level"),
+    ("MARKET_MINUTE_S", "market_minute_s", float, 60.0,
+     "Escrow jobs: seconds in one 'minute' of posting/task limits (test setting; keep 60 in production)"),
+    ("MARKET_SWEEP_S", "market_sweep_s", float, 5.0, "Escrow jobs: interval of the close/timeout/auto-approve sweep"),
+    ("SETTLEMENT_DEADLINE_S", "settlement_deadline_s", float, 86400.0,
+     "Escrow jobs: a settlement not approved or disputed within this is approved automatically"),
+    ("PLATFORM_FEE_BPS", "platform_fee_bps", int, 3000, "Escrow jobs: platform fee on each place, basis points"),
 ]
 
 
@@ -88,6 +94,10 @@ class Settings:
     clickhouse_fault_file: str = ""
     max_body_bytes: int = 1024 * 1024
     log_level: str = "INFO"
+    market_minute_s: float = 60.0
+    market_sweep_s: float = 5.0
+    settlement_deadline_s: float = 86400.0
+    platform_fee_bps: int = 3000
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
