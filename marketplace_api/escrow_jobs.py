@@ -72,6 +72,9 @@ async def create_job(request: web.Request) -> web.Response:
     spec = {k: (iso(v) if isinstance(v, datetime) else v) for k, v in job.items() if k != "variants"}
     status = "scheduled" if starts else "active"
     async with pool_of(request).acquire() as conn, conn.transaction():
+        # The owner's row first: the job's foreign key would otherwise take a share lock that two
+        # concurrent creates of one owner then both try to upgrade (a deadlock).
+        await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", owner)
         await conn.execute(
             """INSERT INTO escrow_jobs(id, owner_id, title, category, description, description_mime_type, status,
                    target_testers, amount_cents, place_cents, escrow_hold_cents, posting_minutes, task_hard_minutes,
