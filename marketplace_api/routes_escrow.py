@@ -19,6 +19,7 @@ from .escrow_sweep import sweeper
 
 # Money-moving POSTs. Idempotency-Key hook: seed 003's ``marketplace_api/idempotency.py`` (built by
 # another engineer) is meant to wrap exactly these handlers; ``_money`` is where it goes in.
+ID = "{id:[^/]+}"  # any segment reaches the handler: auth first (401), then a malformed id is a 404
 MONEY_MOVING = ("create_job", "resize_job", "settle_job", "approve_job", "dispute_job", "resolve_dispute")
 
 
@@ -60,6 +61,6 @@ def setup(app: web.Application) -> None:
             ("POST", "/tester/assignments/{id}/submit", t.submit_assignment),
             ("POST", "/tester/assignments/{id}/abandon", t.abandon_assignment),
             ("PUT", "/tester/profile", t.put_profile)):
-        add(method, path, _documented(handler))
-    add("POST", "/api/v2/admin/disputes/{job_id}/resolve", _documented(escrow_admin.resolve_dispute, admin=True))
+        add(method, path.replace("{id}", ID), _documented(handler))
+    add("POST", "/api/v2/admin/disputes/{job_id:[^/]+}/resolve", _documented(escrow_admin.resolve_dispute, admin=True))
     app.cleanup_ctx.append(_sweep_ctx)
