@@ -148,6 +148,8 @@ async def get_job(request: web.Request) -> web.Response:
             "id": str(v["id"]), "description": v["description"], "url": v["url"],
             "targetTestersMin": v["target_min"], "targetTestersMax": v["target_max"],
             "feedbackQuestions": v["feedback_questions"],
+            **{k: v["spec"].get(k) for k in ("descriptionMimeType", "placement", "screenCapture", "audienceFilters",
+                                             "techConstraints")},
             "assignmentCount": sum(a["status"] in ("active", "completed") for a in mine),
             "completedCount": len(done), "completedAssignments": [_feedback(a) for a in done]})
     spec = job["spec"]

@@ -75,7 +75,8 @@ async def open_jobs(request: web.Request) -> web.Response:
                               AND a.status IN ('active', 'completed')) AS taken,
                       (SELECT jsonb_agg(v.spec) FROM escrow_variants v WHERE v.job_id = j.id) AS specs
                FROM escrow_jobs j
-               WHERE j.status = 'active' AND j.owner_id <> $1 AND ($2::bigint IS NULL OR j.seq < $2)
+               WHERE j.status = 'active' AND j.posting_ends_at > now() AND j.owner_id <> $1
+                 AND ($2::bigint IS NULL OR j.seq < $2)
                  AND NOT EXISTS (SELECT 1 FROM escrow_assignments a WHERE a.job_id = j.id AND a.tester_id = $1)
                ORDER BY j.seq DESC LIMIT 200""", user, last_seq)
         for r in rows:

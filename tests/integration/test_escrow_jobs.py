@@ -425,6 +425,8 @@ async def test_audience_filters_match_the_tester_profile(deployment):
     assert job["id"] in ids((await dep.call("GET", "/tester/jobs", de, params={"limit": "50"}))[1])
     assert job["id"] not in ids((await dep.call("GET", "/tester/jobs", us, params={"limit": "50"}))[1])
     assert (await take(dep, us, job["id"]))[0] == 403
+    s, detail = await dep.call("GET", f"/jobs/{job['id']}", tok)
+    assert detail["variants"][0]["audienceFilters"] == v["audienceFilters"]
     assert (await take(dep, de, job["id"]))[0] == 201
     assert job["id"] not in ids((await dep.call("GET", "/tester/jobs", de, params={"limit": "50"}))[1])
 
