@@ -57,6 +57,8 @@ async def sweeper(pool: asyncpg.Pool, interval_s: float, deadline_s: float,
             await sweep_once(pool, clock(), deadline_s)
         except asyncio.CancelledError:
             raise
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            log.warning("escrow sweep failed (database unavailable): %r", exc)  # retried next interval
         except Exception:
             log.exception("escrow sweep failed")
         await asyncio.sleep(interval_s)

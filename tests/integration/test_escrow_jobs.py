@@ -366,6 +366,15 @@ async def test_create_rejects_every_bad_field(deployment):
         "proofOfCompletion.method": {"proofOfCompletion": {"method": "photo"}},
         "legalAgreements[0]": {"legalAgreements": [{"title": "NDA"}]},
         "taskHardTimeLimitMinutes": {"taskHardTimeLimitMinutes": -1},
+        "taskPaidTimeLimitMinutes": {"taskPaidTimeLimitMinutes": "10"},
+        "projectTestersOnly": {"projectTestersOnly": "yes"}, "description": {"description": 7},
+        "variants[0].targetTestersMin": {"variants": [{k: x for k, x in v.items() if k != "targetTestersMin"}]},
+        "variants[0].targetTestersMax": {"variants": [{**v, "targetTestersMin": 2, "targetTestersMax": 1}]},
+        "variants[0].screenCapture[0]": {"variants": [{**v, "screenCapture": [{"type": "webcam"}]}]},
+        "variants[0].descriptionMimeType": {"variants": [{**v, "descriptionMimeType": "application/pdf"}]},
+        "variants[0].feedbackQuestions[0].questionMarkdown": {"variants": [{**v, "feedbackQuestions": [
+            {"id": "q", "inputType": "text"}]}]},
+        "variants[0].feedbackQuestions[0].id": {"variants": [{**v, "feedbackQuestions": [{**q, "id": "a b"}]}]},
     }
     for field, over in cases.items():
         s, body = await dep.call("POST", "/jobs", tok, json=job_body(**over))
@@ -376,6 +385,8 @@ async def test_create_rejects_every_bad_field(deployment):
         assert s == 400 and body["error"]["code"] == "BAD_REQUEST", raw
     s, body = await dep.call("POST", "/jobs", tok, json=job_body(title="a\u0000b"))
     assert s == 400
+    s, body = await dep.call("POST", "/jobs", tok, json=job_body(description="x" * 2_000_000))
+    assert s == 400 and body["error"]["code"] == "BAD_REQUEST"  # over MAX_BODY_BYTES, in this surface's shape
     s, body = await dep.call("DELETE", "/jobs", tok)
     assert s == 405 and body["error"]["code"] == "METHOD_NOT_ALLOWED"
     s, body = await dep.call("GET", "/jobs/not-a-uuid", tok)
