@@ -171,5 +171,7 @@ def create_app(node: Any) -> web.Application:
         routes_marketplace.setup(app)
     from . import routes_taskmarket
     routes_taskmarket.setup(app)
+    from . import routes_escrow
+    routes_escrow.setup(app)
     openapi.setup(app)
     return app

@@ -29,11 +29,13 @@ async def balance(conn: asyncpg.Connection | asyncpg.Pool, user_id: str) -> Deci
 
 
 async def post(conn: asyncpg.Connection, user_id: str, amount: Decimal, kind: str, *, job_id: str | None = None,
-               job_task_id: str | None = None, withdrawal_id: str | None = None, memo: str | None = None) -> None:
+               job_task_id: str | None = None, withdrawal_id: str | None = None, memo: str | None = None,
+               escrow_job_id: str | None = None, escrow_assignment_id: str | None = None) -> None:
     """Insert one ledger row (positive = credit, negative = debit) without a balance check."""
     await conn.execute(
-        "INSERT INTO ledger_entries(user_id, amount, kind, job_id, job_task_id, withdrawal_id, memo)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7)", user_id, amount, kind, job_id, job_task_id, withdrawal_id, memo)
+        "INSERT INTO ledger_entries(user_id, amount, kind, job_id, job_task_id, withdrawal_id, memo,"
+        " escrow_job_id, escrow_assignment_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        user_id, amount, kind, job_id, job_task_id, withdrawal_id, memo, escrow_job_id, escrow_assignment_id)
 
 
 async def debit(conn: asyncpg.Connection, user_id: str, amount: Decimal, kind: str, **refs: str | None) -> Decimal:

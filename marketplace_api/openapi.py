@@ -13,6 +13,7 @@ _PARAM = re.compile(r"\{(\w+)\}")
 
 def build_document(app: web.Application) -> dict:
     paths: dict[str, dict] = {}
+    schemas: dict[str, dict] = {}
     for route in app.router.routes():
         info = route.resource.get_info() if route.resource is not None else {}
         path = info.get("path") or info.get("formatter")
@@ -27,11 +28,14 @@ def build_document(app: web.Application) -> dict:
                   for p in _PARAM.findall(path)]
         if params:
             op["parameters"] = params
+        extra = getattr(handler, "openapi", None) or {}  # {"operation": {...}, "schemas": {...}}
+        op.update(extra.get("operation", {}))
+        schemas.update(extra.get("schemas", {}))
         paths.setdefault(path, {})[route.method.lower()] = op
     return {
         "openapi": "3.1.0",
         "info": {"title": "proxyorch API", "version": "2"},
-        "components": {"securitySchemes": {
+        "components": {"schemas": dict(sorted(schemas.items())), "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer"},
             "admin": {"type": "apiKey", "in": "header", "name": "X-Admin-Token"}}},
         "security": [{"bearer": []}],

@@ -46,6 +46,12 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("LOG_LEVEL", "log_level", str, "INFO", "Python logging level"),
     ("IDEMPOTENCY_TTL_S", "idempotency_ttl_s", float, 86400.0, "How long an Idempotency-Key replays its first answer"),
     ("RESUBMIT_WINDOW_S", "resubmit_window_s", float, 6 * 3600.0, "Task market: time to resubmit after a PDQG rejection"),
+    ("MARKET_MINUTE_S", "market_minute_s", float, 60.0,
+     "Escrow jobs: seconds in one 'minute' of posting/task limits (test setting; keep 60 in production)"),
+    ("MARKET_SWEEP_S", "market_sweep_s", float, 5.0, "Escrow jobs: interval of the close/timeout/auto-approve sweep"),
+    ("SETTLEMENT_DEADLINE_S", "settlement_deadline_s", float, 86400.0,
+     "Escrow jobs: a settlement not approved or disputed within this is approved automatically"),
+    ("PLATFORM_FEE_BPS", "platform_fee_bps", int, 3000, "Escrow jobs: platform fee on each place, basis points"),
 ]
 
 
@@ -92,6 +98,10 @@ class Settings:
     log_level: str = "INFO"
     idempotency_ttl_s: float = 86400.0
     resubmit_window_s: float = 6 * 3600.0
+    market_minute_s: float = 60.0
+    market_sweep_s: float = 5.0
+    settlement_deadline_s: float = 86400.0
+    platform_fee_bps: int = 3000
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
