@@ -163,14 +163,26 @@ export function bandwidth(root, ctx) {
   const note = el("p", { class: "empty" });
   const load = async () => {
     const { from, to } = w.range();
-    const data = await call("GET", "/api/v2/proxy/bandwidth", { params: { from, to, groupBy: group.value } });
-    const buckets = [...new Set(data.rows.map((r) => r.bucket))].sort();
+    const [data, devs, conns] = await Promise.all([
+      call("GET", "/api/v2/proxy/bandwidth", { params: { from, to, groupBy: group.value } }),
+      call("GET", "/api/v2/devices"), call("GET", "/api/v2/proxy/connections")]);
+    const names = new Map([...devs.map((d) => [d.remote_device_id, d.name]),
+                           ...conns.connections.map((c) => [c.connectionId, c.name])]);
+    // Every bucket of the window, so empty hours/days show as zero and the axis spans the window.
+    const step = group.value === "day" ? 86400 : 3600;
+    const first = Math.floor(Date.parse(from) / 1000 / step) * step;
+    const last = Math.floor(Date.parse(to) / 1000 / step) * step;
+    const xs = [];
+    for (let t = first; t <= last && xs.length < 5000; t += step) xs.push(t);
+    const index = new Map(xs.map((t, i) => [t, i]));
     const keys = [...new Set(data.rows.map((r) => r[by.value]))].sort();
-    const xs = buckets.map((b) => Date.parse(b) / 1000);
-    const series = keys.map((k) => ({ label: short(k), values: buckets.map((b) =>
-      data.rows.filter((r) => r.bucket === b && r[by.value] === k).reduce((n, r) => n + r.bytesIn + r.bytesOut, 0)) }));
+    const series = keys.map((k) => ({ label: `${names.get(k) || ""} ${short(k)}`.trim(), values: xs.map(() => 0) }));
+    for (const r of data.rows) {
+      const i = index.get(Date.parse(r.bucket) / 1000);
+      if (i !== undefined) series[keys.indexOf(r[by.value])].values[i] += r.bytesIn + r.bytesOut;
+    }
     note.textContent = data.rows.length ? "" : "No traffic in this window.";
-    timeChart(chart, xs, series.length ? series : [{ label: "bytes", values: [] }], "bytes");
+    timeChart(chart, xs, series.length ? series : [{ label: "bytes", values: xs.map(() => 0) }]);
   };
   const w = windowControls(24, () => load().catch(status), [el("label", {}, "Bucket", group), el("label", {}, "Series", by)]);
   root.append(el("h2", { text: "Bandwidth" }), w.bar, note, chart);
@@ -189,7 +201,7 @@ export function domains(root) {
       ["Down", "num"], ["Up", "num"], ["First seen"], ["Last seen"]], d, (x, i) =>
       [x.domain, String(x.sessions), String(x.blocked), String(x.failed), bytes(x.bytesIn), bytes(x.bytesOut), when(x.firstSeen), when(x.lastSeen)][i]));
     const top = d.slice(0, 12);
-    barChart(chart, top.map((x) => x.domain), top.map((x) => x.bytesIn + x.bytesOut), "bytes");
+    barChart(chart, top.map((x) => x.domain), top.map((x) => x.bytesIn + x.bytesOut));
   };
   const w = windowControls(24, () => load().catch(status));
   root.append(el("h2", { text: "Domains" }), w.bar, chart, holder);
