@@ -212,3 +212,33 @@ async def test_domains_refuses_bad_input_with_a_clear_error(rig, params, fragmen
 async def test_domains_needs_a_token(rig):
     status, _body = await rig["dep"].call("GET", "/api/v2/proxy/domains", params=window())
     assert status == 401
+
+
+async def test_presence_lists_only_the_callers_devices(rig):
+    a, b = rig["a"], rig["b"]
+    status, body = await rig["dep"].call("GET", "/api/v2/devices/presence", a["token"])
+    assert status == 200 and body["success"] is True
+    assert [(d["deviceId"], d["online"], d["node"]) for d in body["devices"]] == \
+        [(a["device"]["remote_device_id"], True, "test-node")]
+    status, body = await rig["dep"].call("GET", "/api/v2/devices/presence", b["token"])
+    assert [d["deviceId"] for d in body["devices"]] == [b["device"]["remote_device_id"]]
+    status, body = await rig["dep"].call("GET", "/api/v2/devices/presence")
+    assert status == 401
+
+
+async def test_the_page_and_its_files_are_served_with_a_strict_policy(rig):
+    dep = rig["dep"]
+    async with dep.http.get(dep.node.api + "/") as r:
+        html = await r.text()
+        assert r.status == 200 and r.content_type == "text/html"
+        assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+    assert 'data-testid="signin-token"' in html and "/dashboard/app.js" in html
+    for path, ctype in (("/dashboard/app.js", "javascript"), ("/dashboard/vendor/uPlot.iife.min.js", "javascript"),
+                        ("/dashboard/vendor/uPlot.LICENSE", "")):
+        async with dep.http.get(dep.node.api + path) as r:
+            assert r.status == 200 and ctype in r.content_type, path
+            assert r.headers["X-Content-Type-Options"] == "nosniff"
+    for path in ("/dashboard/../../../pyproject.toml", "/dashboard/%2e%2e/__init__.py", "/dashboard/nope.js"):
+        async with dep.http.get(dep.node.api + path) as r:
+            assert r.status in (403, 404), path
+            assert "proxyorch" not in await r.text()

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import time
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, fresh_deployment
@@ -155,6 +154,21 @@ async def test_dashboard_in_a_real_browser(pg_root, tmp_path, targets):
             await page.screenshot(path=str(ARTIFACTS / "logs.png"), full_page=True)
 
             assert await page.evaluate("window.__pwned === undefined")
+
+            # The admin token: every connection, live sessions of every tenant.
+            await page.locator("#signout").click()
+            await page.get_by_test_id("signin-token").fill(dep.node.admin_token)
+            await page.get_by_test_id("signin-admin").check()
+            await page.get_by_test_id("signin-submit").click()
+            await page.get_by_test_id("sessions-table").wait_for()
+            await page.get_by_test_id("nav-connections").click()
+            admin_table = page.get_by_test_id("connections-table")
+            await admin_table.wait_for()
+            assert conn["connectionId"] in await admin_table.text_content()
+            assert await admin_table.locator("script, img").count() == 0
+            await page.screenshot(path=str(ARTIFACTS / "admin-connections.png"), full_page=True)
+            assert await page.evaluate("sessionStorage.length") >= 1  # the token lives in sessionStorage only
+            assert await page.evaluate("localStorage.length") == 0
             await browser.close()
         print(f"\ndashboard screenshots: {ARTIFACTS}")
         assert errors == []
