@@ -242,3 +242,38 @@ async def test_the_page_and_its_files_are_served_with_a_strict_policy(rig):
         async with dep.http.get(dep.node.api + path) as r:
             assert r.status in (403, 404), path
             assert "proxyorch" not in await r.text()
+
+
+async def test_http_proxy_sessions_are_listed_with_their_protocol_and_bytes(rig, targets):
+    import base64
+
+    dep, c = rig["dep"], rig["a"]["conn"]
+    auth = base64.b64encode(f"{c['connectionId']}:{c['password']}".encode()).decode()
+    # CONNECT tunnel
+    r1, w1 = await asyncio.open_connection("127.0.0.1", dep.node.proxy_port)
+    w1.write(f"CONNECT 127.0.0.1:{targets.echo_port} HTTP/1.1\r\nHost: x\r\n"
+             f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+    assert b" 200 " in await r1.readuntil(b"\r\n\r\n")
+    w1.write(b"e" * 4_321)
+    assert await asyncio.wait_for(r1.readexactly(4_321), 10) == b"e" * 4_321
+    # absolute-form forwarding on a kept-alive connection: the current request is shown
+    r2, w2 = await asyncio.open_connection("127.0.0.1", dep.node.proxy_port)
+    request = (f"GET http://127.0.0.1:{targets.http_port}/bytes/2000 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               f"Proxy-Authorization: Basic {auth}\r\n\r\n").encode()
+    w2.write(request)
+    head = await r2.readuntil(b"\r\n\r\n")
+    body = await asyncio.wait_for(r2.readexactly(2000), 10)
+    assert b" 200 " in head and len(body) == 2000
+    try:
+        _s, live = await sessions(rig, rig["a"]["token"])
+        by_target = {x["target"]: x for x in live["sessions"]}
+        tunnel = by_target[f"127.0.0.1:{targets.echo_port}"]
+        assert (tunnel["protocol"], tunnel["bytesIn"], tunnel["bytesOut"]) == ("http", 4_321, 4_321)
+        fwd = by_target[f"127.0.0.1:{targets.http_port}"]
+        assert fwd["protocol"] == "http" and fwd["startedAt"] is not None
+        assert fwd["bytesIn"] == len(head) + 2000, (fwd, len(head), len(request))
+        assert fwd["bytesOut"] > 0
+        assert live["total"] == 2
+    finally:
+        w1.close()
+        w2.close()
