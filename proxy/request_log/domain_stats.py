@@ -12,7 +12,7 @@ MAX_DOMAINS = 1000
 
 # Rows written before the `domain` column existed read as '': they group by their bare host.
 _DOMAIN_SQL = (
-    "if(domain != '', domain, lower(replaceRegexpOne(replaceRegexpOne(target, ':[0-9]+$', ''), '^\\\\[|\\\\]$', '')))"
+    "if(domain != '', domain, lower(replaceRegexpAll(replaceRegexpOne(target, ':[0-9]+$', ''), '^\\\\[|\\\\]$', '')))"
 )
 
 
