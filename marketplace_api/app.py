@@ -163,6 +163,9 @@ def create_app(node: Any) -> web.Application:
     app.router.add_get("/metrics", metrics)
     routes_proxy.setup(app)
     routes_logs.setup(app)
+    from . import dashboard, routes_live
+    routes_live.setup(app)
+    dashboard.setup(app)
     try:
         from . import routes_marketplace
     except ImportError:

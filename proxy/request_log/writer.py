@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 
 from .clickhouse import ClickHouse
+from .domains import registrable_domain
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ TRAFFIC_DELTA = "traffic_delta"
 REQUEST_LOG_COLUMNS = [
     "timestamp", "connectionId", "deviceId", "serverNode", "target", "targetType", "port", "resolvedIp",
     "action", "blockReason", "bytesIn", "bytesOut", "durationMs", "clientAddr", "protocol", "replyCode",
-    "error",
+    "error", "domain",
 ]
 TRAFFIC_DELTA_COLUMNS = ["timestamp", "deviceId", "connectionId", "bytesIn", "bytesOut"]
 COLUMNS = {REQUEST_LOG: REQUEST_LOG_COLUMNS, TRAFFIC_DELTA: TRAFFIC_DELTA_COLUMNS}
@@ -84,7 +85,7 @@ class SessionRecord:
             str(self.target), str(self.target_type), min(_uint(self.port), 65535), str(self.resolved_ip or ""),
             str(self.action), str(self.block_reason or ""), _uint(self.bytes_in), _uint(self.bytes_out),
             _uint(self.duration_ms), str(self.client_addr or ""), str(self.protocol),
-            min(_uint(self.reply_code), 65535), str(self.error or ""),
+            min(_uint(self.reply_code), 65535), str(self.error or ""), registrable_domain(str(self.target)),
         )
 
 
@@ -216,6 +217,9 @@ class Spool:
             obj = orjson.loads(line)
             table = obj["table"]
             rows = [(datetime.fromisoformat(r[0]), *r[1:]) for r in obj["rows"]]
+            if table == REQUEST_LOG:  # spooled before the `domain` column: fill it in
+                rows = [r if len(r) == len(REQUEST_LOG_COLUMNS) else (*r, registrable_domain(str(r[4])))
+                        for r in rows]
             if table not in COLUMNS:
                 raise ValueError(f"unknown table {table!r}")
             return _Batch(table, obj["token"], rows)

@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 PUBLIC = {("GET", "/api/v2/openapi.json"), ("GET", "/healthz"), ("GET", "/metrics"), ("GET", "/api/v2/jobs"),
-          ("GET", "/api/v2/files/proof/{filename}")}
+          ("GET", "/api/v2/files/proof/{filename}"), ("GET", "/")}  # "/": the static dashboard page
 # Routes where the caller acts on its own account (creating its own objects is not a leak).
 SELF_SERVICE = {("POST", "/api/v2/devices/register"), ("POST", "/api/v2/jobs/submit"),
                 ("POST", "/api/v2/files/upload"), ("POST", "/api/v2/payments/withdraw")}
