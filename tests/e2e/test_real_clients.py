@@ -1,0 +1,292 @@
+"""The clients people already use, through the proxy port and a real device agent.
+
+curl (SOCKS5 with remote DNS, HTTP CONNECT, absolute-form, ``--proxy-anyauth``), requests with
+PySocks, httpx with its SOCKS extra, aiohttp with aiohttp-socks, proxychains-ng running programs
+that know nothing of proxies, and ``git clone`` over an HTTP proxy. The agent binds its outgoing
+connections to ``EXIT`` (127.0.0.31), so a target that echoes the peer address shows that the
+request really left through the device, and every test also checks the bytes it got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import aiohttp
+import httpx
+import pytest
+import pytest_asyncio
+import requests
+from aiohttp import web
+from aiohttp_socks import ProxyConnector
+from targets import expected_digest
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+EXIT = "127.0.0.31"
+SIZE = 2_500_000  # a few tunnel windows, so flow control is exercised on every client
+HELLO = b"hello through the tunnel\n"
+PROXY_VARS = {"http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+              "NO_PROXY"}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def world(deployment, targets):
+    """One device whose agent exits from EXIT (loopback targets allowed) and one connection to it."""
+    _uid, token = await deployment.user("clients")
+    device = await deployment.device(token)
+    agent = await deployment.agent(device, "--allow-private", "--source-address", EXIT)
+    conn = await deployment.connection(token, device["remote_device_id"], "clients")
+    yield {"dep": deployment, "cid": conn["connectionId"], "pw": conn["password"],
+           "port": deployment.node.proxy_port, "base": f"http://127.0.0.1:{targets.http_port}"}
+    agent.kill(15)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without proxy variables: the proxy a program uses is the one the test gives."""
+    return {**{k: v for k, v in os.environ.items() if k not in PROXY_VARS}, **extra}
+
+
+async def run(*cmd: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+              timeout: float = 120) -> tuple[int, bytes, bytes]:
+    """Run a program to completion (killed if it overruns); (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(*cmd, env=env or clean_env(), cwd=cwd,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode, out, err
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def proxy_url(world, scheme: str) -> str:
+    return f"{scheme}://{world['cid']}:{world['pw']}@127.0.0.1:{world['port']}"
+
+
+# -- curl -------------------------------------------------------------------------------------------
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+
+
+async def curl(*args: str) -> tuple[int, bytes, bytes]:
+    return await run("curl", "-sS", "--max-time", "60", *args)
+
+
+async def curl_checks(world, *proxy_args: str, host: str = "127.0.0.1") -> bytes:
+    """Fetch SIZE bytes and the peer address with the given proxy options; returns curl's stderr."""
+    base = world["base"].replace("127.0.0.1", host)
+    rc, body, err = await curl(*proxy_args, f"{base}/bytes/{SIZE}")
+    assert rc == 0, err.decode()
+    assert len(body) == SIZE and digest(body) == expected_digest(SIZE)
+    rc, peer, err2 = await curl(*proxy_args, f"{base}/peer")
+    assert rc == 0, err2.decode()
+    assert peer.decode() == EXIT
+    return err + err2
+
+
+@needs_curl
+async def test_curl_socks5h_resolves_on_the_device(world):
+    await curl_checks(world, "--proxy", proxy_url(world, "socks5h"), host="localhost")
+
+
+@needs_curl
+async def test_curl_http_connect(world):
+    await curl_checks(world, "--proxytunnel", "--proxy", proxy_url(world, "http"))
+
+
+@needs_curl
+async def test_curl_http_absolute_form(world):
+    await curl_checks(world, "--proxy", proxy_url(world, "http"))
+
+
+@needs_curl
+@pytest.mark.parametrize("tunnel", [False, True], ids=["absolute-form", "connect"])
+async def test_curl_proxy_anyauth_answers_the_407_challenge(world, tunnel):
+    """--proxy-anyauth first asks without credentials; the 407 challenge tells it to use Basic."""
+    args = ["-v", "--proxy-anyauth", "--proxy-user", f"{world['cid']}:{world['pw']}",
+            "--proxy", f"http://127.0.0.1:{world['port']}"] + (["--proxytunnel"] if tunnel else [])
+    err = await curl_checks(world, *args)
+    assert b"< HTTP/1.1 407" in err and b"Proxy-Authenticate: Basic" in err, err.decode()
+    assert b"Proxy-Authorization: Basic" in err
+
+
+# -- Python clients -------------------------------------------------------------------------------
+async def test_requests_with_pysocks(world):
+    proxies = {"http": proxy_url(world, "socks5h"), "https": proxy_url(world, "socks5h")}
+
+    def fetch() -> tuple[bytes, str]:
+        with requests.Session() as s:
+            s.trust_env = False
+            body = s.get(f"{world['base']}/bytes/{SIZE}", proxies=proxies, timeout=60)
+            peer = s.get(f"{world['base']}/peer", proxies=proxies, timeout=60)
+            body.raise_for_status()
+            return body.content, peer.text
+
+    body, peer = await asyncio.to_thread(fetch)  # the targets run on this event loop
+    assert digest(body) == expected_digest(SIZE)
+    assert peer == EXIT
+
+
+async def test_requests_through_the_http_proxy(world):
+    proxies = {"http": proxy_url(world, "http")}
+
+    def fetch() -> tuple[bytes, str]:
+        with requests.Session() as s:
+            s.trust_env = False
+            body = s.post(f"{world['base']}/echo", data=HELLO * 1000, proxies=proxies, timeout=60)
+            peer = s.get(f"{world['base']}/peer", proxies=proxies, timeout=60)
+            return body.content, peer.text
+
+    body, peer = await asyncio.to_thread(fetch)
+    assert body == HELLO * 1000
+    assert peer == EXIT
+
+
+@pytest.mark.parametrize("scheme", ["socks5", "socks5h"])
+async def test_httpx_with_socks(world, scheme):
+    async with httpx.AsyncClient(proxy=proxy_url(world, scheme), trust_env=False, timeout=60) as client:
+        body = await client.get(f"{world['base']}/bytes/{SIZE}")
+        peer = await client.get(f"{world['base']}/peer")
+    assert body.status_code == 200 and digest(body.content) == expected_digest(SIZE)
+    assert peer.text == EXIT
+
+
+async def test_httpx_through_the_http_proxy(world):
+    async with httpx.AsyncClient(proxy=proxy_url(world, "http"), trust_env=False, timeout=60) as client:
+        body = await client.get(f"{world['base']}/bytes/{SIZE}")
+        peer = await client.get(f"{world['base']}/peer")
+    assert digest(body.content) == expected_digest(SIZE)
+    assert peer.text == EXIT
+
+
+async def test_aiohttp_with_aiohttp_socks(world):
+    connector = ProxyConnector.from_url(proxy_url(world, "socks5"), rdns=True)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as http:
+        async with http.get(f"{world['base'].replace('127.0.0.1', 'localhost')}/bytes/{SIZE}") as r:
+            body = await r.read()
+        async with http.get(f"{world['base']}/peer") as r:
+            peer = await r.text()
+    assert digest(body) == expected_digest(SIZE)
+    assert peer == EXIT
+
+
+async def test_aiohttp_through_the_http_proxy(world):
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        async with http.get(f"{world['base']}/bytes/{SIZE}", proxy=proxy_url(world, "http")) as r:
+            body = await r.read()
+        async with http.get(f"{world['base']}/peer", proxy=proxy_url(world, "http")) as r:
+            peer = await r.text()
+    assert digest(body) == expected_digest(SIZE)
+    assert peer == EXIT
+
+
+# -- proxychains-ng: programs that know nothing of proxies -------------------------------------------
+needs_proxychains = pytest.mark.skipif(shutil.which("proxychains4") is None, reason="proxychains4 not installed")
+
+
+def proxychains_conf(world, tmp_path: Path, kind: str) -> Path:
+    conf = tmp_path / f"proxychains-{kind}.conf"
+    conf.write_text("strict_chain\nproxy_dns\ntcp_read_time_out 30000\ntcp_connect_time_out 10000\n"
+                    f"[ProxyList]\n{kind} 127.0.0.1 {world['port']} {world['cid']} {world['pw']}\n")
+    return conf
+
+
+@needs_proxychains
+@needs_curl
+@pytest.mark.parametrize("kind", ["socks5", "http"])
+async def test_proxychains_runs_plain_curl_through_the_proxy(world, tmp_path, kind):
+    conf = proxychains_conf(world, tmp_path, kind)
+    rc, body, err = await run("proxychains4", "-q", "-f", str(conf), "curl", "-sS", "--max-time", "60",
+                              f"{world['base']}/bytes/{SIZE}")
+    assert rc == 0, err.decode()
+    assert digest(body) == expected_digest(SIZE)
+    rc, peer, err = await run("proxychains4", "-q", "-f", str(conf), "curl", "-sS", "--max-time", "60",
+                              f"{world['base']}/peer")
+    assert rc == 0, err.decode()
+    assert peer.decode() == EXIT
+
+
+@needs_proxychains
+async def test_proxychains_runs_plain_python_through_the_proxy(world, tmp_path):
+    conf = proxychains_conf(world, tmp_path, "socks5")
+    code = ("import hashlib, urllib.request, sys\n"
+            "op = urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
+            f"body = op.open('{world['base']}/bytes/{SIZE}', timeout=60).read()\n"
+            f"peer = op.open('{world['base']}/peer', timeout=60).read().decode()\n"
+            "print(hashlib.sha256(body).hexdigest(), peer)\n")
+    rc, out, err = await run("proxychains4", "-q", "-f", str(conf), sys.executable, "-c", code)
+    assert rc == 0, err.decode()
+    assert out.decode().split() == [expected_digest(SIZE), EXIT]
+
+
+# -- git clone over an HTTP proxy ----------------------------------------------------------------
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+
+
+async def git(*args: str, cwd: Path, home: Path, **env: str) -> bytes:
+    rc, out, err = await run("git", "-c", "user.name=t", "-c", "user.email=t@example.test",
+                             "-c", "init.defaultBranch=main", *args, cwd=cwd,
+                             env=clean_env(HOME=str(home), GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0", **env))
+    assert rc == 0, (args, err.decode())
+    return out
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def git_server(tmp_path):
+    """A bare repository served over dumb HTTP (``git update-server-info`` + static files),
+    recording the peer address of every request."""
+    home = tmp_path / "home"
+    src, served = tmp_path / "src", tmp_path / "served"
+    for d in (home, src, served):
+        d.mkdir()
+    payload = os.urandom(300_000).hex()  # 600 kB of text: several packs' worth of tunnel windows
+    (src / "README").write_text("cloned through a phone\n")
+    (src / "data.txt").write_text(payload)
+    await git("init", "-q", ".", cwd=src, home=home)
+    await git("add", ".", cwd=src, home=home)
+    await git("commit", "-q", "-m", "first", cwd=src, home=home)
+    await git("clone", "-q", "--bare", str(src), str(served / "repo.git"), cwd=tmp_path, home=home)
+    await git("update-server-info", cwd=served / "repo.git", home=home)
+    peers: list[str] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler):  # noqa: ANN001, ANN202
+        peers.append(request.remote or "")
+        return await handler(request)
+
+    app = web.Application(middlewares=[record])
+    app.router.add_static("/git", served)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield {"url": f"http://127.0.0.1:{port}/git/repo.git", "payload": payload, "peers": peers, "home": home}
+    await runner.cleanup()
+
+
+@needs_git
+async def test_git_clone_over_the_http_proxy(world, git_server, tmp_path):
+    dest = tmp_path / "clone"
+    await git("-c", f"http.proxy={proxy_url(world, 'http')}", "clone", "-q", git_server["url"], str(dest),
+              cwd=tmp_path, home=git_server["home"])
+    assert (dest / "data.txt").read_text() == git_server["payload"]
+    assert (dest / "README").read_text() == "cloned through a phone\n"
+    assert git_server["peers"] and set(git_server["peers"]) == {EXIT}, git_server["peers"]
+
+
+@needs_git
+async def test_git_clone_over_socks5h(world, git_server, tmp_path):
+    dest = tmp_path / "clone"
+    await git("-c", f"http.proxy={proxy_url(world, 'socks5h')}", "clone", "-q",
+              git_server["url"].replace("127.0.0.1", "localhost"), str(dest), cwd=tmp_path, home=git_server["home"])
+    assert (dest / "data.txt").read_text() == git_server["payload"]
+    assert set(git_server["peers"]) == {EXIT}, git_server["peers"]
