@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -290,3 +291,36 @@ async def test_git_clone_over_socks5h(world, git_server, tmp_path):
               git_server["url"].replace("127.0.0.1", "localhost"), str(dest), cwd=tmp_path, home=git_server["home"])
     assert (dest / "data.txt").read_text() == git_server["payload"]
     assert set(git_server["peers"]) == {EXIT}, git_server["peers"]
+
+
+# -- what the README's Troubleshooting section says a new user sees -------------------------------
+@needs_curl
+async def test_curl_messages_of_the_troubleshooting_section(deployment, targets):
+    dep = deployment
+    _uid, token = await dep.user("troubled")
+    strict = await dep.device(token)
+    agent = await dep.agent(strict)  # default policy: private targets refused
+    offline = await dep.device(token)  # no agent runs for it
+    cases = {"private": await dep.connection(token, strict["remote_device_id"]),
+             "offline": await dep.connection(token, offline["remote_device_id"]),
+             "no device": await dep.connection(token, offline["remote_device_id"])}
+    status, _ = await dep.call("DELETE", f"/api/v2/proxy/connections/{cases['no device']['connectionId']}/device",
+                               token)
+    assert status == 200
+    expected = {"private": (2, 403, "target address is private, loopback or link-local"),
+                "offline": (3, 502, "device offline"),
+                "no device": (3, 403, "no device associated with this connection")}
+    url = f"http://127.0.0.1:{targets.http_port}/hello"
+    try:
+        for case, conn in cases.items():
+            code, status, reason = expected[case]
+            auth = f"{conn['connectionId']}:{conn['password']}@127.0.0.1:{dep.node.proxy_port}"
+            rc, _out, err = await curl("--proxy", f"socks5h://{auth}", url)
+            assert rc == 97 and f"Can't complete SOCKS5 connection to 127.0.0.1. ({code})".encode() in err, err
+            rc, out, err = await curl("-i", "--proxy", f"http://{auth}", url)
+            assert rc == 0, err
+            head, _, body = out.partition(b"\r\n\r\n")
+            assert head.startswith(f"HTTP/1.1 {status} ".encode()), out
+            assert json.loads(body) == {"error": reason}
+    finally:
+        agent.kill(15)

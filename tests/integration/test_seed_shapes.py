@@ -55,7 +55,7 @@ def missing_keys(example: object, served: object, where: str = "$") -> list[str]
     return []
 
 
-def test_missing_keys_finds_nested_and_list_item_keys():
+async def test_missing_keys_finds_nested_and_list_item_keys():
     example = {"a": 1, "b": {"c": 2}, "rows": [{"x": 1, "y": 2}]}
     assert missing_keys(example, {"a": 1, "b": {"c": 3}, "rows": [{"x": 1, "y": 2, "z": 0}]}) == []
     assert missing_keys(example, {"b": {}, "rows": [{"x": 1, "y": 2}, {"x": 1}]}) == [
