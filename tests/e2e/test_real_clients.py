@@ -2,7 +2,8 @@
 
 curl (SOCKS5 with remote DNS, HTTP CONNECT, absolute-form, ``--proxy-anyauth``), requests with
 PySocks, httpx with its SOCKS extra, aiohttp with aiohttp-socks, proxychains-ng running programs
-that know nothing of proxies, and ``git clone`` over an HTTP proxy. The agent binds its outgoing
+that know nothing of proxies, ``git clone`` over an HTTP proxy, and HTTPS through CONNECT and
+SOCKS5 to a target with a self-signed certificate the clients trust. The agent binds its outgoing
 connections to ``EXIT`` (127.0.0.31), so a target that echoes the peer address shows that the
 request really left through the device, and every test also checks the bytes it got.
 """
@@ -184,6 +185,124 @@ async def test_aiohttp_through_the_http_proxy(world):
         async with http.get(f"{world['base']}/bytes/{SIZE}", proxy=proxy_url(world, "http")) as r:
             body = await r.read()
         async with http.get(f"{world['base']}/peer", proxy=proxy_url(world, "http")) as r:
+            peer = await r.text()
+    assert digest(body) == expected_digest(SIZE)
+    assert peer == EXIT
+
+
+# -- HTTPS through CONNECT (what browsers and most scrapers do) ---------------------------------------
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for localhost / 127.0.0.1 and its key (PEM files)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def tls_target(tmp_path_factory):
+    """An HTTPS target (/bytes/{size}, /peer) with a self-signed certificate the clients trust."""
+    import ssl
+
+    from targets import body_chunk
+
+    cert, key = self_signed(tmp_path_factory.mktemp("tls"))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+
+    async def peer(request: web.Request) -> web.Response:
+        return web.Response(text=request.remote or "")
+
+    async def blob(request: web.Request) -> web.StreamResponse:
+        size, sent, i = int(request.match_info["size"]), 0, 0
+        resp = web.StreamResponse()
+        resp.content_length = size
+        await resp.prepare(request)
+        while sent < size:
+            chunk = body_chunk(i)[: size - sent]
+            await resp.write(chunk)
+            sent, i = sent + len(chunk), i + 1
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/peer", peer)
+    app.router.add_get("/bytes/{size}", blob)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield {"base": f"https://localhost:{port}", "cafile": str(cert)}
+    await runner.cleanup()
+
+
+@needs_curl
+@pytest.mark.parametrize("scheme", ["http", "socks5h"], ids=["connect", "socks5h"])
+async def test_curl_https(world, tls_target, scheme):
+    args = ["--cacert", tls_target["cafile"], "--proxy", proxy_url(world, scheme)]
+    rc, body, err = await curl(*args, f"{tls_target['base']}/bytes/{SIZE}")
+    assert rc == 0, err.decode()
+    assert digest(body) == expected_digest(SIZE)
+    rc, peer, err = await curl(*args, f"{tls_target['base']}/peer")
+    assert (rc, peer.decode()) == (0, EXIT), err.decode()
+
+
+async def test_requests_https_through_connect(world, tls_target):
+    proxies = {"https": proxy_url(world, "http")}
+
+    def fetch() -> tuple[bytes, str]:
+        with requests.Session() as s:
+            s.trust_env = False
+            body = s.get(f"{tls_target['base']}/bytes/{SIZE}", proxies=proxies, verify=tls_target["cafile"],
+                         timeout=60)
+            peer = s.get(f"{tls_target['base']}/peer", proxies=proxies, verify=tls_target["cafile"], timeout=60)
+            return body.content, peer.text
+
+    body, peer = await asyncio.to_thread(fetch)
+    assert digest(body) == expected_digest(SIZE)
+    assert peer == EXIT
+
+
+@pytest.mark.parametrize("scheme", ["http", "socks5"])
+async def test_httpx_https(world, tls_target, scheme):
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=tls_target["cafile"])
+    async with httpx.AsyncClient(proxy=proxy_url(world, scheme), verify=ctx, trust_env=False, timeout=60) as client:
+        body = await client.get(f"{tls_target['base']}/bytes/{SIZE}")
+        peer = await client.get(f"{tls_target['base']}/peer")
+    assert digest(body.content) == expected_digest(SIZE)
+    assert peer.text == EXIT
+
+
+async def test_aiohttp_https_through_connect(world, tls_target):
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=tls_target["cafile"])
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        async with http.get(f"{tls_target['base']}/bytes/{SIZE}", proxy=proxy_url(world, "http"), ssl=ctx) as r:
+            body = await r.read()
+        async with http.get(f"{tls_target['base']}/peer", proxy=proxy_url(world, "http"), ssl=ctx) as r:
             peer = await r.text()
     assert digest(body) == expected_digest(SIZE)
     assert peer == EXIT
