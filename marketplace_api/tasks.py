@@ -9,8 +9,8 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from .agent_auth import AgentIdentity, agent_from_request
-from .app import json_response, read_json, require_user
+from .agent_auth import AgentIdentity, agent_from_request, was_agent_token
+from .app import bearer_token, json_response, read_json, require_user
 from .common import can_edit, pages, parse_int, parse_uuid, pool_of
 from .errors import ApiError, plain, with_message
 from .storage import EXTENSION, decode_base64, read_json_limited, save_proof_file
@@ -234,6 +234,8 @@ async def submit(request: web.Request) -> web.Response:
     Authenticates before it reads the body: an agent token or a user token, else 401.
     """
     agent = await agent_from_request(request)
+    if agent is None and await was_agent_token(pool_of(request), bearer_token(request)):
+        raise ApiError(403, "The agent has no currently-running task (its token was revoked or has expired)")
     user = None if agent is not None else await require_user(request)
     body = await read_json_limited(request, SUBMIT_BODY_LIMIT)
     job_id = parse_uuid(body.get("job_id"))
