@@ -1,6 +1,6 @@
 """The clients people already use, through the proxy port and a real device agent.
 
-curl (SOCKS5 with remote DNS, HTTP CONNECT, absolute-form, ``--proxy-anyauth``), requests with
+curl (SOCKS5 with remote DNS, HTTP CONNECT, absolute-form, ``--proxy-anyauth``), wget, requests with
 PySocks, httpx with its SOCKS extra, aiohttp with aiohttp-socks, proxychains-ng running programs
 that know nothing of proxies, ``git clone`` over an HTTP proxy, and HTTPS through CONNECT and
 SOCKS5 to a target with a self-signed certificate the clients trust. The agent binds its outgoing
@@ -118,6 +118,17 @@ async def test_curl_proxy_anyauth_answers_the_407_challenge(world, tunnel):
     err = await curl_checks(world, *args)
     assert b"< HTTP/1.1 407" in err and b"Proxy-Authenticate: Basic" in err, err.decode()
     assert b"Proxy-Authorization: Basic" in err
+
+
+@pytest.mark.skipif(shutil.which("wget") is None, reason="wget not installed")
+async def test_wget_through_the_http_proxy(world):
+    proxy = [f"--proxy-user={world['cid']}", f"--proxy-password={world['pw']}", "-e", "use_proxy=yes",
+             "-e", f"http_proxy=http://127.0.0.1:{world['port']}", "-q", "-O", "-", "--tries=1", "--timeout=60"]
+    rc, body, err = await run("wget", *proxy, f"{world['base']}/bytes/{SIZE}")
+    assert rc == 0, err.decode()
+    assert digest(body) == expected_digest(SIZE)
+    rc, peer, err = await run("wget", *proxy, f"{world['base']}/peer")
+    assert (rc, peer.decode()) == (0, EXIT), err.decode()
 
 
 # -- Python clients -------------------------------------------------------------------------------
