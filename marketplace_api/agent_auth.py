@@ -69,6 +69,14 @@ async def authenticate_agent(pool: asyncpg.Pool | asyncpg.Connection, token: str
                          expires_at=row["expires_at"])
 
 
+async def was_agent_token(pool: asyncpg.Pool | asyncpg.Connection, token: str | None) -> bool:
+    """Whether ``token`` was minted as an agent token (now revoked or expired, or still live)."""
+    if not token or not token.startswith(TOKEN_PREFIX):
+        return False
+    return bool(await pool.fetchval("SELECT EXISTS (SELECT 1 FROM agent_tokens WHERE token_hash = $1)",
+                                    hash_token(token)))
+
+
 async def agent_from_request(request: web.Request) -> AgentIdentity | None:
     token = bearer_token(request)
     if token is None:

@@ -111,12 +111,19 @@ async def delete_bucket(request: web.Request) -> web.Response:
 
 
 # -- device buckets ---------------------------------------------------------------------------------
-async def _device_context(request: web.Request, body: dict) -> str:
-    """The device of the agent token, or a device the user token's owner owns or rents."""
+async def _device_context(request: web.Request) -> tuple[str, dict]:
+    """(device, body): the device of the agent token, or a device the user token's owner owns or rents.
+
+    Authenticates before it reads the body, so a caller without a valid token gets 401, never a 400.
+    """
     agent = await agent_from_request(request)
+    user = None if agent is not None else await require_user(request)
+    try:
+        body = await read_json(request, required=False)
+    except ApiError as exc:
+        raise plain(400, exc.message) from None
     if agent is not None:
-        return agent.remote_device_id
-    user = await require_user(request)
+        return agent.remote_device_id, body
     raw = body.get("remote_device_id")
     if raw in (None, ""):
         raise plain(400, "Device bucket requires a device context (remote_device_id)")
@@ -128,27 +135,19 @@ async def _device_context(request: web.Request, body: dict) -> str:
         device_id, user)
     if not ok:
         raise plain(404, "Device not found")
-    return device_id
-
-
-async def _device_body(request: web.Request) -> dict:
-    try:
-        return await read_json(request, required=False)
-    except ApiError as exc:
-        raise plain(400, exc.message) from None
+    return device_id, body
 
 
 async def read_device_bucket(request: web.Request) -> web.Response:
     """The device-scoped bucket (``{}`` before the first write)."""
-    device_id = await _device_context(request, await _device_body(request))
+    device_id, _body = await _device_context(request)
     data = await pool_of(request).fetchval("SELECT data FROM device_buckets WHERE remote_device_id = $1", device_id)
     return json_response({"deviceBucket": data or {}})
 
 
 async def merge_device_bucket(request: web.Request) -> web.Response:
     """Shallow-merge an object into the device-scoped bucket; returns the merged bucket."""
-    body = await _device_body(request)
-    device_id = await _device_context(request, body)
+    device_id, body = await _device_context(request)
     data = body.get("data")
     if not isinstance(data, dict):
         raise plain(400, "Invalid data. Must be a non-null object.")

@@ -86,7 +86,8 @@ def _transaction(w, user_id: str) -> dict:  # noqa: ANN001
         "payment_details": "", "transaction_fee": str(money(w["fee"])), "currency": w["currency"],
         "amount": str(money(-w["amount"])), "wallet_address": w["wallet_address"], "status": w["status"],
         "reason": w["reason"], "created": iso(w["created"]), "updated": iso(w["updated"]),
-        "process_date": iso(w["process_date"]), "transaction_id": wid, "__v": 0,
+        "process_date": iso(w["process_date"]), "transaction_id": wid,
+        "transaction_proof": w["transaction_proof"], "__v": 0,
     }
 
 

