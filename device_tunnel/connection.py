@@ -249,10 +249,13 @@ class TunnelConnection:
             self.now = now
         stream = self.streams.get(stream_id)
         w = self.windows
-        if stream is not None and not stream.remote_closed:
-            inc = w.acknowledge(stream.recv, n, self.now, self.rtt, force)
-            if inc:
-                self._queue(frames.encode_window(stream_id, inc))
+        if stream is not None:
+            if stream.remote_closed:  # no more DATA will come: account, but send no stream credit
+                w.consume(stream.recv, n)
+            else:
+                inc = w.acknowledge(stream.recv, n, self.now, self.rtt, force)
+                if inc:
+                    self._queue(frames.encode_window(stream_id, inc))
         inc = w.connection_increment(force)
         if inc:
             self._queue(frames.encode_window(0, inc))

@@ -132,11 +132,11 @@ class WindowManager:
     def open(self, stream_id: int, now: float) -> ReceiveWindow:
         """A new stream's receive window (the ``window`` announced in OPEN / OPEN_OK)."""
         s = self.s
+        # the new stream's own minimum is among those _headroom still sets aside
+        grant = s.min_window + min(s.initial_window - s.min_window, self._headroom())
         self.streams += 1
         if self.budget is not None:
             self.budget.streams += 1
-        # the new stream's own minimum was already set aside by _headroom
-        grant = s.min_window + min(s.initial_window - s.min_window, self._headroom())
         if self._under_pressure():
             grant = min(grant, self._fair_share())
         rw = ReceiveWindow(stream_id, max(s.min_window, grant), now)
@@ -165,6 +165,14 @@ class WindowManager:
             raise StreamError(rw.stream_id, f"{rw.received + n - rw.limit} bytes beyond the stream window",
                               FlowControlError.code)
         rw.received += n
+
+    def consume(self, rw: ReceiveWindow, n: int) -> None:
+        """Acknowledge ``n`` bytes without granting new stream credit (the peer finished sending)."""
+        n = min(n, rw.held)
+        rw.acked += n
+        self.conn_acked += n
+        rw.window = min(rw.window, max(0, rw.limit - rw.acked))
+        self._reserve(rw)
 
     def acknowledge(self, rw: ReceiveWindow, n: int, now: float, rtt: float, force: bool) -> int:
         """``n`` bytes left the local socket: the WINDOW increment to send now (0 = not yet)."""
