@@ -393,7 +393,7 @@ def test_peer_silent_for_dead_after_seconds_is_declared_dead(pair):
 
 
 def test_traffic_keeps_the_tunnel_alive(pair):
-    for i in range(1, 10):
+    for _ in range(9):
         pair.advance(4.0)
         pair.pump()
     assert terminated(pair.agent) is None and terminated(pair.node) is None
