@@ -108,10 +108,11 @@ def encode_ping(opaque: int, ack: bool = False) -> bytes:
 class FrameDecoder:
     """Incremental decoder: feed bytes, get complete frames. Buffering is bounded by one frame.
 
-    DATA payloads are handed out as zero-copy ``memoryview`` slices of the received (immutable)
-    chunk whenever a payload lies within one chunk; only payloads split across reads are joined.
-    Control payloads are always ``bytes``. Frames of unknown types are returned like control frames
-    (at most ``MAX_CONTROL_PAYLOAD``) so the caller can ignore them: the extension point.
+    Every payload is its own ``bytes`` object. (Zero-copy slices were tried: a slice handed to a
+    socket that cannot send keeps the whole received chunk alive, frames of many streams share a
+    chunk, and 200 slow readers then pinned over 1 GiB that no window accounted for.) Frames of
+    unknown types are returned like control frames (at most ``MAX_CONTROL_PAYLOAD``) so the caller
+    can ignore them: the extension point.
     """
 
     __slots__ = ("_head", "_type", "_flags", "_sid", "_need", "_parts", "_buffered")
@@ -151,7 +152,7 @@ class FrameDecoder:
                 if end - pos >= length:  # the whole payload is here: slice it
                     payload = view[pos:pos + length]
                     pos += length
-                    frames.append(Frame(ftype, flags, sid, payload if ftype == FrameType.DATA else bytes(payload)))
+                    frames.append(Frame(ftype, flags, sid, bytes(payload)))
                     continue
                 self._type, self._flags, self._sid, self._need = ftype, flags, sid, length
                 self._buffered = 0
@@ -162,9 +163,7 @@ class FrameDecoder:
             pos += take
             if self._need == 0:
                 parts, self._parts = self._parts, []
-                payload = parts[0] if len(parts) == 1 else b"".join(parts)
-                if self._type != FrameType.DATA:
-                    payload = bytes(payload)
+                payload = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
                 frames.append(Frame(self._type, self._flags, self._sid, payload))  # type: ignore[arg-type]
                 self._type = -1
                 self._buffered = 0
