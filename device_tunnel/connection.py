@@ -249,6 +249,17 @@ class TunnelConnection:
             self.now = now
         stream = self.streams.get(stream_id)
         w = self.windows
+        if stream is not None and not force:  # fast path: below the quarter-window threshold
+            rw = stream.recv
+            window = rw.window
+            if (rw.reserved == window and n <= rw.received - rw.acked
+                    and rw.acked + n + window - rw.limit < (window >> 2)):
+                rw.acked += n
+                w.conn_acked += n
+                if w.conn_acked + w.s.conn_window - w.conn_limit < (w.s.conn_window >> 3):
+                    return
+                stream = None  # only the connection credit is due
+                n = 0
         if stream is not None:
             if stream.remote_closed:  # no more DATA will come: account, but send no stream credit
                 w.consume(stream.recv, n)
