@@ -76,7 +76,9 @@ class TunnelConfig:
     handshake_timeout: float = 10.0
     windows: WindowSettings = field(default_factory=WindowSettings)
     ping_per_s: int = 50            # PING frames (either kind) the peer may send per second
-    window_per_s: int = 100_000     # WINDOW frames per second
+    # WINDOW frames over the connection's life: this many, plus one per KiB of DATA sent, plus 4 per
+    # stream. Legit credit follows DATA; a flood beyond what our DATA explains is ENHANCE_YOUR_CALM.
+    window_base: int = 1000
     control_per_s: int = 500        # CONTROL*, GOAWAY, unknown, empty DATA, OPEN* for dead streams
 
 
@@ -129,8 +131,9 @@ class TunnelConnection:
         self.rtt = 0.05
         self.rtt_samples = 0
         c = self.config
-        self._ping_rate, self._window_rate, self._control_rate = (
-            _Rate(c.ping_per_s), _Rate(c.window_per_s), _Rate(c.control_per_s))
+        self._ping_rate, self._control_rate = _Rate(c.ping_per_s), _Rate(c.control_per_s)
+        self._windows_received = 0
+        self.data_bytes_sent = 0
 
     # == handshake ================================================================================
     def send_hello(self, device_id: str, token: str, meta: dict) -> None:
@@ -401,7 +404,10 @@ class TunnelConnection:
         if not self.handshake_done and t not in (FrameType.HELLO, FrameType.WELCOME):
             raise HandshakeError(f"{FrameType(t).name} before the handshake")
         if t == FrameType.WINDOW:
-            self._flood(self._window_rate, "WINDOW")
+            self._windows_received += 1
+            if self._windows_received > (self.config.window_base + (self.data_bytes_sent >> 10)
+                                         + 4 * self._highest_id):
+                raise FloodError("WINDOW flood: more WINDOW frames than the DATA sent explains")
             self._on_window(frame)
         elif t == FrameType.FIN:
             self._on_fin(frame.stream_id)
@@ -612,6 +618,7 @@ class TunnelConnection:
         stream.send_credit -= n
         self.conn_send_credit -= n
         stream.bytes_sent += n
+        self.data_bytes_sent += n
         out = self._out
         if n <= MAX_CHUNK:
             out.append(frames.header(FrameType.DATA, stream.id, n))

@@ -36,8 +36,13 @@ from device_tunnel.windows import MemoryBudget, WindowSettings
 KiB, MiB = 1024, 1024 * 1024
 
 
+_PATTERN = bytes((i * 31) & 0xFF for i in range(251))  # a prime length: no alignment with frame sizes
+
+
 def blob(n: int, seed: int = 0) -> bytes:
-    return bytes((i * 31 + seed) & 0xFF for i in range(n))
+    k = seed % 251
+    base = _PATTERN[k:] + _PATTERN[:k]
+    return (base * (n // 251 + 1))[:n]
 
 
 @pytest.fixture
@@ -552,13 +557,12 @@ def test_hostile_second_open_ok_resets_the_stream(pair):
 
 @pytest.mark.parametrize("name,frame,limit_attr", [
     ("ping", frames.encode_ping(7), "ping_per_s"),
-    ("window", frames.encode_window(0, 1), "window_per_s"),
     ("control", frames.encode_json(FrameType.CONTROL_REPLY, 0, {"id": "x"}), "control_per_s"),
     ("unknown", struct.pack("!BBII", 120, 0, 0, 0), "control_per_s"),
     ("rst for a closed stream", frames.encode_rst(1, 0), "control_per_s"),
 ])
 def test_a_flood_closes_the_tunnel_with_enhance_your_calm(name, frame, limit_attr):
-    p = Pair(node_config=TunnelConfig(window_per_s=1000))
+    p = Pair()
     p.handshake()
     sid = p.open()
     p.node.conn.reset_stream(sid)
@@ -606,3 +610,27 @@ def test_pending_high_is_what_pauses_a_source(pair):
     pair.node.conn.send_paused = True
     assert not pair.node.conn.send_data(sid, blob(PENDING_HIGH))
     assert pair.node.conn.send_data(sid, b"x")
+
+
+def test_a_window_flood_beyond_what_our_data_explains_closes_the_tunnel(pair):
+    sid = pair.open()
+    pair.node.conn.send_data(sid, blob(1 * MiB))   # 1 MiB sent: about 1024 more WINDOWs are plausible
+    pair.pump()
+    base = pair.node.conn.config.window_base
+    allowed = base + (pair.node.conn.data_bytes_sent >> 10) + 4 * sid - pair.node.conn._windows_received
+    events = pair.node.conn.receive_data(frames.encode_window(0, 1) * allowed, 1.0)
+    assert not any(isinstance(e, ConnectionTerminated) for e in events)
+    events = pair.node.conn.receive_data(frames.encode_window(0, 1), 1.0)
+    assert events[-1].code == ErrorCode.ENHANCE_YOUR_CALM
+
+
+def test_legit_credit_for_much_data_over_small_windows_is_never_a_flood():
+    cfg = TunnelConfig(windows=WindowSettings(initial_window=16 * KiB, max_window=16 * KiB, min_window=16 * KiB))
+    p = Pair(node_config=cfg, agent_config=cfg)
+    p.handshake()
+    sids = [p.open() for _ in range(50)]
+    for sid in sids:
+        p.node.conn.send_data(sid, blob(256 * KiB))
+    p.pump()
+    assert all(len(p.agent.data[s]) == 256 * KiB for s in sids)
+    assert terminated(p.node) is None
