@@ -9,35 +9,32 @@ address is checked, then exactly that checked address is connected (no DNS-rebin
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import logging
 import os
 import platform
 import random
 import socket
+import ssl as ssl_module
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from . import frames
-from .frames import PROTOCOL_VERSION, Frame, FrameError, FrameType
-from .mux import Mux, MuxStream
+from .adapter import TunnelProtocol, TunnelStream
+from .connection import Role, TunnelConfig
+from .events import ControlReceived, Event, StreamOpenRequested, StreamReset, WelcomeReceived
+from .replies import ReplyCode, reply_for_errno
 from .target_policy import is_forbidden_address, parse_ip_literal
+from .windows import MemoryBudget, WindowSettings
 
 log = logging.getLogger(__name__)
 
 TARGET_WRITE_HIGH = 256 * 1024
 TARGET_WRITE_LOW = 64 * 1024
 
-# SOCKS5 reply codes the device reports
-REP_GENERAL = 1
-REP_NOT_ALLOWED = 2
-REP_NET_UNREACHABLE = 3
-REP_HOST_UNREACHABLE = 4
-REP_REFUSED = 5
-REP_TTL_EXPIRED = 6
-
 AutomationRunner = Callable[[dict], Awaitable[dict]]
+# Called with the connected transport (after TLS, before HELLO); raising refuses the node.
+TransportVerifier = Callable[[asyncio.BaseTransport], None]
 
 
 @dataclass
@@ -56,8 +53,18 @@ class AgentConfig:
     dead_after: float = 15.0
     window: int = 256 * 1024
     max_window: int = 8 * 1024 * 1024
+    conn_window: int = 64 * 1024 * 1024
+    memory_budget: int = 256 * 1024 * 1024   # receive windows of all tunnels of this agent together
     meta: dict = field(default_factory=dict)
     runner: AutomationRunner | None = None
+    ssl: ssl_module.SSLContext | None = None
+    server_hostname: str | None = None
+    verify: TransportVerifier | None = None
+
+    def tunnel_config(self) -> TunnelConfig:
+        return TunnelConfig(ping_interval=self.ping_interval, dead_after=self.dead_after,
+                            windows=WindowSettings(initial_window=self.window, max_window=self.max_window,
+                                                   conn_window=self.conn_window))
 
 
 def device_metadata(overrides: dict | None = None) -> dict:
@@ -103,7 +110,7 @@ class TargetConnection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.stream: MuxStream | None = None
+        self.stream: TunnelStream | None = None
         self.write_paused = False
         self.early: bytearray | None = bytearray()  # bytes that arrive before the stream is attached
         self.early_eof = False
@@ -113,11 +120,10 @@ class TargetConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=TARGET_WRITE_HIGH, low=TARGET_WRITE_LOW)
         transport.pause_reading()  # until the stream is attached
 
-    def attach(self, stream: MuxStream) -> None:
+    def attach(self, stream: TunnelStream) -> None:
         self.stream = stream
         if self.transport is not None and not self.transport.is_closing():
-            # Resume first: writing the early bytes may pause the source again (its queue is full),
-            # and that pause must win.
+            # Resume first: writing the early bytes may pause the source again, and that pause wins.
             self.transport.resume_reading()
         early, self.early = self.early, None
         if early:
@@ -140,12 +146,9 @@ class TargetConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         stream, self.stream = self.stream, None
-        if stream is not None and not stream.closed:
-            if stream.local_fin and not stream.pending:
-                stream.close_quietly()
-            else:
-                stream.handler = None
-                stream.reset("target connection lost")
+        if stream is not None:
+            stream.handler = None
+            stream.close_quietly()  # FIN already sent when the target closed cleanly; RST otherwise
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -184,77 +187,61 @@ class TargetConnection(asyncio.Protocol):
         return not self.write_paused
 
 
-def _errno_to_rep(exc: OSError) -> int:
-    if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED:
-        return REP_REFUSED
-    if exc.errno == errno.ENETUNREACH:
-        return REP_NET_UNREACHABLE
-    if exc.errno in (errno.EHOSTUNREACH, errno.EHOSTDOWN):
-        return REP_HOST_UNREACHABLE
-    if isinstance(exc, TimeoutError) or exc.errno == errno.ETIMEDOUT:
-        return REP_TTL_EXPIRED
-    return REP_GENERAL
-
-
-class AgentTunnel(Mux):
+class AgentTunnel(TunnelProtocol):
     """One tunnel connection, device side."""
 
-    def __init__(self, config: AgentConfig) -> None:
-        super().__init__(ping_interval=config.ping_interval, dead_after=config.dead_after,
-                         initial_window=config.window, max_window=config.max_window)
+    role = Role.AGENT
+
+    def __init__(self, config: AgentConfig, budget: MemoryBudget | None = None) -> None:
+        super().__init__(config.tunnel_config(), budget)
         self.config = config
-        self.welcome: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+        self.welcome: asyncio.Future[WelcomeReceived] = self._loop.create_future()
         self._opening: dict[int, asyncio.Task[None]] = {}
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.send(frames.encode_json(FrameType.HELLO, 0, {
-            "version": PROTOCOL_VERSION, "device_id": self.config.device_id, "token": self.config.token,
-            "meta": self.config.meta,
-        }))
+    def on_connected(self) -> None:
+        cfg = self.config
+        if cfg.verify is not None:
+            assert self.transport is not None
+            try:
+                cfg.verify(self.transport)  # before a single HELLO byte leaves
+            except Exception as exc:
+                log.error("node refused by the transport check: %s", exc)
+                if not self.welcome.done():
+                    self.welcome.set_exception(ConnectionError(f"node not verified: {exc}"))
+                self.transport.abort()
+                return
+        self.conn.send_hello(cfg.device_id, cfg.token, cfg.meta)
 
-    def on_frame(self, frame: Frame) -> None:
-        t = frame.type
-        loop = asyncio.get_running_loop()
-        if t == FrameType.WELCOME:
+    def describe(self) -> str:
+        return f"to {self.config.host}:{self.config.port}"
+
+    def on_event(self, event: Event) -> None:
+        cls = type(event)
+        if cls is StreamOpenRequested:
+            sid = event.stream_id  # type: ignore[attr-defined]
+            task = self.spawn(self._open(sid, event.host, event.port))  # type: ignore[attr-defined]
+            self._opening[sid] = task
+            task.add_done_callback(lambda _t, sid=sid: self._opening.pop(sid, None))
+        elif cls is StreamReset:  # the node gave up on an OPEN still connecting
+            task = self._opening.pop(event.stream_id, None)  # type: ignore[attr-defined]
+            if task is not None:
+                task.cancel()
+        elif cls is ControlReceived:
+            self.spawn(self._control(event.body))  # type: ignore[attr-defined]
+        elif cls is WelcomeReceived:
             if not self.welcome.done():
-                self.welcome.set_result(frame.json())
-        elif not self.welcome.done():
-            raise FrameError("frame before WELCOME")
-        elif t == FrameType.OPEN:
-            body = frame.json()
-            task = loop.create_task(self._open(frame.stream_id, body))
-            self._opening[frame.stream_id] = task
-            task.add_done_callback(lambda _t, sid=frame.stream_id: self._opening.pop(sid, None))
-        elif t == FrameType.CONTROL:
-            loop.create_task(self._control(frame.json()))
-        else:
-            raise FrameError(f"unexpected {FrameType(t).name} from node")
-
-    def on_orphan_rst(self, stream_id: int) -> None:
-        task = self._opening.pop(stream_id, None)
-        if task is not None:
-            task.cancel()
-
-    def on_goaway(self, reason: str) -> None:
-        log.info("node says go away: %s", reason)
+                self.welcome.set_result(event)  # type: ignore[arg-type]
 
     def on_closed(self) -> None:
-        for task in self._opening.values():
-            task.cancel()
         if not self.welcome.done():
             self.welcome.set_exception(ConnectionError("tunnel closed before WELCOME"))
 
     def _fail(self, sid: int, rep: int, reason: str, resolved_ip: str = "") -> None:
-        self.send(frames.encode_json(FrameType.OPEN_FAIL, sid, {"rep": rep, "reason": reason,
-                                                                 "resolved_ip": resolved_ip}))
+        self.conn.reject_stream(sid, rep, reason, resolved_ip)
+        self.output_ready()
 
     async def _resolve(self, host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-        literal = parse_ip_literal(host)
-        if literal is not None:
-            return [literal]
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
         seen: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
         for family, _type, _proto, _canon, sockaddr in infos:
             if family not in (socket.AF_INET, socket.AF_INET6):
@@ -266,17 +253,10 @@ class AgentTunnel(Mux):
                 seen.append(ip)
         return seen
 
-    async def _open(self, sid: int, body: dict) -> None:
+    async def _open(self, sid: int, host: str, port: int) -> None:
         cfg = self.config
-        host = str(body.get("host", ""))
-        try:
-            port = int(body.get("port", 0))
-            window = int(body.get("window", self.initial_window))
-        except (TypeError, ValueError):
-            self._fail(sid, REP_GENERAL, "bad OPEN")
-            return
         if not host or not 0 < port < 65536:
-            self._fail(sid, REP_GENERAL, "bad target")
+            self._fail(sid, ReplyCode.GENERAL_FAILURE, "bad target")
             return
         try:
             literal = parse_ip_literal(host)
@@ -286,49 +266,44 @@ class AgentTunnel(Mux):
                 async with asyncio.timeout(cfg.connect_timeout):
                     addresses = await self._resolve(host, port)
         except (OSError, UnicodeError, ValueError) as exc:
-            self._fail(sid, REP_HOST_UNREACHABLE, f"cannot resolve {host}: {exc}")
+            self._fail(sid, ReplyCode.HOST_UNREACHABLE, f"cannot resolve {host}: {exc}")
             return
         except TimeoutError:
-            self._fail(sid, REP_TTL_EXPIRED, f"resolving {host} timed out")
+            self._fail(sid, ReplyCode.TTL_EXPIRED, f"resolving {host} timed out")
             return
         if not addresses:
-            self._fail(sid, REP_HOST_UNREACHABLE, f"no address for {host}")
+            self._fail(sid, ReplyCode.HOST_UNREACHABLE, f"no address for {host}")
             return
         if not cfg.allow_private:
             allowed = [ip for ip in addresses if not is_forbidden_address(ip)]
             if not allowed:
-                self._fail(sid, REP_NOT_ALLOWED, "target address is private, loopback or link-local",
+                self._fail(sid, ReplyCode.NOT_ALLOWED, "target address is private, loopback or link-local",
                            str(addresses[0]))
                 return
             addresses = allowed
         if cfg.source_address:
             family = ipaddress.ip_address(cfg.source_address).version
             addresses = [ip for ip in addresses if ip.version == family] or addresses
-        loop = asyncio.get_running_loop()
-        last_rep, last_reason, last_ip = REP_HOST_UNREACHABLE, "unreachable", str(addresses[0])
+        last_rep, last_reason, last_ip = ReplyCode.HOST_UNREACHABLE, "unreachable", str(addresses[0])
         for ip in addresses[:4]:
             last_ip = str(ip)
             local = (cfg.source_address, 0) if cfg.source_address else None
             try:
                 async with asyncio.timeout(cfg.connect_timeout):
-                    transport, proto = await loop.create_connection(TargetConnection, str(ip), port,
-                                                                    local_addr=local)
+                    transport, proto = await self._loop.create_connection(TargetConnection, str(ip), port,
+                                                                          local_addr=local)
             except TimeoutError:
-                last_rep, last_reason = REP_TTL_EXPIRED, f"connect to {ip}:{port} timed out"
+                last_rep, last_reason = ReplyCode.TTL_EXPIRED, f"connect to {ip}:{port} timed out"
                 continue
             except OSError as exc:
-                last_rep, last_reason = _errno_to_rep(exc), f"connect to {ip}:{port}: {exc.strerror or exc}"
+                last_rep, last_reason = reply_for_errno(exc), f"connect to {ip}:{port}: {exc.strerror or exc}"
                 continue
-            if self.closed:
-                transport.abort()
-                return
             sock = transport.get_extra_info("sockname") or ("0.0.0.0", 0)
-            stream = MuxStream(self, sid, proto, send_window=window, recv_window=self.initial_window)
-            self.streams[sid] = stream
-            self.send(frames.encode_json(FrameType.OPEN_OK, sid, {
-                "bound_host": sock[0], "bound_port": sock[1], "resolved_ip": str(ip),
-                "window": self.initial_window,
-            }))
+            if self.closed or not self.conn.accept_stream(sid, sock[0], sock[1], str(ip)):
+                transport.abort()  # the tunnel or the node gave up meanwhile
+                return
+            stream = self.handles[sid] = TunnelStream(self, sid, proto)
+            self.output_ready()
             proto.attach(stream)
             return
         self._fail(sid, last_rep, last_reason, last_ip)
@@ -344,7 +319,8 @@ class AgentTunnel(Mux):
             except Exception as exc:  # the runner's failure is reported, never crashes the agent
                 log.exception("automation runner failed")
                 reply.update(ok=False, error=str(exc))
-        self.send(frames.encode_json(FrameType.CONTROL_REPLY, 0, reply))
+        self.conn.send_control_reply(reply)
+        self.output_ready()
 
 
 class DeviceAgent:
@@ -352,37 +328,50 @@ class DeviceAgent:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        self.budget = MemoryBudget(config.memory_budget)
         self.tunnels: set[AgentTunnel] = set()
         self._stop = asyncio.Event()
         self.connected = asyncio.Event()
+        self.tasks: set[asyncio.Task[Any]] = set()
 
     async def run(self) -> None:
-        loops = [asyncio.create_task(self._tunnel_loop(i)) for i in range(max(1, self.config.tunnels))]
+        self.tasks = {asyncio.create_task(self._tunnel_loop(i)) for i in range(max(1, self.config.tunnels))}
         await self._stop.wait()
-        for t in loops:
+        for t in self.tasks:
             t.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         for tunnel in list(self.tunnels):
             tunnel.abort()
 
     def stop(self) -> None:
         self._stop.set()
 
-    async def _tunnel_loop(self, index: int) -> None:
+    async def connect(self) -> AgentTunnel:
+        """Dial the node once (TLS when ``config.ssl``) and wait for its WELCOME."""
         cfg = self.config
         loop = asyncio.get_running_loop()
+        _tr, tunnel = await asyncio.wait_for(loop.create_connection(
+            lambda: AgentTunnel(cfg, self.budget), cfg.host, cfg.port, ssl=cfg.ssl,
+            server_hostname=cfg.server_hostname if cfg.ssl is not None else None), 10)
+        try:
+            welcome = await asyncio.wait_for(tunnel.welcome, 10)
+        except BaseException:
+            tunnel.abort()
+            raise
+        if not welcome.ok:
+            log.error("node refused the device: %s", welcome.error)
+            tunnel.abort()
+            raise ConnectionError(welcome.error or "refused")
+        return tunnel
+
+    async def _tunnel_loop(self, index: int) -> None:
+        cfg = self.config
         backoff = 0.2
         while not self._stop.is_set():
             tunnel: AgentTunnel | None = None
             try:
-                _tr, tunnel = await asyncio.wait_for(
-                    loop.create_connection(lambda: AgentTunnel(cfg), cfg.host, cfg.port), 10)
-                welcome = await asyncio.wait_for(tunnel.welcome, 10)
-                if not welcome.get("ok"):
-                    log.error("node refused the device: %s", welcome.get("error"))
-                    tunnel.abort()
-                    raise ConnectionError(str(welcome.get("error")))
-                log.info("tunnel %d up to %s:%d (node %s)", index, cfg.host, cfg.port, welcome.get("node"))
+                tunnel = await self.connect()
+                log.info("tunnel %d up to %s:%d", index, cfg.host, cfg.port)
                 self.tunnels.add(tunnel)
                 self.connected.set()
                 backoff = 0.2

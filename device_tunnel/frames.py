@@ -13,11 +13,13 @@ from enum import IntEnum
 
 import orjson
 
+from .errors import ErrorCode, TunnelError
+
 HEADER = struct.Struct("!BBII")
 HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 256 * 1024          # a DATA frame never carries more; larger = protocol error
 MAX_CONTROL_PAYLOAD = 64 * 1024   # JSON frames (HELLO, OPEN, ...)
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 U32 = struct.Struct("!I")
 U64 = struct.Struct("!Q")
 
@@ -29,11 +31,11 @@ class FrameType(IntEnum):
     OPEN_OK = 3        # device -> node, JSON {bound_host, bound_port, resolved_ip, window}
     OPEN_FAIL = 4      # device -> node, JSON {rep, reason, resolved_ip?}
     DATA = 5           # either way, raw bytes, counts against the receiver's window
-    WINDOW = 6         # either way, u32 increment of the sender's window for this stream
+    WINDOW = 6         # either way, u32 increment of the sender's window (stream 0: the connection window)
     FIN = 7            # either way, half-close: the sender will send no more DATA
-    RST = 8            # either way, abort the stream (payload: optional UTF-8 reason)
+    RST = 8            # either way, abort the stream (payload: u32 error code + optional UTF-8 reason)
     PING = 9           # either way, stream 0, u64 opaque; flags ACK = pong
-    GOAWAY = 10        # either way, stream 0, JSON {reason}: no new streams; reconnect elsewhere
+    GOAWAY = 10        # either way, stream 0, JSON {code, reason}: no new streams; reconnect elsewhere
     CONTROL = 11       # node -> device, stream 0, JSON {id, command, ...}
     CONTROL_REPLY = 12  # device -> node, stream 0, JSON {id, ...}
 
@@ -43,7 +45,12 @@ JSON_TYPES = frozenset({FrameType.HELLO, FrameType.WELCOME, FrameType.OPEN, Fram
                         FrameType.OPEN_FAIL, FrameType.GOAWAY, FrameType.CONTROL, FrameType.CONTROL_REPLY})
 
 
-class FrameError(Exception):
+KNOWN_TYPES = frozenset(int(t) for t in FrameType)
+STREAM_ZERO_TYPES = frozenset({FrameType.HELLO, FrameType.WELCOME, FrameType.PING, FrameType.GOAWAY,
+                               FrameType.CONTROL, FrameType.CONTROL_REPLY})
+
+
+class FrameError(TunnelError):
     """The peer violated the framing; the connection must be closed."""
 
 
@@ -83,6 +90,17 @@ def encode_window(stream_id: int, increment: int) -> bytes:
     return encode(FrameType.WINDOW, stream_id, U32.pack(increment))
 
 
+def encode_rst(stream_id: int, code: int, reason: str = "") -> bytes:
+    return encode(FrameType.RST, stream_id, U32.pack(int(code)) + reason.encode()[:200])
+
+
+def decode_rst(payload: bytes | memoryview) -> tuple[ErrorCode, str]:
+    """(code, reason) of an RST payload (validated to be at least 4 bytes)."""
+    from .errors import error_code
+
+    return error_code(U32.unpack_from(payload)[0]), bytes(payload[4:]).decode("utf-8", "replace")
+
+
 def encode_ping(opaque: int, ack: bool = False) -> bytes:
     return encode(FrameType.PING, 0, U64.pack(opaque), FLAG_ACK if ack else 0)
 
@@ -90,9 +108,11 @@ def encode_ping(opaque: int, ack: bool = False) -> bytes:
 class FrameDecoder:
     """Incremental decoder: feed bytes, get complete frames. Buffering is bounded by one frame.
 
-    DATA payloads are handed out as zero-copy ``memoryview`` slices of the received (immutable)
-    chunk whenever a payload lies within one chunk; only payloads split across reads are joined.
-    Control payloads are always ``bytes``.
+    Every payload is its own ``bytes`` object. (Zero-copy slices were tried: a slice handed to a
+    socket that cannot send keeps the whole received chunk alive, frames of many streams share a
+    chunk, and 200 slow readers then pinned over 1 GiB that no window accounted for.) Frames of
+    unknown types are returned like control frames (at most ``MAX_CONTROL_PAYLOAD``) so the caller
+    can ignore them: the extension point.
     """
 
     __slots__ = ("_head", "_type", "_flags", "_sid", "_need", "_parts", "_buffered")
@@ -126,15 +146,13 @@ class FrameDecoder:
                 else:
                     ftype, flags, sid, length = unpack(view, pos)
                     pos += HEADER_SIZE
-                if ftype > FrameType.CONTROL_REPLY:
-                    raise FrameError(f"unknown frame type {ftype}")
-                limit = MAX_CONTROL_PAYLOAD if ftype in JSON_TYPES else MAX_PAYLOAD
+                limit = MAX_PAYLOAD if ftype == FrameType.DATA else MAX_CONTROL_PAYLOAD
                 if length > limit:
-                    raise FrameError(f"frame too large: {length} > {limit}")
+                    raise FrameError(f"frame too large: {length} > {limit}", ErrorCode.FRAME_SIZE_ERROR)
                 if end - pos >= length:  # the whole payload is here: slice it
                     payload = view[pos:pos + length]
                     pos += length
-                    frames.append(Frame(ftype, flags, sid, payload if ftype == FrameType.DATA else bytes(payload)))
+                    frames.append(Frame(ftype, flags, sid, bytes(payload)))
                     continue
                 self._type, self._flags, self._sid, self._need = ftype, flags, sid, length
                 self._buffered = 0
@@ -145,9 +163,7 @@ class FrameDecoder:
             pos += take
             if self._need == 0:
                 parts, self._parts = self._parts, []
-                payload = parts[0] if len(parts) == 1 else b"".join(parts)
-                if self._type != FrameType.DATA:
-                    payload = bytes(payload)
+                payload = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
                 frames.append(Frame(self._type, self._flags, self._sid, payload))  # type: ignore[arg-type]
                 self._type = -1
                 self._buffered = 0
@@ -160,13 +176,18 @@ class FrameDecoder:
 
 
 def validate(frame: Frame) -> None:
-    """Check the fixed-size payloads and stream-0 rules; raises FrameError."""
+    """Check the fixed-size payloads and stream-0 rules of a known frame type; raises FrameError."""
     t = frame.type
+    if t not in KNOWN_TYPES:
+        return  # ignored by the receiver
     if t == FrameType.WINDOW and len(frame.payload) != 4:
-        raise FrameError("WINDOW payload must be 4 bytes")
+        raise FrameError("WINDOW payload must be 4 bytes", ErrorCode.FRAME_SIZE_ERROR)
     if t == FrameType.PING and len(frame.payload) != 8:
-        raise FrameError("PING payload must be 8 bytes")
-    stream_zero = t in (FrameType.HELLO, FrameType.WELCOME, FrameType.PING, FrameType.GOAWAY,
-                        FrameType.CONTROL, FrameType.CONTROL_REPLY)
+        raise FrameError("PING payload must be 8 bytes", ErrorCode.FRAME_SIZE_ERROR)
+    if t == FrameType.RST and len(frame.payload) < 4:
+        raise FrameError("RST payload must start with a 4-byte code", ErrorCode.FRAME_SIZE_ERROR)
+    if t == FrameType.WINDOW:
+        return  # stream 0 = connection window, any other = that stream
+    stream_zero = t in STREAM_ZERO_TYPES
     if stream_zero != (frame.stream_id == 0):
         raise FrameError(f"{FrameType(t).name} on wrong stream {frame.stream_id}")

@@ -1,18 +1,34 @@
-"""Node side of the device tunnel: accept devices, authenticate, open streams, send control."""
+"""Node side of the device tunnel: accept devices, authenticate, open streams, send control.
+
+A thin asyncio adapter over :class:`~device_tunnel.connection.TunnelConnection` (see adapter.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+import ssl as ssl_module
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from . import frames
-from .frames import PROTOCOL_VERSION, Frame, FrameError, FrameType
-from .mux import Mux, MuxStream, StreamHandler
+from .adapter import StreamHandler, TunnelProtocol, TunnelStream
+from .connection import Role, TunnelConfig
+from .errors import LocalUsageError
+from .events import (
+    ConnectionTerminated,
+    ControlReplyReceived,
+    Event,
+    HelloReceived,
+    StreamOpened,
+    StreamOpenFailed,
+)
+from .frames import PROTOCOL_VERSION
 from .registry import DeviceRegistry
+from .replies import ReplyCode
+from .windows import MemoryBudget, WindowSettings
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +38,7 @@ DeviceAuthenticator = Callable[[str, str, dict], Awaitable[bool]]
 PresenceHook = Callable[[str, bool, dict], Awaitable[None]]
 
 HELLO_TIMEOUT = 10.0
+DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024
 
 
 class OpenHandler(StreamHandler, Protocol):
@@ -32,150 +49,133 @@ class OpenHandler(StreamHandler, Protocol):
 
 @dataclass(slots=True)
 class OpenResult:
-    """Outcome of opening a stream: ``rep`` is a SOCKS5 reply code (0 = success)."""
+    """Outcome of opening a stream: ``rep`` is a ReplyCode value (0 = success)."""
 
     rep: int
     reason: str = ""
     bound_host: str = "0.0.0.0"
     bound_port: int = 0
     resolved_ip: str = ""
-    stream: MuxStream | None = None
+    stream: TunnelStream | None = None
 
 
-class NodeTunnel(Mux):
+class NodeTunnel(TunnelProtocol):
     """One tunnel connection from a device agent."""
 
+    role = Role.NODE
+
     def __init__(self, server: TunnelServer) -> None:
-        s = server.settings
-        super().__init__(ping_interval=s["ping_interval"], dead_after=s["dead_after"],
-                         initial_window=s["window"], max_window=s["max_window"])
+        super().__init__(server.config, server.budget)
         self.server = server
         self.device_id: str | None = None
         self.meta: dict = {}
         self._ids = itertools.count(1)
         self._opening: dict[int, OpenHandler] = {}
         self._control: dict[str, asyncio.Future[dict]] = {}
-        self._hello_timer: asyncio.TimerHandle | None = None
         self.peer = ""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        peer = transport.get_extra_info("peername")
+    def on_connected(self) -> None:
+        assert self.transport is not None
+        peer = self.transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.server.connections.add(self)
-        self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT, self._hello_timeout)
 
-    def _hello_timeout(self) -> None:
-        if self.device_id is None:
-            log.info("tunnel %s sent no HELLO in time", self.peer)
-            self.abort()
+    def describe(self) -> str:
+        return f"{self.device_id or 'unauthenticated'} from {self.peer}"
 
-    def on_frame(self, frame: Frame) -> None:
-        t = frame.type
-        if t == FrameType.HELLO:
-            if self.device_id is not None or self.meta.get("_hello"):
-                raise FrameError("duplicate HELLO")
-            self.meta["_hello"] = True
-            asyncio.get_running_loop().create_task(self._handle_hello(frame.json()))
-        elif self.device_id is None:
-            raise FrameError("frame before HELLO")
-        elif t in (FrameType.OPEN_OK, FrameType.OPEN_FAIL):
-            self._handle_open_reply(frame)
-        elif t == FrameType.CONTROL_REPLY:
-            body = frame.json()
-            fut = self._control.pop(str(body.get("id")), None)
+    def on_event(self, event: Event) -> None:
+        cls = type(event)
+        if cls is StreamOpened:
+            self._opened(event)  # type: ignore[arg-type]
+        elif cls is StreamOpenFailed:
+            handler = self._opening.pop(event.stream_id, None)  # type: ignore[attr-defined]
+            if handler is not None:
+                handler.open_result(OpenResult(rep=event.rep, reason=event.reason,  # type: ignore[attr-defined]
+                                               resolved_ip=event.resolved_ip))  # type: ignore[attr-defined]
+        elif cls is ControlReplyReceived:
+            fut = self._control.pop(str(event.body.get("id")), None)  # type: ignore[attr-defined]
             if fut is not None and not fut.done():
-                fut.set_result(body)
-        else:
-            raise FrameError(f"unexpected {FrameType(t).name} from device")
+                fut.set_result(event.body)  # type: ignore[attr-defined]
+        elif cls is HelloReceived:
+            self.spawn(self._handle_hello(event))  # type: ignore[arg-type]
+        elif cls is ConnectionTerminated:
+            self.server.errors[event.code.name] += 1  # type: ignore[attr-defined]
 
-    async def _handle_hello(self, hello: dict) -> None:
-        device_id = str(hello.get("device_id", ""))
-        token = str(hello.get("token", ""))
-        meta = hello.get("meta") if isinstance(hello.get("meta"), dict) else {}
+    async def _handle_hello(self, hello: HelloReceived) -> None:
         ok = False
-        if hello.get("version") == PROTOCOL_VERSION and device_id and token:
+        if hello.version == PROTOCOL_VERSION and hello.device_id and hello.token:
             try:
-                ok = await self.server.authenticate(device_id, token, meta)
+                ok = await self.server.authenticate(hello.device_id, hello.token, hello.meta)
             except Exception:  # store down: refuse, the agent retries with back-off
-                log.exception("device authentication failed for %s", device_id)
+                log.exception("device authentication failed for %s", hello.device_id)
         if self.closed:
             return
-        if self._hello_timer is not None:
-            self._hello_timer.cancel()
-        if not ok:
-            self.send(frames.encode_json(FrameType.WELCOME, 0, {"ok": False, "error": "authentication failed"}))
-            log.info("device %s from %s refused", device_id, self.peer)
-            if self.transport is not None:
-                self.transport.close()
+        if not ok or self.server.closing:
+            error = "node shutting down" if ok else (
+                "authentication failed" if hello.version == PROTOCOL_VERSION else "unsupported protocol version")
+            log.info("device %s from %s refused: %s", hello.device_id, self.peer, error)
+            self.conn.refuse(error)  # WELCOME is flushed before the close
+            self.output_ready()
             return
-        if self.server.closing:
-            self.send(frames.encode_json(FrameType.WELCOME, 0, {"ok": False, "error": "node shutting down"}))
-            if self.transport is not None:
-                self.transport.close()
-            return
-        self.device_id = device_id
-        self.meta = meta
-        self.send(frames.encode_json(FrameType.WELCOME, 0, {
-            "ok": True, "node": self.server.node_name, "ping_interval": self.ping_interval,
-        }))
+        self.device_id = hello.device_id
+        self.meta = hello.meta
+        self.conn.accept(self.server.node_name)
+        self.output_ready()
         await self.server._tunnel_up(self)
 
     def open_stream(self, host: str, port: int, handler: OpenHandler) -> int:
         """Ask the device to connect to host:port; ``handler.open_result`` is called with the outcome
-        (synchronously from the frame that carries it, before any DATA of the stream). Returns the id."""
-        sid = next(self._ids)
+        (from the frame that carries it, before any DATA of the stream). Returns the stream id."""
+        try:
+            sid = self.conn.open_stream(host, port)
+        except LocalUsageError as exc:
+            self._loop.call_soon(handler.open_result, OpenResult(rep=ReplyCode.GENERAL_FAILURE, reason=str(exc)))
+            return 0
         self._opening[sid] = handler
-        self.send(frames.encode_json(FrameType.OPEN, sid, {"host": host, "port": port,
-                                                            "window": self.initial_window}))
+        self.output_ready()
         return sid
 
     def cancel_open(self, stream_id: int) -> None:
         """The client gave up while opening: forget it and RST the device's attempt."""
         if self._opening.pop(stream_id, None) is not None:
-            self.send(frames.encode(FrameType.RST, stream_id, b"cancelled"))
+            self.conn.reset_stream(stream_id, reason="cancelled")
+            self.output_ready()
 
-    def _handle_open_reply(self, frame: Frame) -> None:
-        handler = self._opening.pop(frame.stream_id, None)
-        body = frame.json()
+    def _opened(self, ev: StreamOpened) -> None:
+        handler = self._opening.pop(ev.stream_id, None)
         if handler is None:
-            if frame.type == FrameType.OPEN_OK:  # nobody waits any more
-                self.send(frames.encode(FrameType.RST, frame.stream_id, b"cancelled"))
+            self.conn.reset_stream(ev.stream_id, reason="cancelled")
             return
-        if frame.type == FrameType.OPEN_FAIL:
-            result = OpenResult(rep=int(body.get("rep", 1)), reason=str(body.get("reason", "")),
-                                resolved_ip=str(body.get("resolved_ip", "")))
-        else:
-            window = int(body.get("window", self.initial_window))
-            stream = MuxStream(self, frame.stream_id, handler, send_window=window,
-                               recv_window=self.initial_window)
-            self.streams[frame.stream_id] = stream
-            result = OpenResult(rep=0, bound_host=str(body.get("bound_host", "0.0.0.0")),
-                                bound_port=int(body.get("bound_port", 0)),
-                                resolved_ip=str(body.get("resolved_ip", "")), stream=stream)
-        handler.open_result(result)
+        stream = self.handles[ev.stream_id] = TunnelStream(self, ev.stream_id, handler)
+        handler.open_result(OpenResult(rep=ReplyCode.SUCCEEDED, bound_host=ev.bound_host, bound_port=ev.bound_port,
+                                       resolved_ip=ev.resolved_ip, stream=stream))
 
     async def control(self, body: dict, timeout: float = 10.0) -> dict:
         """Send a CONTROL message and wait for the device's CONTROL_REPLY."""
         cid = str(next(self._ids))
-        fut: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[dict] = self._loop.create_future()
         self._control[cid] = fut
-        self.send(frames.encode_json(FrameType.CONTROL, 0, {**body, "id": cid}))
+        self.conn.send_control({**body, "id": cid})
+        self.output_ready()
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._control.pop(cid, None)
 
+    def send_goaway(self, reason: str) -> None:
+        self.conn.send_goaway(reason)
+        self.output_ready()
+
     def on_closed(self) -> None:
         self.server.connections.discard(self)
         opening, self._opening = self._opening, {}
         for handler in opening.values():
-            handler.open_result(OpenResult(rep=3, reason="device disconnected"))
+            handler.open_result(OpenResult(rep=ReplyCode.NETWORK_UNREACHABLE, reason="device disconnected"))
         for fut in self._control.values():
             if not fut.done():
                 fut.set_exception(ConnectionError("device disconnected"))
         if self.device_id is not None:
-            asyncio.get_running_loop().create_task(self.server._tunnel_down(self))
+            self.server.spawn(self.server._tunnel_down(self))
 
 
 class TunnelServer:
@@ -183,21 +183,34 @@ class TunnelServer:
 
     def __init__(self, *, node_name: str, authenticate: DeviceAuthenticator, presence: PresenceHook,
                  registry: DeviceRegistry | None = None, ping_interval: float = 5.0,
-                 dead_after: float = 15.0, window: int = 256 * 1024, max_window: int = 8 * 1024 * 1024) -> None:
+                 dead_after: float = 15.0, window: int = 256 * 1024, max_window: int = 8 * 1024 * 1024,
+                 conn_window: int = 64 * 1024 * 1024, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 config: TunnelConfig | None = None) -> None:
         self.node_name = node_name
         self.authenticate = authenticate
         self.presence = presence
         self.registry = registry or DeviceRegistry()
-        self.settings = {"ping_interval": ping_interval, "dead_after": dead_after, "window": window,
-                         "max_window": max_window}
+        self.config = config or TunnelConfig(
+            ping_interval=ping_interval, dead_after=dead_after, handshake_timeout=HELLO_TIMEOUT,
+            windows=WindowSettings(initial_window=window, max_window=max_window, conn_window=conn_window))
+        self.budget = MemoryBudget(memory_budget)
         self.connections: set[NodeTunnel] = set()
+        self.errors: Counter[str] = Counter()  # tunnels closed by this side, by error code
         self.closing = False
+        self.tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, ssl: ssl_module.SSLContext | None = None) -> None:
+        """Listen for devices (``ssl``: terminate TLS here; None = plain TCP)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: NodeTunnel(self), host, port, reuse_address=True,
-                                                backlog=1024)
+                                                backlog=1024, ssl=ssl)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     @property
     def port(self) -> int:
@@ -239,3 +252,10 @@ class TunnelServer:
         for t in list(self.connections):
             if t.transport is not None:
                 t.transport.close()
+
+    async def wait_tasks(self) -> None:
+        """Let presence updates of closed tunnels finish (then cancel what is left)."""
+        if self.tasks:
+            _done, pending = await asyncio.wait(list(self.tasks), timeout=5)
+            for task in pending:
+                task.cancel()

@@ -100,6 +100,7 @@ def cmd_device_agent(args: argparse.Namespace) -> int:
                          token=args.token, tunnels=args.tunnels, source_address=args.source_address,
                          allow_private=args.allow_private, connect_timeout=args.connect_timeout,
                          ping_interval=args.ping_interval, dead_after=args.dead_after,
+                         memory_budget=args.memory_budget,
                          meta=device_metadata(meta_overrides), runner=make_runner(args.automation_dir))
 
     async def main() -> None:
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between keep-alive pings")
     a.add_argument("--dead-after", type=float, default=float(os.environ.get("TUNNEL_DEAD_AFTER", 15)),
                    help="declare the node dead after this many silent seconds and reconnect")
+    a.add_argument("--memory-budget", type=int, default=256 * 1024 * 1024,
+                   help="bytes of receive window all tunnels of this agent may grant together")
     a.add_argument("--country", help="ISO country code reported in the handshake")
     a.add_argument("--automation-dir", default="./automations", help="where launchAutomation code is saved")
     a.add_argument("--log-level", default="INFO")

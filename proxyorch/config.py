@@ -33,6 +33,10 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("TUNNEL_DEAD_AFTER", "tunnel_dead_after", float, 15.0, "Tunnel declared dead after this long without traffic"),
     ("TUNNEL_WINDOW", "tunnel_window", int, 256 * 1024, "Initial per-stream flow-control window (bytes)"),
     ("TUNNEL_MAX_WINDOW", "tunnel_max_window", int, 8 * 1024 * 1024, "Largest auto-tuned per-stream window"),
+    ("TUNNEL_CONN_WINDOW", "tunnel_conn_window", int, 64 * 1024 * 1024,
+     "Connection window of one tunnel: received bytes it may hold over all its streams"),
+    ("TUNNEL_MEMORY_BUDGET", "tunnel_memory_budget", int, 256 * 1024 * 1024,
+     "Receive windows of all tunnels of the node together; windows shrink under pressure"),
     ("DRAIN_TIMEOUT_S", "drain_timeout_s", float, 10.0, "Graceful shutdown: how long sessions may drain"),
     ("DIRECT_EXIT", "direct_exit", bool, False, "Node connects to targets itself instead of via devices (server-side exit)"),
     ("DIRECT_EXIT_ALLOW_PRIVATE", "direct_exit_allow_private", bool, False, "Direct exit may reach private addresses"),
@@ -85,6 +89,8 @@ class Settings:
     tunnel_dead_after: float = 15.0
     tunnel_window: int = 256 * 1024
     tunnel_max_window: int = 8 * 1024 * 1024
+    tunnel_conn_window: int = 64 * 1024 * 1024
+    tunnel_memory_budget: int = 256 * 1024 * 1024
     drain_timeout_s: float = 10.0
     direct_exit: bool = False
     direct_exit_allow_private: bool = False

@@ -104,7 +104,8 @@ class Node:
             authenticate=lambda did, tok, meta: accounts.check_device_token(self.pool, did, tok),
             presence=lambda did, online, meta: accounts.set_presence(self.pool, did, online, s.node_name, meta),
             ping_interval=s.tunnel_ping_s, dead_after=s.tunnel_dead_after, window=s.tunnel_window,
-            max_window=s.tunnel_max_window)
+            max_window=s.tunnel_max_window, conn_window=s.tunnel_conn_window,
+            memory_budget=s.tunnel_memory_budget)
         if s.direct_exit:
             exit_ = DirectExit(s.connect_timeout_s, s.direct_exit_allow_private)
         else:
@@ -182,6 +183,8 @@ class Node:
             for device_id in self.tunnels.registry.device_ids():
                 await accounts.set_presence(self.pool, device_id, False, s.node_name, {})
             self.tunnels.close_all()
+            await asyncio.sleep(0)
+            await self.tunnels.wait_tasks()
         if self.api_runner is not None:
             await self.api_runner.cleanup()
         if self.request_log is not None:

@@ -52,9 +52,21 @@ def test_oversized_json_frame_is_a_protocol_error():
         FrameDecoder().feed(struct.pack("!BBII", FrameType.OPEN, 0, 1, frames.MAX_CONTROL_PAYLOAD + 1))
 
 
-def test_unknown_frame_type_is_a_protocol_error():
+def test_unknown_frame_type_is_decoded_for_the_caller_to_ignore_but_size_limited():
+    out = FrameDecoder().feed(struct.pack("!BBII", 200, 0, 1, 3) + b"abc" + frames.encode(FrameType.FIN, 1))
+    assert [(f.type, f.payload) for f in out] == [(200, b"abc"), (FrameType.FIN, b"")]
+    frames.validate(out[0])  # unknown types have no rules
     with pytest.raises(FrameError):
-        FrameDecoder().feed(struct.pack("!BBII", 200, 0, 1, 0))
+        FrameDecoder().feed(struct.pack("!BBII", 200, 0, 1, frames.MAX_CONTROL_PAYLOAD + 1))
+
+
+def test_rst_carries_a_numeric_code_and_a_reason():
+    raw = frames.encode_rst(5, 3, "too much")
+    f = FrameDecoder().feed(raw)[0]
+    frames.validate(f)
+    assert frames.decode_rst(f.payload) == (3, "too much")
+    with pytest.raises(FrameError):
+        frames.validate(Frame(FrameType.RST, 0, 5, b"ab"))
 
 
 def test_bad_json_payload_is_a_frame_error():

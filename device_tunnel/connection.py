@@ -1,0 +1,737 @@
+"""The tunnel connection as a sans-I/O state machine, shared by the node and the device agent.
+
+In the manner of python-hyper h2 and aioquic: bytes in, events out (:meth:`receive_data`); calls
+in, bytes out (:meth:`data_to_send`); credit only when the application says the bytes left its
+local socket (:meth:`acknowledge_received_data`); timers as arguments (:meth:`get_timer`,
+:meth:`handle_timer`). It imports no I/O module and reads no clock: every ``now`` is passed in
+(seconds, monotonic). The wire format is ``PROTOCOL.md``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from . import frames
+from .errors import (
+    ErrorCode,
+    FloodError,
+    HandshakeError,
+    LocalUsageError,
+    StreamError,
+    TunnelError,
+    error_code,
+)
+from .events import (
+    ConnectionTerminated,
+    ControlReceived,
+    ControlReplyReceived,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HelloReceived,
+    PingAcknowledged,
+    StreamClosed,
+    StreamEnded,
+    StreamOpened,
+    StreamOpenFailed,
+    StreamOpenRequested,
+    StreamReset,
+    StreamResumed,
+    WelcomeReceived,
+)
+from .frames import FLAG_ACK, Frame, FrameDecoder, FrameType
+from .replies import ReplyCode
+from .stream import Stream, StreamState, Transition, next_state
+from .windows import MemoryBudget, WindowManager, WindowSettings
+
+MAX_CHUNK = 64 * 1024       # largest DATA payload sent: bounds how long a small frame waits behind one
+PENDING_HIGH = 64 * 1024    # outbound bytes queued beyond the window before the source is paused
+OUT_HIGH = 32 * 1024        # queued output beyond which new DATA waits in its stream's queue
+
+
+class Role(Enum):
+    NODE = "node"
+    AGENT = "agent"
+
+
+# Frames each side may receive (anything else from the peer is a PROTOCOL_ERROR).
+_ACCEPTS = {
+    Role.NODE: frozenset({FrameType.HELLO, FrameType.OPEN_OK, FrameType.OPEN_FAIL, FrameType.DATA,
+                          FrameType.WINDOW, FrameType.FIN, FrameType.RST, FrameType.PING,
+                          FrameType.GOAWAY, FrameType.CONTROL_REPLY}),
+    Role.AGENT: frozenset({FrameType.WELCOME, FrameType.OPEN, FrameType.DATA, FrameType.WINDOW,
+                           FrameType.FIN, FrameType.RST, FrameType.PING, FrameType.GOAWAY,
+                           FrameType.CONTROL}),
+}
+
+
+@dataclass
+class TunnelConfig:
+    """Timers, windows and flood limits of one tunnel connection."""
+
+    ping_interval: float = 5.0
+    dead_after: float = 15.0
+    handshake_timeout: float = 10.0
+    windows: WindowSettings = field(default_factory=WindowSettings)
+    ping_per_s: int = 50            # PING frames (either kind) the peer may send per second
+    # WINDOW frames over the connection's life: this many, plus one per KiB of DATA sent, plus 4 per
+    # stream. Legit credit follows DATA; a flood beyond what our DATA explains is ENHANCE_YOUR_CALM.
+    window_base: int = 1000
+    control_per_s: int = 500        # CONTROL*, GOAWAY, unknown, empty DATA, OPEN* for dead streams
+
+
+class _Rate:
+    """Frames per one-second bucket; ``hit`` returns False once the budget is exceeded."""
+
+    __slots__ = ("limit", "start", "count")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.start = -1e18
+        self.count = 0
+
+    def hit(self, now: float) -> bool:
+        if now - self.start >= 1.0:
+            self.start, self.count = now, 0
+        self.count += 1
+        return self.count <= self.limit
+
+
+class TunnelConnection:
+    """One tunnel connection, either side. Not thread-safe; one owner calls it."""
+
+    def __init__(self, role: Role, now: float, config: TunnelConfig | None = None,
+                 budget: MemoryBudget | None = None) -> None:
+        self.role = role
+        self.config = config or TunnelConfig()
+        self.windows = WindowManager(self.config.windows, budget)
+        self._decoder = FrameDecoder()
+        self._accepts = _ACCEPTS[role]
+        self.streams: dict[int, Stream] = {}
+        self._highest_id = 0             # node: last id allocated; agent: last OPEN seen
+        self._out: list[bytes | memoryview] = []
+        self._out_bytes = 0
+        self._waiting: set[Stream] = set()
+        self._events: list[Event] = []
+        self.send_paused = False         # set by the adapter while its transport is full
+        self.conn_send_credit = 0        # the peer's connection window (known after HELLO/WELCOME)
+        self.handshake_done = False
+        self._hello_seen = False
+        self.closed = False
+        self.close_code: ErrorCode | None = None
+        self.going_away = False          # we sent GOAWAY
+        self.peer_going_away = False
+        self.now = now
+        self.connected_at = now
+        self.last_rx = now
+        self._next_ping = now + self.config.ping_interval
+        self._pings: deque[int] = deque(maxlen=4)
+        self.rtt = 0.05
+        self.rtt_samples = 0
+        c = self.config
+        self._ping_rate, self._control_rate = _Rate(c.ping_per_s), _Rate(c.control_per_s)
+        self._windows_received = 0
+        self.data_bytes_sent = 0
+
+    # == handshake ================================================================================
+    def send_hello(self, device_id: str, token: str, meta: dict) -> None:
+        """Agent: introduce the device (first frame on the connection)."""
+        self._send_json(FrameType.HELLO, 0, {"version": frames.PROTOCOL_VERSION, "device_id": device_id,
+                                             "token": token, "meta": meta,
+                                             "window": self.config.windows.conn_window})
+
+    def accept(self, node: str) -> None:
+        """Node: the device may use this tunnel (WELCOME ok)."""
+        if self.closed:
+            return
+        self.handshake_done = True
+        self._send_json(FrameType.WELCOME, 0, {"ok": True, "node": node,
+                                               "ping_interval": self.config.ping_interval,
+                                               "window": self.config.windows.conn_window})
+
+    def refuse(self, error: str) -> None:
+        """Node: refuse the device (WELCOME not ok, queued before the close)."""
+        self._send_json(FrameType.WELCOME, 0, {"ok": False, "error": error})
+        self._terminate(ErrorCode.HANDSHAKE_FAILED, error, remote=False, goaway=False)
+
+    # == streams, node side =======================================================================
+    def open_stream(self, host: str, port: int) -> int:
+        """Node: allocate a stream and queue OPEN. Raises LocalUsageError when no stream may open."""
+        if self.closed or not self.handshake_done or self.peer_going_away or self.going_away:
+            raise LocalUsageError("tunnel is not accepting new streams")
+        if not self.windows.can_open:
+            raise LocalUsageError("tunnel has its maximum number of streams")
+        self._highest_id += 1
+        sid = self._highest_id
+        rw = self.windows.open(sid, self.now)
+        self.streams[sid] = Stream(sid, rw)
+        self._send_json(FrameType.OPEN, sid, {"host": host, "port": port, "window": rw.window})
+        return sid
+
+    # == streams, agent side ======================================================================
+    def accept_stream(self, stream_id: int, bound_host: str, bound_port: int, resolved_ip: str) -> bool:
+        """Agent: the target is connected (OPEN_OK). False when the stream is gone meanwhile."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.state is not StreamState.OPENING:
+            return False
+        stream.state = StreamState.OPEN
+        self._send_json(FrameType.OPEN_OK, stream_id, {"bound_host": bound_host, "bound_port": bound_port,
+                                                       "resolved_ip": resolved_ip, "window": stream.recv.window})
+        return True
+
+    def reject_stream(self, stream_id: int, rep: int, reason: str, resolved_ip: str = "") -> None:
+        """Agent: the target could not be reached (OPEN_FAIL with a ReplyCode)."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.state is not StreamState.OPENING:
+            return
+        self._send_json(FrameType.OPEN_FAIL, stream_id, {"rep": int(rep), "reason": reason,
+                                                         "resolved_ip": resolved_ip})
+        self._forget(stream)
+
+    # == data =====================================================================================
+    def send_data(self, stream_id: int, data: bytes | memoryview) -> bool:
+        """Queue stream bytes (sent within the windows). Returns True when the source should pause
+        (its queue is over ``PENDING_HIGH``); ``StreamResumed`` says when to resume. Bytes for a
+        stream that is gone or half-closed locally are dropped."""
+        stream = self.streams.get(stream_id)
+        if stream is None or not data or stream.local_closed or self.closed:
+            return False
+        if stream.state is StreamState.OPENING:
+            raise LocalUsageError(f"stream {stream_id} is not open yet")
+        n = len(data)
+        if (not stream.pending and n <= stream.send_credit and n <= self.conn_send_credit
+                and not self._congested):
+            self._emit_data(stream, data)
+            return False
+        if isinstance(data, bytearray):
+            data = bytes(data)  # the caller may reuse a mutable buffer
+        stream.pending.append(memoryview(data))
+        stream.pending_bytes += n
+        self._waiting.add(stream)
+        self._flush_stream(stream)
+        if stream.pending_bytes > PENDING_HIGH and not stream.source_paused:
+            stream.source_paused = True
+            return True
+        return False
+
+    def send_eof(self, stream_id: int) -> None:
+        """Half-close our direction: FIN after whatever is still queued."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.local_closed or stream.state is StreamState.OPENING:
+            return
+        if stream.pending:
+            stream.fin_pending = True
+        else:
+            self._send_fin(stream)
+
+    def reset_stream(self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL, reason: str = "") -> None:
+        """Abort a stream (also an OPEN still waiting for its answer) and tell the peer."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        self._queue(frames.encode_rst(stream_id, code, reason))
+        self._forget(stream)
+
+    def forget_stream(self, stream_id: int) -> None:
+        """Drop a stream whose both directions ended, or RST it if it is still open either way."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        if stream.state is StreamState.CLOSED:
+            self._forget(stream)
+        else:
+            self.reset_stream(stream_id, ErrorCode.LOCAL_CLOSED, "closed")
+
+    def acknowledge_received_data(self, stream_id: int, n: int, now: float | None = None,
+                                  force: bool = False) -> None:
+        """``n`` received bytes really left the local socket: return credit (stream and connection).
+        ``force`` sends even a small increment (the sink drained: never let the sender starve)."""
+        if now is not None:
+            self.now = now
+        stream = self.streams.get(stream_id)
+        w = self.windows
+        if stream is not None and not force:  # fast path: below the quarter-window threshold
+            rw = stream.recv
+            window = rw.window
+            if (rw.reserved == window and n <= rw.received - rw.acked
+                    and rw.acked + n + window - rw.limit < (window >> 2)):
+                rw.acked += n
+                w.conn_acked += n
+                if w.conn_acked + w.s.conn_window - w.conn_limit < (w.s.conn_window >> 3):
+                    return
+                stream = None  # only the connection credit is due
+                n = 0
+        if stream is not None:
+            if stream.remote_closed:  # no more DATA will come: account, but send no stream credit
+                w.consume(stream.recv, n)
+            else:
+                inc = w.acknowledge(stream.recv, n, self.now, self.rtt, force)
+                if inc:
+                    self._queue(frames.encode_window(stream_id, inc))
+        inc = w.connection_increment(force)
+        if inc:
+            self._queue(frames.encode_window(0, inc))
+
+    def stream_buffered(self, stream_id: int) -> int:
+        stream = self.streams.get(stream_id)
+        return stream.pending_bytes if stream is not None else 0
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes this side holds: queued outbound stream data plus output not yet taken."""
+        return sum(s.pending_bytes for s in self._waiting) + self._out_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        """Received bytes not yet acknowledged by the application (the memory the windows bound)."""
+        return sum(s.recv.held for s in self.streams.values())
+
+    # == control ==================================================================================
+    def send_control(self, body: dict) -> None:
+        self._send_json(FrameType.CONTROL, 0, body)
+
+    def send_control_reply(self, body: dict) -> None:
+        self._send_json(FrameType.CONTROL_REPLY, 0, body)
+
+    def send_goaway(self, reason: str, code: ErrorCode = ErrorCode.NO_ERROR) -> None:
+        """No new streams on this tunnel; the live ones finish."""
+        if self.closed or self.going_away:
+            return
+        self.going_away = True
+        self._send_json(FrameType.GOAWAY, 0, {"code": int(code), "reason": reason})
+
+    def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """End the tunnel: GOAWAY with ``code``; the adapter then closes the transport."""
+        self._terminate(code, reason, remote=False)
+
+    def connection_lost(self) -> list[Event]:
+        """The transport is gone: every live stream ends (as reset); returns those events."""
+        if not self.closed:
+            self._terminate(ErrorCode.INTERNAL_ERROR, "tunnel lost", remote=True, goaway=False)
+        return self._take_events()
+
+    # == output ===================================================================================
+    @property
+    def _congested(self) -> bool:
+        return self.send_paused or self._out_bytes >= OUT_HIGH
+
+    @property
+    def out_bytes(self) -> int:
+        return self._out_bytes
+
+    def data_to_send_list(self, drain: bool = True) -> list[bytes | memoryview]:
+        """Output as a list of buffers (for ``writelines``, no copy). With ``drain`` (and the
+        transport not paused) queued stream data is moved out first, smallest queue first, up to
+        about ``OUT_HIGH`` bytes: call again while the transport has room."""
+        if drain and self._waiting and not self.send_paused:
+            self._drain_waiting()
+        out, self._out = self._out, []
+        self._out_bytes = 0
+        return out
+
+    def data_to_send(self) -> bytes:
+        """Output as one bytes object (tests and simple transports)."""
+        chunks: list[bytes | memoryview] = []
+        while part := self.data_to_send_list():
+            chunks += part
+        return b"".join(chunks)
+
+    def pop_events(self) -> list[Event]:
+        """Events produced outside ``receive_data`` (e.g. ``StreamResumed`` after a drain)."""
+        return self._take_events()
+
+    # == timers ===================================================================================
+    def get_timer(self) -> float | None:
+        """When ``handle_timer`` must be called next (None: closed)."""
+        if self.closed:
+            return None
+        at = self.last_rx + self.config.dead_after
+        if self.handshake_done:
+            at = min(at, self._next_ping)
+        else:
+            at = min(at, self.connected_at + self.config.handshake_timeout)
+        return at
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """Send due PINGs; declare the peer dead after ``dead_after`` seconds of silence."""
+        self.now = now
+        if self.closed:
+            return []
+        if not self.handshake_done and now >= self.connected_at + self.config.handshake_timeout:
+            self._terminate(ErrorCode.HANDSHAKE_FAILED, "no handshake in time", remote=False)
+        elif now - self.last_rx >= self.config.dead_after:
+            self._terminate(ErrorCode.DEAD_PEER, f"peer silent for {now - self.last_rx:.1f}s", remote=False)
+        elif now >= self._next_ping and self.handshake_done:
+            opaque = int(now * 1e9) & 0xFFFFFFFFFFFFFFFF
+            self._pings.append(opaque)
+            self._queue(frames.encode_ping(opaque))
+            self._next_ping = now + self.config.ping_interval
+        return self._take_events()
+
+    # == input ====================================================================================
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
+        """Feed bytes from the tunnel socket; returns what happened. A protocol violation by the
+        peer resets a stream or terminates the connection (an event says which), never raises."""
+        self.now = now
+        if self.closed:
+            return []
+        self.last_rx = now
+        try:
+            for frame in self._decoder.feed(data):
+                try:
+                    self._on_frame(frame)
+                except StreamError as exc:
+                    self._stream_error(exc)
+                if self.closed:
+                    break
+        except TunnelError as exc:
+            self._terminate(exc.code, str(exc), remote=False)
+        return self._take_events()
+
+    def _on_frame(self, frame: Frame) -> None:
+        t = frame.type
+        if t == FrameType.DATA:   # the hot path first
+            self._on_data(frame)
+            return
+        if t not in frames.KNOWN_TYPES:
+            self._flood(self._control_rate, "unknown frames")
+            return  # extension point: ignored
+        frames.validate(frame)
+        if t not in self._accepts:
+            raise TunnelError(f"{FrameType(t).name} is not allowed from the {'node' if self.role is Role.AGENT else 'device'}")
+        if not self.handshake_done and t not in (FrameType.HELLO, FrameType.WELCOME):
+            raise HandshakeError(f"{FrameType(t).name} before the handshake")
+        if t == FrameType.WINDOW:
+            self._windows_received += 1
+            if self._windows_received > (self.config.window_base + (self.data_bytes_sent >> 10)
+                                         + 4 * self._highest_id):
+                raise FloodError("WINDOW flood: more WINDOW frames than the DATA sent explains")
+            self._on_window(frame)
+        elif t == FrameType.FIN:
+            self._on_fin(frame.stream_id)
+        elif t == FrameType.RST:
+            self._on_rst(frame)
+        elif t == FrameType.PING:
+            self._flood(self._ping_rate, "PING")
+            self._on_ping(frame)
+        elif t == FrameType.OPEN:
+            self._on_open(frame)
+        elif t in (FrameType.OPEN_OK, FrameType.OPEN_FAIL):
+            self._on_open_reply(frame)
+        elif t == FrameType.HELLO:
+            self._on_hello(frame)
+        elif t == FrameType.WELCOME:
+            self._on_welcome(frame)
+        else:
+            self._flood(self._control_rate, FrameType(t).name)
+            body = frame.json()
+            if t == FrameType.GOAWAY:
+                self.peer_going_away = True
+                self._events.append(GoAwayReceived(error_code(_int(body.get("code"), 0)),
+                                                   str(body.get("reason", ""))))
+            elif t == FrameType.CONTROL:
+                self._events.append(ControlReceived(body))
+            else:
+                self._events.append(ControlReplyReceived(body))
+
+    def _flood(self, rate: _Rate, what: str) -> None:
+        if not rate.hit(self.now):
+            raise FloodError(f"{what} flood: more than {rate.limit} per second")
+
+    def _live(self, stream_id: int) -> Stream | None:
+        """The stream, or None for one that existed and is gone; never-opened ids are an error."""
+        stream = self.streams.get(stream_id)
+        if stream is None and (stream_id == 0 or stream_id > self._highest_id):
+            raise TunnelError(f"frame for stream {stream_id}, which was never opened")
+        return stream
+
+    def _transition(self, stream: Stream, tr: Transition, code: ErrorCode = ErrorCode.PROTOCOL_ERROR) -> None:
+        new = next_state(stream.state, tr)
+        if new is None:
+            if tr is Transition.RECV_DATA and stream.remote_closed:
+                code = ErrorCode.STREAM_CLOSED
+            raise StreamError(stream.id, f"{tr.value} in state {stream.state.value}", code)
+        stream.state = new
+
+    def _on_data(self, frame: Frame) -> None:
+        if not self.handshake_done:
+            raise HandshakeError("DATA before the handshake")
+        payload = frame.payload
+        n = len(payload)
+        stream = self._live(frame.stream_id)
+        if n == 0:
+            self._flood(self._control_rate, "empty DATA")
+        if stream is None:
+            self.windows.on_data(None, n)   # still counts against the connection window
+            self.windows.discard(n)
+            inc = self.windows.connection_increment()
+            if inc:
+                self._queue(frames.encode_window(0, inc))
+            return
+        if stream.state is not StreamState.OPEN and stream.state is not StreamState.HALF_CLOSED_LOCAL:
+            self.windows.on_data(None, n)
+            self.windows.discard(n)
+            self._transition(stream, Transition.RECV_DATA)
+        self.windows.on_data(stream.recv, n)
+        stream.bytes_received += n
+        if n:
+            self._events.append(DataReceived(stream.id, payload))
+
+    def _on_window(self, frame: Frame) -> None:
+        inc = frames.U32.unpack(frame.payload)[0]
+        if inc == 0:
+            raise TunnelError("WINDOW increment of 0")
+        if frame.stream_id == 0:
+            self.conn_send_credit += inc
+            if self.conn_send_credit > 0xFFFFFFFF * 4:
+                raise TunnelError("connection window overflow", ErrorCode.FLOW_CONTROL_ERROR)
+            if self._waiting:
+                self._drain_waiting()
+            return
+        stream = self._live(frame.stream_id)
+        if stream is None:
+            return
+        if stream.state is StreamState.OPENING and self.role is Role.NODE:
+            raise StreamError(stream.id, "WINDOW before OPEN_OK")
+        stream.send_credit += inc
+        if stream.send_credit > 0xFFFFFFFF:
+            raise StreamError(stream.id, "stream window overflow", ErrorCode.FLOW_CONTROL_ERROR)
+        if stream.pending:
+            self._flush_stream(stream)
+
+    def _on_fin(self, stream_id: int) -> None:
+        stream = self._live(stream_id)
+        if stream is None:
+            return
+        code = ErrorCode.STREAM_CLOSED if stream.remote_closed else ErrorCode.PROTOCOL_ERROR
+        self._transition(stream, Transition.RECV_FIN, code)
+        self._events.append(StreamEnded(stream_id))
+        if stream.state is StreamState.CLOSED:
+            self._forget(stream)
+            self._events.append(StreamClosed(stream_id))
+
+    def _on_rst(self, frame: Frame) -> None:
+        stream = self._live(frame.stream_id)
+        if stream is None:
+            self._flood(self._control_rate, "RST for a closed stream")
+            return
+        code, reason = frames.decode_rst(frame.payload)
+        opening = stream.state is StreamState.OPENING
+        self._forget(stream)
+        if opening and self.role is Role.NODE:
+            rep = ReplyCode.GENERAL_FAILURE
+            self._events.append(StreamOpenFailed(stream.id, rep, reason or code.name.lower(), ""))
+        else:
+            self._events.append(StreamReset(stream.id, code, reason or "reset by peer", remote=True))
+
+    def _on_ping(self, frame: Frame) -> None:
+        opaque = frames.U64.unpack(frame.payload)[0]
+        if not frame.flags & FLAG_ACK:
+            self._queue(frames.encode_ping(opaque, ack=True))
+            return
+        if opaque not in self._pings:
+            return  # not ours (or too old): no RTT sample
+        self._pings.remove(opaque)
+        sample = max(0.0, self.now - opaque / 1e9)
+        self.rtt = sample if self.rtt_samples == 0 else 0.8 * self.rtt + 0.2 * sample
+        self.rtt_samples += 1
+        self._events.append(PingAcknowledged(sample))
+
+    def _on_open(self, frame: Frame) -> None:
+        sid = frame.stream_id
+        if sid <= self._highest_id:
+            raise TunnelError(f"OPEN reuses stream id {sid}")
+        self._highest_id = sid
+        body = frame.json()
+        if self.going_away or not self.windows.can_open:
+            self._queue(frames.encode_rst(sid, ErrorCode.REFUSED_STREAM, "refused"))
+            return
+        window = _int(body.get("window"), -1)
+        if not 0 < window <= 0xFFFFFFFF:
+            self._queue(frames.encode_rst(sid, ErrorCode.PROTOCOL_ERROR, "bad window"))
+            return
+        stream = Stream(sid, self.windows.open(sid, self.now), send_credit=window)
+        self.streams[sid] = stream
+        self._events.append(StreamOpenRequested(sid, str(body.get("host", "")), _int(body.get("port"), 0)))
+
+    def _on_open_reply(self, frame: Frame) -> None:
+        sid = frame.stream_id
+        stream = self._live(sid)
+        ok = frame.type == FrameType.OPEN_OK
+        if stream is None:
+            self._flood(self._control_rate, "answers for closed streams")
+            if ok:  # nobody waits any more
+                self._queue(frames.encode_rst(sid, ErrorCode.CANCEL, "cancelled"))
+            return
+        body = frame.json()
+        if not ok:
+            self._transition(stream, Transition.RECV_OPEN_FAIL)
+            self._forget(stream)
+            self._events.append(StreamOpenFailed(sid, _int(body.get("rep"), 1) or 1, str(body.get("reason", "")),
+                                                 str(body.get("resolved_ip", ""))))
+            return
+        window = _int(body.get("window"), -1)
+        if not 0 < window <= 0xFFFFFFFF:
+            raise StreamError(sid, "OPEN_OK without a valid window")
+        self._transition(stream, Transition.RECV_OPEN_OK)
+        stream.send_credit = window
+        self._events.append(StreamOpened(sid, str(body.get("bound_host", "0.0.0.0")),
+                                         _int(body.get("bound_port"), 0), str(body.get("resolved_ip", ""))))
+
+    def _on_hello(self, frame: Frame) -> None:
+        if self._hello_seen:
+            raise HandshakeError("duplicate HELLO")
+        self._hello_seen = True
+        body = frame.json()
+        self.conn_send_credit = _window(body)
+        meta = body.get("meta")
+        self._events.append(HelloReceived(str(body.get("device_id", "")), str(body.get("token", "")),
+                                          _int(body.get("version"), 0), meta if isinstance(meta, dict) else {}))
+
+    def _on_welcome(self, frame: Frame) -> None:
+        if self._hello_seen:
+            raise HandshakeError("duplicate WELCOME")
+        self._hello_seen = True
+        body = frame.json()
+        ok = body.get("ok") is True
+        if ok:
+            self.handshake_done = True
+            self.conn_send_credit = _window(body)
+        ping = body.get("ping_interval")
+        self._events.append(WelcomeReceived(ok, str(body.get("node", "")), str(body.get("error", "")),
+                                            float(ping) if isinstance(ping, int | float) else 0.0))
+
+    # == internals ================================================================================
+    def _queue(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._out.append(data)
+        self._out_bytes += len(data)
+
+    def _send_json(self, ftype: int, sid: int, body: dict) -> None:
+        self._queue(frames.encode_json(ftype, sid, body))
+
+    def _emit_data(self, stream: Stream, data: bytes | memoryview) -> None:
+        n = len(data)
+        stream.send_credit -= n
+        self.conn_send_credit -= n
+        stream.bytes_sent += n
+        self.data_bytes_sent += n
+        out = self._out
+        if n <= MAX_CHUNK:
+            out.append(frames.header(FrameType.DATA, stream.id, n))
+            out.append(data)
+        else:
+            view = memoryview(data)
+            for i in range(0, n, MAX_CHUNK):
+                part = view[i:i + MAX_CHUNK]
+                out.append(frames.header(FrameType.DATA, stream.id, len(part)))
+                out.append(part)
+        self._out_bytes += n + frames.HEADER_SIZE * (1 + (n - 1) // MAX_CHUNK)
+
+    def _flush_stream(self, stream: Stream) -> None:
+        pending = stream.pending
+        while pending and not self._congested:
+            credit = min(stream.send_credit, self.conn_send_credit)
+            if credit <= 0:
+                break
+            head = pending[0]
+            n = len(head)
+            if n <= credit:
+                pending.popleft()
+            else:
+                n = credit
+                pending[0] = head[n:]
+                head = head[:n]
+            stream.pending_bytes -= n
+            self._emit_data(stream, head)
+        if not pending:
+            self._waiting.discard(stream)
+            if stream.fin_pending:
+                stream.fin_pending = False
+                self._send_fin(stream)
+        if stream.source_paused and stream.pending_bytes <= PENDING_HIGH and stream.id in self.streams:
+            stream.source_paused = False
+            self._events.append(StreamResumed(stream.id))
+
+    def _drain_waiting(self) -> None:
+        """Send queued stream data while there is room, smallest queue first (an interactive reply
+        overtakes bulk data)."""
+        while self._waiting and not self._congested and self.conn_send_credit > 0:
+            before = sum(s.pending_bytes for s in self._waiting)
+            for stream in sorted(self._waiting, key=lambda s: s.pending_bytes):
+                if self._congested:
+                    break
+                self._flush_stream(stream)
+            if sum(s.pending_bytes for s in self._waiting) == before:
+                break  # the rest wait for credit, not for room
+
+    def _send_fin(self, stream: Stream) -> None:
+        new = next_state(stream.state, Transition.SEND_FIN)
+        if new is None:
+            return
+        stream.state = new
+        self._queue(frames.encode(FrameType.FIN, stream.id))
+        if new is StreamState.CLOSED:
+            self._forget(stream)
+            self._events.append(StreamClosed(stream.id))
+
+    def _forget(self, stream: Stream) -> None:
+        if self.streams.pop(stream.id, None) is None:
+            return
+        stream.state = StreamState.CLOSED
+        self._waiting.discard(stream)
+        stream.pending.clear()
+        stream.pending_bytes = 0
+        held = self.windows.close(stream.recv)
+        if held:
+            self.windows.discard(held)
+            inc = self.windows.connection_increment()
+            if inc:
+                self._queue(frames.encode_window(0, inc))
+
+    def _stream_error(self, exc: StreamError) -> None:
+        stream = self.streams.get(exc.stream_id)
+        self._queue(frames.encode_rst(exc.stream_id, exc.code, str(exc)))
+        if stream is not None:
+            opening = stream.state is StreamState.OPENING
+            self._forget(stream)
+            if opening and self.role is Role.NODE:
+                self._events.append(StreamOpenFailed(exc.stream_id, ReplyCode.GENERAL_FAILURE, str(exc), ""))
+            else:
+                self._events.append(StreamReset(exc.stream_id, exc.code, str(exc), remote=False))
+
+    def _terminate(self, code: ErrorCode, reason: str, remote: bool, goaway: bool = True) -> None:
+        if self.closed:
+            return
+        if goaway and not remote and code is not ErrorCode.DEAD_PEER:
+            self._send_json(FrameType.GOAWAY, 0, {"code": int(code), "reason": reason[:200]})
+        self.closed = True
+        self.close_code = code
+        self._decoder = FrameDecoder()
+        for stream in list(self.streams.values()):
+            opening = stream.state is StreamState.OPENING
+            self._forget(stream)
+            if opening and self.role is Role.NODE:
+                self._events.append(StreamOpenFailed(stream.id, ReplyCode.NETWORK_UNREACHABLE,
+                                                     "device disconnected", ""))
+            else:
+                self._events.append(StreamReset(stream.id, code, "tunnel lost", remote=remote))
+        self._events.append(ConnectionTerminated(code, reason, remote))
+
+    def _take_events(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+
+def _int(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _window(body: dict) -> int:
+    w = _int(body.get("window"), -1)
+    if not 0 < w <= 0xFFFFFFFF * 4:
+        raise HandshakeError("handshake without a valid connection window")
+    return w
