@@ -7,6 +7,7 @@ is part of the device distribution, so it imports nothing from the server side.
 
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
 
 
@@ -37,3 +38,16 @@ def http_status(code: int) -> int:
         return _HTTP_STATUS.get(ReplyCode(code), 502)
     except ValueError:
         return 502
+
+
+def reply_for_errno(exc: OSError) -> ReplyCode:
+    """The reply code for a failed connect to a target (refused, unreachable, timed out, other)."""
+    if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED:
+        return ReplyCode.CONNECTION_REFUSED
+    if exc.errno == errno.ENETUNREACH:
+        return ReplyCode.NETWORK_UNREACHABLE
+    if exc.errno in (errno.EHOSTUNREACH, errno.EHOSTDOWN):
+        return ReplyCode.HOST_UNREACHABLE
+    if isinstance(exc, TimeoutError) or exc.errno == errno.ETIMEDOUT:
+        return ReplyCode.TTL_EXPIRED
+    return ReplyCode.GENERAL_FAILURE

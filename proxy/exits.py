@@ -8,20 +8,13 @@ Both give the session the same thing: ``open(host, port, handler)`` and later on
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 
-from device_tunnel.agent import (
-    REP_GENERAL,
-    REP_HOST_UNREACHABLE,
-    REP_NOT_ALLOWED,
-    REP_TTL_EXPIRED,
-    _errno_to_rep,
-)
 from device_tunnel.registry import DeviceRegistry
+from device_tunnel.replies import ReplyCode, reply_for_errno
 from device_tunnel.server import OpenHandler, OpenResult
 from device_tunnel.target_policy import is_forbidden_address, parse_ip_literal
-
-REP_NET_UNREACHABLE = 3
 
 CancelOpen = Callable[[], None]
 
@@ -133,19 +126,19 @@ class DirectExit:
                 addr = str(ip)
             resolved = parse_ip_literal(addr)
             if not self.allow_private and resolved is not None and is_forbidden_address(resolved):
-                handler.open_result(OpenResult(rep=REP_NOT_ALLOWED, reason="private target", resolved_ip=addr))
+                handler.open_result(OpenResult(rep=ReplyCode.NOT_ALLOWED, reason="private target", resolved_ip=addr))
                 return
             transport, proto = await asyncio.wait_for(
                 loop.create_connection(DirectStream, addr, port), self.connect_timeout)
         except TimeoutError:
-            handler.open_result(OpenResult(rep=REP_TTL_EXPIRED, reason="connect timed out"))
+            handler.open_result(OpenResult(rep=ReplyCode.TTL_EXPIRED, reason="connect timed out"))
             return
         except OSError as exc:
-            rep = REP_HOST_UNREACHABLE if isinstance(exc, __import__("socket").gaierror) else _errno_to_rep(exc)
-            handler.open_result(OpenResult(rep=rep or REP_GENERAL, reason=str(exc)))
+            rep = ReplyCode.HOST_UNREACHABLE if isinstance(exc, socket.gaierror) else reply_for_errno(exc)
+            handler.open_result(OpenResult(rep=rep, reason=str(exc)))
             return
         sock = transport.get_extra_info("sockname") or ("0.0.0.0", 0)
-        handler.open_result(OpenResult(rep=0, bound_host=sock[0], bound_port=sock[1], resolved_ip=addr,
+        handler.open_result(OpenResult(rep=ReplyCode.SUCCEEDED, bound_host=sock[0], bound_port=sock[1], resolved_ip=addr,
                                        stream=proto))  # type: ignore[arg-type]
         proto.handler = handler
         if proto.early:

@@ -12,10 +12,10 @@ import pytest_asyncio
 from conftest import create_database
 
 from proxy.auth_cache.cache import MISSING, AuthCache, normalize_connection_id
-from proxy.auth_cache.hashing import hash_password
 from proxy.auth_cache.store import PostgresCredentialStore
 from proxyorch import accounts, db
 from proxyorch.bus import PostgresBus, RedisBus
+from proxyorch.tokens import hash_password
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
