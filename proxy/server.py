@@ -165,8 +165,7 @@ class ClientSession(asyncio.Protocol):
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # a TCP transport (uvloop's is no subclass)
         transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH, low=CLIENT_WRITE_LOW)
         peer = transport.get_extra_info("peername")
         self.client_addr = peer[0] if peer else ""

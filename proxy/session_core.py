@@ -309,7 +309,10 @@ class Attempt:
     def row(self, connection_id: str, device_id: str | None, client_addr: str, now: Instant) -> AttemptRow:
         """The row, with the duration up to ``now``."""
         host, port = self.host, self.port
-        ip = parse_ip(host) if host else None
+        try:
+            ip = parse_ip(host) if host else None
+        except ValueError:  # an invalid host is logged as the client sent it
+            ip = None
         target_type = "domain" if ip is None else ("ipv4" if ip.version == 4 else "ipv6")
         shown = host if ip is None or ip.version == 4 else f"[{host}]"
         started = self.started
