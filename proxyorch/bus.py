@@ -14,10 +14,9 @@ from collections.abc import Callable
 
 import asyncpg
 
-from .bus_events import FLUSH, encode
+from .bus_events import CHANNEL, FLUSH, encode
 
 log = logging.getLogger(__name__)
-CHANNEL = "proxy_invalidate"
 EventCallback = Callable[[str], None]
 
 

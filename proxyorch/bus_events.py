@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 __all__ = [
+    "CHANNEL",
     "CONN",
     "DEVICE",
     "FLUSH",
@@ -34,6 +35,10 @@ __all__ = [
     "decode",
     "encode",
 ]
+
+
+# The PostgreSQL NOTIFY channel (and Redis pub/sub channel suffix) the events travel on.
+CHANNEL = "proxy_invalidate"
 
 
 class EventKind(StrEnum):
