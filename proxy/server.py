@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 from device_tunnel.server import OpenResult
 from proxyorch.bus_events import KILL, decode
 
-from .auth_cache.cache import MISSING, AuthCache, CredentialRecord, normalize_connection_id
+from .auth_cache.cache import AuthCache
+from .authenticate import Authenticator, AuthOutcome
 from .http_forward import Upstream
 from .ratelimit import FailureLimiter
 from .request_log.writer import SessionRecord
@@ -84,7 +85,7 @@ class ProxyServer:
         self.open_timeout = open_timeout
         self.metrics = ProxyMetrics()
         self.handshaking: set[ClientSession] = set()
-        self.lookups: set[asyncio.Task[None]] = set()  # credential lookups in flight
+        self.authenticator = Authenticator(auth_cache, limiter, self.metrics)
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -100,8 +101,7 @@ class ProxyServer:
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
-        for t in list(self.lookups):
-            t.cancel()
+        self.authenticator.close()
 
     def client_buffered_bytes(self) -> int:
         """Bytes waiting in client sockets' write buffers on this node (what slow readers cost)."""
@@ -140,7 +140,9 @@ class ClientSession(asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.client_addr = ""
-        self.core: SessionCore | None = None
+        self.core = SessionCore(metrics=server.metrics, client_addr="",
+                                needs_no_device=getattr(server.exit, "needs_no_device", False),
+                                handshake_timeout=server.handshake_timeout, open_timeout=server.open_timeout)
         self.stream = None  # the device stream once relaying (tunnel stream or DirectStream)
         self._opened = None  # stream of an open_result, until StartRelay takes it
         self.cancel_open = None
@@ -148,6 +150,7 @@ class ClientSession(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.relaying = False
         self.write_paused = False
+        self.auth_paused = False
         self.bytes_in = 0      # target -> client
         self.bytes_out = 0     # client -> target
         self.reported_in = 0
@@ -157,23 +160,19 @@ class ClientSession(asyncio.Protocol):
 
     @property
     def connection_id(self) -> str | None:
-        return self.core.connection_id if self.core is not None else None
+        return self.core.connection_id
 
     @property
     def device_id(self) -> str | None:
-        return self.core.device_id if self.core is not None else None
+        return self.core.device_id
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a TCP transport (uvloop's is no subclass)
         transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH, low=CLIENT_WRITE_LOW)
         peer = transport.get_extra_info("peername")
-        self.client_addr = peer[0] if peer else ""
-        srv = self.server
-        self.core = SessionCore(metrics=srv.metrics, client_addr=self.client_addr,
-                                needs_no_device=getattr(srv.exit, "needs_no_device", False),
-                                handshake_timeout=srv.handshake_timeout, open_timeout=srv.open_timeout)
-        srv.handshaking.add(self)
+        self.client_addr = self.core.client_addr = peer[0] if peer else ""
+        self.server.handshaking.add(self)
         self._run(self.core.start())
 
     def data_received(self, data: bytes) -> None:
@@ -240,6 +239,7 @@ class ClientSession(asyncio.Protocol):
 
     def stream_closed(self, error: str | None) -> None:
         self.stream = None
+        self.relaying = False
         self.core.stream_closed(error)
         t = self.transport
         if t is not None and not t.is_closing():
@@ -263,8 +263,7 @@ class ClientSession(asyncio.Protocol):
 
     def terminate(self, reason: str) -> None:
         """Close this session now (connection deleted/dissociated, node shutdown)."""
-        if self.core is not None:
-            self.core.terminate(reason)
+        self.core.terminate(reason)
         if self.stream is not None:
             stream, self.stream = self.stream, None
             stream.reset(reason)
@@ -365,56 +364,21 @@ class ClientSession(asyncio.Protocol):
             up.cancel = cancel
 
     def _authenticate(self, username: str, password: str) -> None:
-        """Rate limit, then the auth cache (or, on a miss, the credential store) for ``username``."""
-        srv = self.server
-        conn_id = normalize_connection_id(username)
-        if not srv.limiter.allowed(self.client_addr, conn_id):
-            srv.metrics.auth_rate_limited += 1
-            self._auth_done(None, "too many failed attempts", conn_id)
-            return
-        if conn_id is None:
-            self._auth_done(None, "unknown connection", None)
-            return
-        cached = srv.auth_cache.get_cached(conn_id)
-        if cached is not MISSING:
-            self._check(cached, password, conn_id)  # type: ignore[arg-type]
-            return
-        self.pause_source()
-        task = asyncio.get_running_loop().create_task(self._lookup(conn_id, password))
-        srv.lookups.add(task)
-        task.add_done_callback(srv.lookups.discard)
+        if self.server.authenticator.authenticate(self.client_addr, username, password, self._auth_done):
+            self.auth_paused = True
+            self.pause_source()  # until the store answers
 
-    async def _lookup(self, conn_id: str, password: str) -> None:
-        try:
-            record = await self.server.auth_cache.lookup(conn_id)
-        except Exception as exc:  # store unreachable: a clear refusal, not a crash
-            log.warning("credential lookup failed: %s", exc)
-            if self.transport is not None and not self.transport.is_closing():
-                self._run(self.core.auth_unavailable())
-            return
-        if self.transport is None or self.transport.is_closing():
-            return
-        self.resume_reading()
-        self._check(record, password, conn_id)
-
-    def _check(self, record: CredentialRecord | None, password: str, conn_id: str) -> None:
-        if record is None or not password or not record.check_password(password):
-            self._auth_done(None, "invalid credentials", conn_id)
-            return
-        self._auth_done(record, "", conn_id)
-
-    def _auth_done(self, record: CredentialRecord | None, reason: str, conn_id: str | None) -> None:
+    def _auth_done(self, outcome: AuthOutcome) -> None:
         t = self.transport
         if t is None or t.is_closing():
             return
-        limiter = self.server.limiter
-        if record is None:
-            limiter.record_failure(self.client_addr)
-            if conn_id is not None:
-                limiter.record_failure(conn_id)
-        else:
-            limiter.record_success(self.client_addr, record.connection_id)
-        self._run(self.core.auth_result(record, reason, _now()))
+        if outcome.unavailable:
+            self._run(self.core.auth_unavailable())
+            return
+        if self.auth_paused:
+            self.auth_paused = False
+            self.resume_reading()
+        self._run(self.core.auth_result(outcome.record, outcome.reason, _now()))
 
     # -- request log ------------------------------------------------------------------------------
     def report_traffic(self) -> None:

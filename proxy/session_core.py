@@ -10,19 +10,19 @@ nor socket and reads no clock; ``proxy/server.py`` is the asyncio adapter that m
 Relayed payload of an established SOCKS5/CONNECT session does not pass through the core: the
 adapter copies it and counts it, and hands the counts over in :meth:`SessionCore.client_lost`.
 
-Where to add things: a new SOCKS command goes in :meth:`SessionCore._socks_request`; a new
-refusal rule for targets goes in :func:`check_target` (used by every protocol).
+The actions are in :mod:`proxy.session_actions`, the policy chain and the row in
+:mod:`proxy.session_policy` (names re-exported here). Where to add things: a new SOCKS command
+goes in :meth:`SessionCore._socks_request`; a new refusal rule in
+:func:`proxy.session_policy.check_target` (used by every protocol).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from device_tunnel.replies import ReplyCode, http_status
-from proxyorch.blacklist import first_match, normalize_host, parse_ip
+from device_tunnel.replies import ReplyCode
 
 from .http_connect import protocol as http
 from .http_connect.forward import (
@@ -34,6 +34,28 @@ from .http_connect.forward import (
     SendClient,
     SendUpstream,
 )
+from .session_actions import (
+    Action,
+    ArmTimer,
+    AttemptRow,
+    Authenticate,
+    CancelOpen,
+    Close,
+    CloseUpstreamStream,
+    DisarmTimer,
+    Instant,
+    LeaveHandshake,
+    LogRow,
+    OpenStream,
+    PauseReading,
+    Register,
+    ResumeReading,
+    Send,
+    StartRelay,
+    Unregister,
+    UpstreamWrite,
+)
+from .session_policy import DEVICE_OFFLINE, DEVICE_POLICY, Attempt, Refusal, check_target, open_failure
 from .socks5.protocol import (
     CMD_CONNECT,
     Credentials,
@@ -74,18 +96,8 @@ __all__ = [
     "check_target",
 ]
 
-# blockReason of a target the device (or the node's direct exit) refused by its own policy.
-DEVICE_POLICY = "device_policy"
 # Client bytes held by the absolute-form forwarder before reading the client is paused.
 FORWARD_BACKLOG_PAUSE = 256 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Instant:
-    """The time of an event: ``mono`` (monotonic seconds, for durations) and ``wall`` (UTC, for rows)."""
-
-    mono: float
-    wall: datetime
 
 
 @dataclass
@@ -101,239 +113,6 @@ class ProxyMetrics:
     bytes_in: int = 0
     bytes_out: int = 0
     by_protocol: dict[str, int] = field(default_factory=dict)
-
-
-# -- actions ------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Write ``data`` to the client."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    """Close the client connection (``abort``: drop unsent bytes)."""
-
-    abort: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class PauseReading:
-    """Stop reading the client."""
-
-
-@dataclass(frozen=True, slots=True)
-class ResumeReading:
-    """Read the client again."""
-
-
-@dataclass(frozen=True, slots=True)
-class ArmTimer:
-    """(Re)start the session's one timer; call :meth:`SessionCore.timer_fired` when it fires."""
-
-    delay: float
-
-
-@dataclass(frozen=True, slots=True)
-class DisarmTimer:
-    """Cancel the session's timer."""
-
-
-@dataclass(frozen=True, slots=True)
-class Authenticate:
-    """Check these credentials (rate limit, credential store); answer with ``auth_result``."""
-
-    username: str
-    password: str
-
-
-@dataclass(frozen=True, slots=True)
-class OpenStream:
-    """Open a stream to ``host:port`` through ``device_id``; ``upstream`` is None for the session's own
-    stream (answer ``open_result``/``open_unavailable``) or a forwarder upstream id (``upstream_*``)."""
-
-    device_id: str | None
-    host: str
-    port: int
-    upstream: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CancelOpen:
-    """Give up the open in flight for the session's own stream."""
-
-
-@dataclass(frozen=True, slots=True)
-class StartRelay:
-    """The stream is open: relay both ways, first writing ``early`` (client bytes sent ahead) to it."""
-
-    early: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamWrite:
-    """Write ``data`` to forwarder upstream ``upstream``."""
-
-    upstream: int
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class CloseUpstreamStream:
-    """Cancel the open of / close forwarder upstream ``upstream``."""
-
-    upstream: int
-
-
-@dataclass(frozen=True, slots=True)
-class LeaveHandshake:
-    """The session is no longer handshaking (not subject to the node's handshake accounting)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Register:
-    """Add the session to the node's registry (so deleting its connection terminates it)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Unregister:
-    """Remove the session from the node's registry."""
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptRow:
-    """One request-log row: one SOCKS5/CONNECT attempt or one forwarder upstream."""
-
-    timestamp: datetime
-    connection_id: str
-    device_id: str
-    target: str
-    target_type: str
-    port: int
-    resolved_ip: str
-    action: str
-    block_reason: str | None
-    bytes_in: int
-    bytes_out: int
-    duration_ms: int
-    client_addr: str
-    protocol: str
-    reply_code: int
-    error: str
-
-
-@dataclass(frozen=True, slots=True)
-class LogRow:
-    """Emit ``row``; ``upstream`` is None for the session's own attempt, else a forwarder upstream id."""
-
-    row: AttemptRow
-    upstream: int | None = None
-
-
-Action = (Send | Close | PauseReading | ResumeReading | ArmTimer | DisarmTimer | Authenticate | OpenStream
-          | CancelOpen | StartRelay | UpstreamWrite | CloseUpstreamStream | LeaveHandshake | Register
-          | Unregister | LogRow)
-
-
-# -- policy -------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """Why a target is not opened: the reply code, the HTTP status, and what the log row says."""
-
-    rep: ReplyCode
-    reason: str
-    http_status: int
-    blocked: bool = False  # action=blocked with block_reason = reason
-
-
-INVALID_HOST = Refusal(ReplyCode.HOST_UNREACHABLE, "invalid target host", 400)
-NO_DEVICE = Refusal(ReplyCode.NETWORK_UNREACHABLE, "no device associated with this connection", 403)
-DEVICE_OFFLINE = Refusal(ReplyCode.NETWORK_UNREACHABLE, "device offline", 502)
-
-
-def check_target(record: CredentialRecord, host: str, needs_no_device: bool) -> Refusal | None:
-    """The policy chain every protocol applies before routing: valid host, blacklists, a device."""
-    try:
-        normalize_host(host)
-    except ValueError:
-        return INVALID_HOST
-    hit = first_match(host, record.blacklists)
-    if hit is not None:
-        scope, entry = hit
-        return Refusal(ReplyCode.NOT_ALLOWED, f"{scope} blacklist: {entry}", 403, blocked=True)
-    if record.device_id is None and not needs_no_device:
-        return NO_DEVICE
-    return None
-
-
-def open_failure(rep: int, reason: str) -> Refusal:
-    """The refusal for a failed open: a device's own ``NOT_ALLOWED`` is its target policy (blocked)."""
-    try:
-        code = ReplyCode(rep) if rep else ReplyCode.GENERAL_FAILURE
-    except ValueError:
-        code = ReplyCode.GENERAL_FAILURE
-    reason = reason or "device could not connect"
-    if code is ReplyCode.NOT_ALLOWED:
-        return Refusal(code, reason, 403, blocked=True)
-    return Refusal(code, reason, http_status(code))
-
-
-# -- one attempt --------------------------------------------------------------------------------
-@dataclass(slots=True)
-class Attempt:
-    """What the request-log row of one attempt will say."""
-
-    host: str
-    port: int
-    protocol: str
-    started: Instant | None = None
-    resolved_ip: str = ""
-    action: str = ""
-    block_reason: str | None = None
-    reply_code: int = -1
-    error: str = ""
-    bytes_in: int = 0  # target -> client
-    bytes_out: int = 0  # client -> target
-    logged: bool = False
-
-    def refuse(self, refusal: Refusal, detail: str | None = None) -> None:
-        """Record a refusal; ``detail`` is the block reason logged (defaults to the refusal's reason)."""
-        self.reply_code = int(refusal.rep)
-        self.error = refusal.reason
-        if refusal.blocked:
-            self.action, self.block_reason = "blocked", detail or refusal.reason
-        elif not self.action:
-            self.action = "allowed"
-
-    def row(self, connection_id: str, device_id: str | None, client_addr: str, now: Instant) -> AttemptRow:
-        """The row, with the duration up to ``now``."""
-        host, port = self.host, self.port
-        try:
-            ip = parse_ip(host) if host else None
-        except ValueError:  # an invalid host is logged as the client sent it
-            ip = None
-        target_type = "domain" if ip is None else ("ipv4" if ip.version == 4 else "ipv6")
-        shown = host if ip is None or ip.version == 4 else f"[{host}]"
-        started = self.started
-        return AttemptRow(
-            timestamp=started.wall if started else now.wall,
-            connection_id=connection_id,
-            device_id=device_id or "",
-            target=f"{shown}:{port}",
-            target_type=target_type,
-            port=port,
-            resolved_ip=self.resolved_ip,
-            action=self.action,
-            block_reason=self.block_reason,
-            bytes_in=self.bytes_in,
-            bytes_out=self.bytes_out,
-            duration_ms=int((now.mono - started.mono) * 1000) if started else 0,
-            client_addr=client_addr,
-            protocol=self.protocol,
-            reply_code=max(self.reply_code, 0),
-            error=self.error,
-        )
 
 
 class Phase(Enum):
