@@ -343,3 +343,41 @@ def test_forward_offline_device_is_502_and_no_credentials_407() -> None:
     c = core()
     acts = c.receive_data(forward_head(creds=None), at(0))
     assert sent(acts).startswith(b"HTTP/1.1 407 ") and acts[-1] == Close()
+
+
+# -- input split anywhere -------------------------------------------------------------------------
+def _feed_split(c: SessionCore, data: bytes, cut: int, now: Instant) -> list:
+    return c.receive_data(data[:cut], now) + (c.receive_data(data[cut:], now) if data[cut:] else [])
+
+
+@pytest.mark.parametrize("cut", range(1, len(socks_creds()) + 1))
+def test_socks_greeting_and_credentials_split_at_every_byte(cut: int) -> None:
+    c = core()
+    acts = _feed_split(c, socks_creds(), cut, at(0))
+    assert sent(acts) == b"\x05\x02" and only(acts, Authenticate) == [Authenticate(CID, "pw")]
+
+
+@pytest.mark.parametrize("cut", range(1, len(socks_connect()) + 1))
+def test_socks_request_split_at_every_byte(cut: int) -> None:
+    c = core()
+    c.receive_data(socks_creds(), at(0))
+    c.auth_result(record(), "", at(0))
+    acts = _feed_split(c, socks_connect(), cut, at(0.1))
+    assert only(acts, OpenStream) == [OpenStream(DEV, "example.com", 443)]
+
+
+@pytest.mark.parametrize("cut", range(1, len(connect_head()) + 1, 7))
+def test_connect_head_split_anywhere(cut: int) -> None:
+    c = core()
+    acts = _feed_split(c, connect_head(), cut, at(0))
+    assert only(acts, Authenticate) == [Authenticate(CID, "pw")] and sent(acts) == b""
+
+
+def test_pipelined_socks_handshake_in_one_write_waits_for_the_auth_answer() -> None:
+    c = core()
+    acts = c.receive_data(socks_creds() + socks_connect() + b"GET / HTTP/1.1\r\n\r\n", at(0))
+    assert only(acts, OpenStream) == []  # the request waits for the credential check
+    acts = c.auth_result(record(), "", at(0.1))
+    assert only(acts, OpenStream) == [OpenStream(DEV, "example.com", 443)]
+    acts = c.open_result(0, "", "1.2.3.4", "0.0.0.0", 0, True, at(0.2))
+    assert StartRelay(b"GET / HTTP/1.1\r\n\r\n") in acts
