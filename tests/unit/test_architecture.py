@@ -189,8 +189,28 @@ def test_http_forwarder_does_not_import_the_listener() -> None:
     assert "proxy.server" not in GRAPH["proxy.http_forward"]
 
 
-@pytest.mark.parametrize("module", ["proxy.session_core", "proxy.socks5.protocol", "proxy.http_connect.forward",
-                                    "device_tunnel.connection"])
+SANS_IO = ["proxy.session_core", "proxy.session_policy", "proxy.session_actions", "proxy.socks5.protocol",
+           "proxy.http_connect.forward", "device_tunnel.connection"]
+CLOCK_CALLS = {"time", "monotonic", "monotonic_ns", "perf_counter", "time_ns", "now", "utcnow", "today", "sleep"}
+
+
+@pytest.mark.parametrize("module", SANS_IO)
+def test_sans_io_cores_read_no_clock(module: str) -> None:
+    if module not in MODULES:
+        pytest.skip(f"{module} does not exist yet (the tunnel core is being written)")
+    tree = ast.parse(MODULES[module].read_text())
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name in ("time", "asyncio", "socket") for a in node.names):
+            bad.append(f"line {node.lineno}: import {', '.join(a.name for a in node.names)}")
+        elif isinstance(node, ast.ImportFrom) and node.module in ("time", "asyncio", "socket"):
+            bad.append(f"line {node.lineno}: from {node.module} import ...")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in CLOCK_CALLS:
+            bad.append(f"line {node.lineno}: .{node.func.attr}()")
+    assert bad == []
+
+
+@pytest.mark.parametrize("module", SANS_IO)
 def test_sans_io_cores_import_neither_asyncio_nor_socket(module: str) -> None:
     if module not in MODULES:
         pytest.skip(f"{module} does not exist yet (the tunnel core is being written)")
