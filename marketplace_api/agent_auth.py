@@ -15,7 +15,7 @@ from datetime import datetime
 import asyncpg
 from aiohttp import web
 
-from proxy.auth_cache.hashing import hash_token
+from proxyorch.tokens import hash_token
 
 from .app import NODE, bearer_token
 

@@ -22,7 +22,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from proxy.auth_cache.hashing import hash_token
+from proxyorch.tokens import hash_token
 
 from .agent_auth import TOKEN_PREFIX, AgentIdentity, authenticate_agent, mint_agent_token, revoke_for_task
 from .app import NODE, bearer_token

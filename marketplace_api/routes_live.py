@@ -37,10 +37,10 @@ async def _visible(request: web.Request) -> tuple[set[str] | None, set[str] | No
 
 async def proxy_sessions(request: web.Request) -> web.Response:
     """Open sessions of the caller's connections and devices on this node, with live rates."""
+    conns, devices = await _visible(request)  # authenticate first, then validate
     q = request.query
     connection_id = parse_uuid_param(q.get("connectionId"), "connectionId")
     device_id = parse_uuid_param(q.get("deviceId"), "deviceId")
-    conns, devices = await _visible(request)
     node = request.app[NODE]
     rows = node.proxy.sessions.snapshot(time.monotonic(), node.settings.node_name,
                                         connection_ids=conns, device_ids=devices)
@@ -65,6 +65,12 @@ async def device_presence(request: web.Request) -> web.Response:
 
 async def proxy_domains(request: web.Request) -> web.Response:
     """Per registrable domain (public suffix list) in a time window, by bytes descending."""
+    admin = bool(request.headers.get("X-Admin-Token"))
+    if admin:  # authenticate first, then validate
+        require_admin(request)
+        user = None
+    else:
+        user = await require_user(request)
     q = request.query
     start = parse_time(q.get("from"), "from", True)
     end = parse_time(q.get("to"), "to", True)
@@ -75,11 +81,10 @@ async def proxy_domains(request: web.Request) -> web.Response:
     limit = parse_int(q.get("limit"), "limit", 100, 1, MAX_DOMAINS)
     connection_id = parse_uuid_param(q.get("connectionId"), "connectionId")
     device_id = parse_uuid_param(q.get("deviceId"), "deviceId")
-    if request.headers.get("X-Admin-Token"):
-        require_admin(request)
+    if user is None:
         device_ids = None if device_id is None else [device_id]
     else:
-        device_ids = await _scope(request, await require_user(request), device_id)
+        device_ids = await _scope(request, user, device_id)
     ch = _clickhouse(request)
     try:
         domains = await asyncio.to_thread(query_domains, ch, device_ids=device_ids, start=start, end=end,

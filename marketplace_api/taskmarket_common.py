@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from proxy.auth_cache.hashing import hash_token
+from proxyorch.tokens import hash_token
 
 from . import idempotency
 from .app import NODE, bearer_token, json_response

@@ -17,8 +17,9 @@ from datetime import datetime
 
 import asyncpg
 
-from proxy.auth_cache.hashing import hash_password
-from proxy.blacklist import Blacklist
+from proxyorch.blacklist import Blacklist
+from proxyorch.bus_events import blacklist_changed, connection_changed, connection_killed
+from proxyorch.tokens import hash_password
 
 from .crypto import PasswordBox
 
@@ -147,7 +148,7 @@ class Rms:
                 """INSERT INTO rms_connections(connection_id, owner_user_id, name, password_encrypted)
                    VALUES ($1, $2, $3, $4) RETURNING created_at""",
                 cid, user_id, name, self.box.seal(cid, password))
-        await self._publish(f"conn:{cid}")
+        await self._publish(connection_changed(cid))
         return {"connectionId": cid, "password": password, "ownerUserId": user_id, "name": name,
                 "createdAt": _iso(row["created_at"]), "deviceId": did}
 
@@ -158,7 +159,7 @@ class Rms:
         cid = str(row["connection_id"])
         await self.pool.execute("DELETE FROM proxy_credentials WHERE connection_id = $1", cid)
         await self.pool.execute("DELETE FROM blacklist_entries WHERE scope = 'connection' AND scope_id = $1", cid)
-        await self._publish(f"kill:{cid}")
+        await self._publish(connection_killed(cid))
 
     async def rotate_password(self, user_id: str, connection_id: object) -> str:
         row = await self._load(connection_id)
@@ -171,7 +172,7 @@ class Rms:
                                cid, hash_password(cid, password))
             await conn.execute("UPDATE rms_connections SET password_encrypted = $2 WHERE connection_id = $1",
                                cid, self.box.seal(cid, password))
-        await self._publish(f"conn:{cid}")
+        await self._publish(connection_changed(cid))
         return password
 
     async def set_device(self, user_id: str, connection_id: object, device_id: object) -> dict:
@@ -186,7 +187,7 @@ class Rms:
         cid = str(row["connection_id"])
         await self.pool.execute("UPDATE proxy_credentials SET device_id = $2, updated_at = now() WHERE connection_id = $1",
                                 cid, did)
-        await self._publish(f"conn:{cid}")
+        await self._publish(connection_changed(cid))
         return {"connectionId": cid, "deviceId": did}
 
     async def dissociate(self, user_id: str, connection_id: object) -> None:
@@ -196,7 +197,7 @@ class Rms:
         cid = str(row["connection_id"])
         await self.pool.execute("UPDATE proxy_credentials SET device_id = NULL, updated_at = now() WHERE connection_id = $1",
                                 cid)
-        await self._publish(f"kill:{cid}")
+        await self._publish(connection_killed(cid))
 
     # -- blacklists -----------------------------------------------------------------------------
     async def connection_blacklist_scope(self, user_id: str, connection_id: object) -> str:
@@ -237,12 +238,7 @@ class Rms:
         return await self.blacklist(scope, scope_id)
 
     async def _publish_scope(self, scope: str, scope_id: str | None) -> None:
-        if scope == "global":
-            await self._publish("global")
-        elif scope == "device":
-            await self._publish(f"device:{scope_id}")
-        else:
-            await self._publish(f"conn:{scope_id}")
+        await self._publish(blacklist_changed(scope, scope_id))
 
     # -- admin ----------------------------------------------------------------------------------
     async def admin_list(self) -> list[dict]:
