@@ -16,6 +16,7 @@ import os
 import platform
 import random
 import socket
+import ssl as ssl_
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from . import frames
 from .frames import PROTOCOL_VERSION, Frame, FrameError, FrameType
 from .mux import Mux, MuxStream
 from .target_policy import is_forbidden_address, parse_ip_literal
+from .tls import explain_connect_error
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,12 @@ class AgentConfig:
     max_window: int = 8 * 1024 * 1024
     meta: dict = field(default_factory=dict)
     runner: AutomationRunner | None = None
+    # TLS: ``ssl``/``server_hostname`` go to create_connection; ``verify(transport)`` runs once the
+    # handshake is done and before any HELLO byte (raise = refuse). ``ssl=None`` needs ``plaintext``.
+    ssl: ssl_.SSLContext | None = None
+    server_hostname: str | None = None
+    verify: Callable[[asyncio.BaseTransport], None] | None = None
+    plaintext: bool = False
 
 
 def device_metadata(overrides: dict | None = None) -> dict:
@@ -207,6 +215,14 @@ class AgentTunnel(Mux):
         self._opening: dict[int, asyncio.Task[None]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.config.verify is not None:
+            try:
+                self.config.verify(transport)
+            except Exception as exc:  # refused: not one byte of HELLO goes out
+                self.welcome.set_exception(exc)
+                self.closed = True
+                transport.abort()
+                return
         super().connection_made(transport)
         self.send(frames.encode_json(FrameType.HELLO, 0, {
             "version": PROTOCOL_VERSION, "device_id": self.config.device_id, "token": self.config.token,
@@ -351,6 +367,8 @@ class DeviceAgent:
     """Keeps ``config.tunnels`` tunnels up, reconnecting with jittered exponential back-off."""
 
     def __init__(self, config: AgentConfig) -> None:
+        if config.ssl is None and not config.plaintext:
+            raise ValueError("the tunnel is TLS unless plaintext is asked for explicitly")
         self.config = config
         self.tunnels: set[AgentTunnel] = set()
         self._stop = asyncio.Event()
@@ -376,7 +394,8 @@ class DeviceAgent:
             tunnel: AgentTunnel | None = None
             try:
                 _tr, tunnel = await asyncio.wait_for(
-                    loop.create_connection(lambda: AgentTunnel(cfg), cfg.host, cfg.port), 10)
+                    loop.create_connection(lambda: AgentTunnel(cfg), cfg.host, cfg.port, ssl=cfg.ssl,
+                                           server_hostname=cfg.server_hostname if cfg.ssl else None), 10)
                 welcome = await asyncio.wait_for(tunnel.welcome, 10)
                 if not welcome.get("ok"):
                     log.error("node refused the device: %s", welcome.get("error"))
@@ -389,7 +408,11 @@ class DeviceAgent:
                 await tunnel.closed_future
                 log.info("tunnel %d closed", index)
             except (OSError, TimeoutError, ConnectionError) as exc:
-                log.info("tunnel %d: %s; retrying in %.1fs", index, exc, backoff)
+                hint = explain_connect_error(exc, tls=cfg.ssl is not None)
+                if hint:
+                    log.error("tunnel %d: %s; retrying in %.1fs", index, hint, backoff)
+                else:
+                    log.info("tunnel %d: %s; retrying in %.1fs", index, exc, backoff)
             finally:
                 if tunnel is not None:
                     self.tunnels.discard(tunnel)

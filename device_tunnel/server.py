@@ -7,6 +7,7 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from ssl import SSLContext
 from typing import Protocol
 
 from . import frames
@@ -194,10 +195,11 @@ class TunnelServer:
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, ssl: SSLContext | None = None) -> None:
+        """Listen for agents; ``ssl`` (see ``device_tunnel.tls.server_context``) makes it a TLS port."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: NodeTunnel(self), host, port, reuse_address=True,
-                                                backlog=1024)
+                                                backlog=1024, ssl=ssl)
 
     @property
     def port(self) -> int:

@@ -119,6 +119,21 @@ class NodeProcess:
     def api(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
+    @property
+    def tls(self) -> bool:
+        return self.env().get("TUNNEL_TLS", "1") not in ("0", "false", "no", "off")
+
+    @property
+    def fingerprint(self) -> str:
+        """The tunnel certificate's pin (the node created it under DATA_DIR at start)."""
+        from device_tunnel.tls import fingerprint_pem
+
+        return fingerprint_pem((self.data_dir / "tunnel-tls" / "cert.pem").read_text())
+
+    def agent_tls_args(self) -> list[str]:
+        """What an agent of this node passes to verify it: the pin, or --plaintext when TUNNEL_TLS=0."""
+        return ["--server-fingerprint", self.fingerprint] if self.tls else ["--plaintext"]
+
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update({
@@ -177,8 +192,11 @@ class NodeProcess:
         return self.proc.returncode
 
 
+TLS_OPTIONS = ("--server-fingerprint", "--ca-file", "--plaintext")
+
+
 class AgentProcess:
-    """A ``proxyorch device-agent`` subprocess."""
+    """A ``proxyorch device-agent`` subprocess (pinned to its node's certificate unless ``args`` choose)."""
 
     def __init__(self, node: NodeProcess, device_id: str, token: str, *args: str) -> None:
         self.node = node
@@ -191,7 +209,8 @@ class AgentProcess:
         self.log = open(self.node.data_dir / f"agent-{self.device_id[:8]}.log", "ab")
         self.proc = subprocess.Popen(
             [PY, "-m", "proxyorch", "device-agent", "--server", f"127.0.0.1:{self.node.tunnel_port}",
-             "--device-id", self.device_id, "--token", self.token, *self.args],
+             "--device-id", self.device_id, "--token", self.token, *self.args,
+             *([] if any(a in TLS_OPTIONS for a in self.args) else self.node.agent_tls_args())],
             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=self.log, stderr=subprocess.STDOUT,
             cwd=str(self.node.data_dir))
         return self

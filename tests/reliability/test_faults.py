@@ -96,7 +96,8 @@ async def test_blackholed_tunnel_is_declared_dead_and_streams_fail(pg_root, tmp_
         # node's detection is what is measured.
         proc = subprocess.Popen([sys.executable, "-m", "proxyorch", "device-agent", "--server",
                                  f"127.0.0.1:{relay.port}", "--device-id", device["remote_device_id"],
-                                 "--token", device["device_token"], "--allow-private", "--dead-after", "60"],
+                                 "--token", device["device_token"], "--allow-private", "--dead-after", "60",
+                                 *dep.node.agent_tls_args()],
                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:
