@@ -105,7 +105,7 @@ def pin_verifier(pin: str) -> Verifier:
             raise PinMismatch(
                 f"node certificate {got} does not match --server-fingerprint {expected}; if the node's "
                 f"certificate was rotated, run `proxyorch admin tunnel-fingerprint` on the node and pin the new "
-                f"value (retrying)")
+                f"value")
 
     return verify
 
