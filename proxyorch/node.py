@@ -85,6 +85,7 @@ class Node:
     async def start(self) -> None:
         s = self.settings
         Path(s.data_dir).mkdir(parents=True, exist_ok=True)
+        tunnel_ssl = self._tunnel_tls()  # a bad certificate fails the start before anything runs
         url = await asyncio.to_thread(resolve_database_url, s)
         self.database_url = url
         self.pool = await db.create_pool(url)
@@ -118,7 +119,7 @@ class Node:
         await self.bus.start(self.proxy.handle_bus_event)
         # Devices that were online on this node before a crash are offline until they reconnect.
         await self.pool.execute("UPDATE devices SET online = false, node = NULL WHERE node = $1", s.node_name)
-        await self.tunnels.start(s.bind_host, s.tunnel_port, ssl=self._tunnel_tls())
+        await self.tunnels.start(s.bind_host, s.tunnel_port, ssl=tunnel_ssl)
         await self.proxy.start(s.bind_host, s.proxy_port)
         await self._start_api()
         if self.request_log is not None:

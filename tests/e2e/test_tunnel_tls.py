@@ -211,3 +211,34 @@ async def test_certificate_persists_across_restart_and_pinned_agent_reconnects(p
     finally:
         await dep.close()
         await dep.node.stop()
+
+
+async def test_operator_certificate_and_public_address_are_what_devices_get(pg_root, tmp_path, targets):
+    from proxyorch.config import load_settings
+    from proxyorch.tunnel_cert import load_or_create
+
+    own = load_or_create(load_settings({"DATA_DIR": str(tmp_path / "operator")}))
+    dep = await fresh_deployment(pg_root, tmp_path, TUNNEL_TLS_CERT=own.cert_file, TUNNEL_TLS_KEY=own.key_file,
+                                 PUBLIC_TUNNEL_ADDR="tunnel.example.net:443")
+    try:
+        assert not (dep.node.data_dir / "tunnel-tls").exists()  # nothing self-signed when one is configured
+        _uid, token = await dep.user("operator-cert")
+        device = await dep.device(token)
+        assert device["tunnel_fingerprint"] == own.fingerprint
+        assert shlex.split(device["agent_command"])[1:3] == ["--server", "tunnel.example.net:443"]
+        assert admin_fingerprint(dep.node).stdout.strip() == own.fingerprint
+        await dep.agent(device, "--server-fingerprint", own.fingerprint, "--allow-private")
+        conn = await dep.connection(token, device["remote_device_id"])
+        assert await echo_once(dep, conn, targets, b"operator cert") == b"operator cert"
+    finally:
+        await dep.close()
+        await dep.node.stop()
+
+
+async def test_serve_with_half_a_certificate_config_exits_1_and_says_why(tmp_path):
+    out = subprocess.run([PY, "-m", "proxyorch", "serve"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "DATA_DIR": str(tmp_path),
+                              "TUNNEL_TLS_CERT": str(tmp_path / "cert.pem"), "DATABASE_URL": "postgresql://unused/x"})
+    assert out.returncode == 1, out
+    assert "TUNNEL_TLS_CERT and TUNNEL_TLS_KEY must be set together" in out.stderr
+    assert "Traceback" not in out.stderr
