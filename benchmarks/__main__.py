@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     for g in report.goals(results):
         mark = "n/a " if g["ok"] is None else ("pass" if g["ok"] else "MISS")
         print(f"  [{mark}] {g['goal']}: {g['measured']}")
-    return 0 if results and not bench.errors else 1
+    return 0 if (results or agent_result) and not bench.errors else 1
 
 
 if __name__ == "__main__":
