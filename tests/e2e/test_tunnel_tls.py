@@ -90,6 +90,42 @@ async def test_wrong_pin_never_comes_online_and_says_why(deployment):
     assert device["remote_device_id"] not in deployment.node.log_path.read_text()
 
 
+async def test_wrong_pin_sends_nothing_after_the_handshake(deployment):
+    """Through a recording relay: beyond the TLS handshake (whose client Finished is the one encrypted
+    record a TLS 1.3 client sends) the refused agent sends not one record: no HELLO."""
+    relay = await BlackholeRelay(deployment.node.tunnel_port).start()
+    try:
+        _uid, token = await deployment.user("tls-wrong-pin-relay")
+        device = await deployment.device(token)
+        agent = await deployment.agent(device, "--server-fingerprint", WRONG_PIN, wait=False,
+                                       server=f"127.0.0.1:{relay.port}")
+        await agent.wait_log("does not match --server-fingerprint")
+        deadline = time.time() + 30
+        while relay.connections < 2 and time.time() < deadline:  # a retry, so the first one is complete
+            await asyncio.sleep(0.1)
+        agent.kill(15)
+        await asyncio.sleep(0.3)
+        up = bytes(relay.up[0])
+        records = tls_records(up)
+        assert sum(len_ + 5 for _t, len_ in records) == len(up)  # the whole stream is TLS records
+        assert records[0][0] == 22
+        # at most the handshake's Finished (abort may even drop it unsent); a HELLO would be one more
+        assert sum(1 for t, _ in records if t == 23) <= 1
+    finally:
+        relay.close()
+
+    # the same relay view of a pinned agent: HELLO follows the Finished
+    relay = await BlackholeRelay(deployment.node.tunnel_port).start()
+    try:
+        _uid, token = await deployment.user("tls-right-pin-relay")
+        device = await deployment.device(token)
+        agent = await deployment.agent(device, server=f"127.0.0.1:{relay.port}")
+        assert sum(1 for t, _ in tls_records(bytes(relay.up[0])) if t == 23) >= 2
+        agent.kill(15)
+    finally:
+        relay.close()
+
+
 async def test_no_pin_and_no_ca_exits_2_before_connecting():
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
