@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxyorch import accounts
+from proxyorch.tunnel_cert import agent_command
 from rms.service import RmsError
 
 from .app import NODE, json_response, read_json, require_admin, require_user
@@ -179,7 +180,11 @@ async def register_device(request: web.Request) -> web.Response:
         device = await accounts.create_device(request.app[NODE].pool, user, name.strip() if name else None)
     except asyncpg.UniqueViolationError:
         raise ApiError(409, "a device with this name already exists") from None
-    return json_response({"success": True, **device})
+    node = request.app[NODE]
+    fingerprint = node.tunnel_fingerprint
+    command = agent_command(node.settings, device["remote_device_id"], device["device_token"], fingerprint,
+                            node.tunnels.port)
+    return json_response({"success": True, **device, "tunnel_fingerprint": fingerprint, "agent_command": command})
 
 
 async def market_devices(request: web.Request) -> web.Response:

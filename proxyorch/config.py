@@ -32,6 +32,10 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("TUNNEL_PING_S", "tunnel_ping_s", float, 5.0, "Interval of tunnel keep-alive pings"),
     ("TUNNEL_DEAD_AFTER", "tunnel_dead_after", float, 15.0, "Tunnel declared dead after this long without traffic"),
     ("TUNNEL_WINDOW", "tunnel_window", int, 256 * 1024, "Initial per-stream flow-control window (bytes)"),
+    ("TUNNEL_TLS", "tunnel_tls", bool, True, "Serve the tunnel port over TLS 1.3 (0 = plaintext, only behind a TLS terminator)"),
+    ("TUNNEL_TLS_CERT", "tunnel_tls_cert", str, "", "Tunnel certificate chain (PEM); empty = self-signed, created once under DATA_DIR"),
+    ("TUNNEL_TLS_KEY", "tunnel_tls_key", str, "", "Private key of TUNNEL_TLS_CERT (PEM)"),
+    ("PUBLIC_TUNNEL_ADDR", "public_tunnel_addr", str, "", "HOST:PORT agents dial, shown in agent_command (default BIND_HOST:TUNNEL_PORT)"),
     ("TUNNEL_MAX_WINDOW", "tunnel_max_window", int, 8 * 1024 * 1024, "Largest auto-tuned per-stream window"),
     ("TUNNEL_CONN_WINDOW", "tunnel_conn_window", int, 64 * 1024 * 1024,
      "Connection window of one tunnel: received bytes it may hold over all its streams"),
@@ -91,6 +95,10 @@ class Settings:
     tunnel_max_window: int = 8 * 1024 * 1024
     tunnel_conn_window: int = 64 * 1024 * 1024
     tunnel_memory_budget: int = 256 * 1024 * 1024
+    tunnel_tls: bool = True
+    tunnel_tls_cert: str = ""
+    tunnel_tls_key: str = ""
+    public_tunnel_addr: str = ""
     drain_timeout_s: float = 10.0
     direct_exit: bool = False
     direct_exit_allow_private: bool = False

@@ -20,7 +20,7 @@ from proxy.sessions import SessionRegistry
 from rms.crypto import PasswordBox, load_or_create_key
 from rms.service import Rms
 
-from . import accounts, db
+from . import accounts, db, tunnel_cert
 from .bus import InvalidationBus, RedisBus, make_bus
 from .config import Settings
 
@@ -78,12 +78,14 @@ class Node:
         self.clickhouse = None
         self.api_runner = None
         self.admin_token = ""
+        self.tunnel_fingerprint: str | None = None  # None = plaintext tunnel (TUNNEL_TLS=0)
         self._tasks: list[asyncio.Task[None]] = []
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
         s = self.settings
         Path(s.data_dir).mkdir(parents=True, exist_ok=True)
+        tunnel_ssl = self._tunnel_tls()  # a bad certificate fails the start before anything runs
         url = await asyncio.to_thread(resolve_database_url, s)
         self.database_url = url
         self.pool = await db.create_pool(url)
@@ -118,13 +120,26 @@ class Node:
         await self.bus.start(self.proxy.handle_bus_event)
         # Devices that were online on this node before a crash are offline until they reconnect.
         await self.pool.execute("UPDATE devices SET online = false, node = NULL WHERE node = $1", s.node_name)
-        await self.tunnels.start(s.bind_host, s.tunnel_port)
+        await self.tunnels.start(s.bind_host, s.tunnel_port, ssl=tunnel_ssl)
         await self.proxy.start(s.bind_host, s.proxy_port)
         await self._start_api()
         if self.request_log is not None:
             self._tasks.append(asyncio.create_task(self._traffic_reporter()))
         log.info("node %s: proxy :%d, tunnels :%d, api :%d", s.node_name, self.proxy.port, self.tunnels.port,
                  s.api_port)
+
+    def _tunnel_tls(self):  # noqa: ANN202
+        """The tunnel's TLS context (certificate created once when none is configured), or None."""
+        s = self.settings
+        if not s.tunnel_tls:
+            log.warning("TUNNEL_TLS=0: the tunnel port is PLAINTEXT (device tokens and traffic in the clear); "
+                        "use it only where TLS is terminated in front of the node")
+            return None
+        cert = tunnel_cert.load_or_create(s)
+        self.tunnel_fingerprint = cert.fingerprint
+        log.info("tunnel TLS certificate %s%s, fingerprint %s", cert.cert_file,
+                 " (created)" if cert.created else "", cert.fingerprint)
+        return cert.context()
 
     def _make_request_log(self):  # noqa: ANN202
         s = self.settings
@@ -206,6 +221,8 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     print(f"proxyorch ready: proxy {settings.bind_host}:{node.proxy.port} tunnel {node.tunnels.port} "
           f"api {settings.api_port}", flush=True)
+    if node.tunnel_fingerprint:
+        print(f"tunnel TLS fingerprint {node.tunnel_fingerprint} (agents: --server-fingerprint)", flush=True)
     await stop.wait()
     log.info("shutting down")
     await node.stop()

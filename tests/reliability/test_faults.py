@@ -12,48 +12,11 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, Deployment, NodeProcess, create_database, fresh_deployment, stop_postgres
+from relays import BlackholeRelay
 from socks_client import socks5_code, socks5_open
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 MiB = 1024 * 1024
-
-
-class BlackholeRelay:
-    """A TCP relay between agent and node that can silently stop forwarding (no FIN, no RST)."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.blackholed = False
-        self.port = 0
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> BlackholeRelay:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                if not self.blackholed:
-                    writer.write(data)
-                    await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        if not self.blackholed:
-            writer.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
-            writer.close()
-            return
-        await asyncio.gather(self._pipe(reader, uw), self._pipe(ur, writer))
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
 
 
 async def test_agent_sigkill_releases_node_memory_and_sessions(deployment, targets):
@@ -96,7 +59,8 @@ async def test_blackholed_tunnel_is_declared_dead_and_streams_fail(pg_root, tmp_
         # node's detection is what is measured.
         proc = subprocess.Popen([sys.executable, "-m", "proxyorch", "device-agent", "--server",
                                  f"127.0.0.1:{relay.port}", "--device-id", device["remote_device_id"],
-                                 "--token", device["device_token"], "--allow-private", "--dead-after", "60"],
+                                 "--token", device["device_token"], "--allow-private", "--dead-after", "60",
+                                 *dep.node.agent_tls_args()],
                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:
