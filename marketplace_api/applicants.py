@@ -8,7 +8,8 @@ from aiohttp import web
 
 from . import ledger
 from .agent_auth import revoke_for_task
-from .app import json_response, read_json, require_user
+from .auth import require_user
+from .bodies import json_response, read_json
 from .common import can_edit, can_view, like_pattern, pages, parse_int, parse_uuid, pool_of
 from .errors import ApiError, plain
 from .job_views import render_jobs

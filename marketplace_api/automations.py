@@ -6,7 +6,8 @@ import uuid
 
 from aiohttp import web
 
-from .app import json_response, read_json, require_admin
+from .auth import require_admin
+from .bodies import json_response, read_json
 from .common import iso, parse_uuid, pool_of
 from .errors import ApiError
 from .schema_validation import check_schema

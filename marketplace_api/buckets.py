@@ -7,7 +7,8 @@ import uuid
 from aiohttp import web
 
 from .agent_auth import agent_from_request
-from .app import json_response, read_json, require_user
+from .auth import require_user
+from .bodies import json_response, read_json
 from .common import can_edit, can_view, iso, pages, parse_int, parse_uuid, pool_of
 from .errors import ApiError, plain
 from .schema_validation import validate

@@ -9,7 +9,8 @@ from typing import Any
 from aiohttp import web
 
 from . import ledger
-from .app import json_response, read_json, require_user
+from .auth import require_user
+from .bodies import json_response, read_json
 from .common import (
     can_edit,
     can_view,

@@ -6,7 +6,7 @@ import re
 
 from aiohttp import web
 
-from .app import json_response
+from .bodies import json_response
 
 _PARAM = re.compile(r"\{(\w+)\}")
 

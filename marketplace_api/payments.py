@@ -15,7 +15,8 @@ from decimal import Decimal
 from aiohttp import web
 
 from . import ledger
-from .app import json_response, read_json, require_admin, require_user
+from .auth import require_admin, require_user
+from .bodies import json_response, read_json
 from .common import iso, money, pages, parse_int, parse_money, parse_uuid, pool_of
 from .errors import ApiError, plain
 

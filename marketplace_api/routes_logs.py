@@ -8,7 +8,9 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from .app import NODE, json_response, require_user
+from .auth import require_user
+from .bodies import json_response
+from .context import POOL, REQUEST_LOG_READER
 from .errors import ApiError
 
 MAX_LIMIT = 10000
@@ -53,7 +55,7 @@ def parse_uuid_param(value: str | None, name: str) -> str | None:
 
 async def _scope(request: web.Request, user: str, device_id: str | None) -> list[str]:
     """The device ids the caller may see: all it owns, or the one asked for (must be owned)."""
-    pool = request.app[NODE].pool
+    pool = request.app[POOL]
     owned = [str(r["remote_device_id"]) for r in
              await pool.fetch("SELECT remote_device_id FROM devices WHERE user_id = $1", user)]
     if device_id is not None:
@@ -64,7 +66,7 @@ async def _scope(request: web.Request, user: str, device_id: str | None) -> list
 
 
 def _clickhouse(request: web.Request):  # noqa: ANN202
-    ch = request.app[NODE].clickhouse
+    ch = request.app[REQUEST_LOG_READER]
     if ch is None:
         raise ApiError(503, "request log is disabled on this node (REQUEST_LOG=0)")
     return ch

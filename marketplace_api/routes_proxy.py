@@ -7,12 +7,14 @@ from aiohttp import web
 from proxyorch import accounts
 from rms.service import RmsError
 
-from .app import NODE, json_response, read_json, require_admin, require_user
+from .auth import require_admin, require_user
+from .bodies import json_response, read_json
+from .context import POOL, REQUEST_LOG_READER, RMS
 from .errors import ApiError
 
 
 def _rms(request: web.Request):  # noqa: ANN202
-    return request.app[NODE].rms
+    return request.app[RMS]
 
 
 def _fail(exc: RmsError) -> ApiError:
@@ -112,16 +114,15 @@ async def global_blacklist(request: web.Request) -> web.Response:
 
 async def admin_proxies(request: web.Request) -> web.Response:
     require_admin(request)
-    node = request.app[NODE]
-    proxies = await node.rms.admin_list()
-    counts = await _bandwidth_by_connection(node, [p["connection_id"] for p in proxies])
+    proxies = await request.app[RMS].admin_list()
+    counts = await _bandwidth_by_connection(request.app[REQUEST_LOG_READER], [p["connection_id"] for p in proxies])
     for p in proxies:
         p["bytes_last_24h"], p["bytes_lifetime"] = counts.get(p["connection_id"], (0, 0))
     return json_response({"total": len(proxies), "proxies": proxies})
 
 
-async def _bandwidth_by_connection(node, connection_ids: list[str]) -> dict[str, tuple[int, int]]:  # noqa: ANN001
-    if node.clickhouse is None or not connection_ids:
+async def _bandwidth_by_connection(clickhouse, connection_ids: list[str]) -> dict[str, tuple[int, int]]:  # noqa: ANN001
+    if clickhouse is None or not connection_ids:
         return {}
     import asyncio
     from datetime import UTC, datetime
@@ -129,7 +130,7 @@ async def _bandwidth_by_connection(node, connection_ids: list[str]) -> dict[str,
     from proxy.request_log.queries import bytes_by_connection
 
     try:
-        return await asyncio.to_thread(bytes_by_connection, node.clickhouse, connection_ids, datetime.now(UTC))
+        return await asyncio.to_thread(bytes_by_connection, clickhouse, connection_ids, datetime.now(UTC))
     except Exception as exc:
         raise ApiError(502, f"Could not reach the proxy orchestrator's log store: {exc}") from None
 
@@ -157,7 +158,7 @@ def device_json(r) -> dict:  # noqa: ANN001
 
 async def list_devices(request: web.Request) -> web.Response:
     user = await require_user(request)
-    pool = request.app[NODE].pool
+    pool = request.app[POOL]
     try:
         rows = await pool.fetch(_DEVICE_SQL, user)
     except Exception:  # device_automations arrives with the marketplace migration
@@ -176,7 +177,7 @@ async def register_device(request: web.Request) -> web.Response:
     import asyncpg
 
     try:
-        device = await accounts.create_device(request.app[NODE].pool, user, name.strip() if name else None)
+        device = await accounts.create_device(request.app[POOL], user, name.strip() if name else None)
     except asyncpg.UniqueViolationError:
         raise ApiError(409, "a device with this name already exists") from None
     return json_response({"success": True, **device})
@@ -188,7 +189,7 @@ async def market_devices(request: web.Request) -> web.Response:
     direction = request.query.get("sortDirection", "asc").lower()
     if direction not in ("asc", "desc"):
         raise ApiError(400, "sortDirection must be asc or desc")
-    pool = request.app[NODE].pool
+    pool = request.app[POOL]
     has_tasks = await pool.fetchval("SELECT to_regclass('job_tasks') IS NOT NULL")
     busy = ("EXISTS (SELECT 1 FROM job_tasks t WHERE t.remote_device_id = d.remote_device_id "
             "AND t.status = 'running')") if has_tasks else "false"

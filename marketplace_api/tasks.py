@@ -10,7 +10,8 @@ import orjson
 from aiohttp import web
 
 from .agent_auth import AgentIdentity, agent_from_request
-from .app import json_response, read_json, require_user
+from .auth import require_user
+from .bodies import json_response, read_json
 from .common import can_edit, pages, parse_int, parse_uuid, pool_of
 from .errors import ApiError, plain, with_message
 from .storage import EXTENSION, decode_base64, read_json_limited, save_proof_file

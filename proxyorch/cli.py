@@ -6,11 +6,10 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 
-from .config import load_settings, settings_help
+from .config import ConfigError, env_value, load_settings, settings_help
 
 
 def _run(coro) -> object:  # noqa: ANN001
@@ -149,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow private, loopback and link-local targets (off by default)")
     a.add_argument("--tunnels", type=int, default=1, help="parallel tunnel connections")
     a.add_argument("--connect-timeout", type=float, default=10.0)
-    a.add_argument("--ping-interval", type=float, default=float(os.environ.get("TUNNEL_PING_S", 5)),
+    a.add_argument("--ping-interval", type=float, default=env_value("TUNNEL_PING_S"),
                    help="seconds between keep-alive pings")
-    a.add_argument("--dead-after", type=float, default=float(os.environ.get("TUNNEL_DEAD_AFTER", 15)),
+    a.add_argument("--dead-after", type=float, default=env_value("TUNNEL_DEAD_AFTER"),
                    help="declare the node dead after this many silent seconds and reconnect")
     a.add_argument("--country", help="ISO country code reported in the handshake")
     a.add_argument("--automation-dir", default="./automations", help="where launchAutomation code is saved")
@@ -165,8 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.fn(args) or 0)
+    """Run one command; a configuration error is one line on stderr and exit status 2."""
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.fn(args) or 0)
+    except ConfigError as exc:
+        print(f"proxyorch: configuration error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
