@@ -11,18 +11,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .clickhouse import DATABASE, ClickHouse
+from .columns import REQUEST_LOG
 
 MAX_LIMIT = 10_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-_LOG_COLUMNS = (
-    "toUnixTimestamp64Milli(timestamp), connectionId, deviceId, serverNode, target, targetType, port, "
-    "resolvedIp, action, blockReason, bytesIn, bytesOut, durationMs, clientAddr, protocol, replyCode, error"
-)
-_LOG_KEYS = (
-    "timestamp", "connectionId", "deviceId", "serverNode", "target", "targetType", "port", "resolvedIp",
-    "action", "blockReason", "bytesIn", "bytesOut", "durationMs", "clientAddr", "protocol", "replyCode", "error",
-)
+_LOG_COLUMNS = REQUEST_LOG.select_list()   # every column of columns.REQUEST_LOG, named as in the API
+_LOG_KEYS = tuple(REQUEST_LOG.names)
 # Newest first; the tie-breakers make LIMIT/OFFSET pages stable between calls.
 _LOG_ORDER = "timestamp DESC, connectionId, clientAddr, target, durationMs, bytesIn, bytesOut"
 

@@ -1,6 +1,6 @@
--- Request log and bandwidth rollups. Applied at every start-up by ClickHouse.apply_schema();
--- every statement is idempotent. {retention_days} is LOG_RETENTION_DAYS.
--- The same SQL runs on a ClickHouse server and on the embedded chDB engine.
+-- Migration 1: the request log and bandwidth rollups as first deployed (the former schema.sql).
+-- Every statement is idempotent, so deployments that predate the migrations table take it as a no-op.
+-- {retention_days} is LOG_RETENTION_DAYS. The same SQL runs on a ClickHouse server and on chDB.
 
 CREATE DATABASE IF NOT EXISTS proxyorch;
 
@@ -90,8 +90,3 @@ SELECT toDate(timestamp) AS day, deviceId, connectionId,
        sum(bytesIn) AS bytesIn, sum(bytesOut) AS bytesOut
 FROM proxyorch.traffic_delta
 GROUP BY day, deviceId, connectionId;
-
--- Follow LOG_RETENTION_DAYS when it changes (metadata only: run with materialize_ttl_after_modify = 0).
-ALTER TABLE proxyorch.request_log MODIFY TTL toDateTime(timestamp) + INTERVAL {retention_days} DAY;
-ALTER TABLE proxyorch.traffic_delta MODIFY TTL toDateTime(timestamp) + INTERVAL {retention_days} DAY;
-ALTER TABLE proxyorch.bandwidth_hourly MODIFY TTL hour + INTERVAL {retention_days} DAY;
