@@ -14,6 +14,7 @@ from .common import can_edit, can_view, like_pattern, parse_bool, parse_int, par
 from .context import SETTINGS
 from .errors import ApiError, with_message
 from .job_views import render_jobs
+from .paging import list_route
 from .schema_validation import validate
 from .task_views import planned_json
 
@@ -25,6 +26,7 @@ def _bad(message: str) -> ApiError:
     return ApiError(400, message)
 
 
+@list_route(100, 10)
 async def list_planned(request: web.Request) -> web.Response:
     """Unassigned planned tasks of a job (owner or shared users), searchable and paginated."""
     user = await require_user(request)

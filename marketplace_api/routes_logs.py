@@ -12,6 +12,7 @@ from .auth import require_user
 from .bodies import json_response
 from .context import POOL, REQUEST_LOG_READER
 from .errors import ApiError
+from .paging import limit_offset, list_route
 
 MAX_LIMIT = 10000
 
@@ -72,6 +73,7 @@ def _clickhouse(request: web.Request):  # noqa: ANN202
     return ch
 
 
+@list_route(MAX_LIMIT, 100)
 async def proxy_logs(request: web.Request) -> web.Response:
     """One log entry per SOCKS5 / HTTP CONNECT attempt, on the caller's devices."""
     user = await require_user(request)
@@ -102,6 +104,7 @@ async def proxy_logs(request: web.Request) -> web.Response:
     return json_response({"success": True, "total": total, "entries": entries})
 
 
+@list_route(MAX_LIMIT)
 async def proxy_bandwidth(request: web.Request) -> web.Response:
     """Per-(device, connection) byte counts, optionally grouped by hour or day."""
     user = await require_user(request)
@@ -114,6 +117,7 @@ async def proxy_bandwidth(request: web.Request) -> web.Response:
     if group_by not in (None, "hour", "day"):
         raise ApiError(400, "`groupBy` must be hour or day")
     connection_id = parse_uuid_param(q.get("connectionId"), "connectionId")
+    limit, offset = limit_offset(request, proxy_bandwidth)
     device_ids = await _scope(request, user, parse_uuid_param(q.get("deviceId"), "deviceId"))
     if not device_ids:
         return json_response({"success": True, "rows": []})
@@ -123,7 +127,7 @@ async def proxy_bandwidth(request: web.Request) -> web.Response:
     # One query with an IN list over the caller's devices (measured: one round trip instead of N).
     try:
         rows = await asyncio.to_thread(query_bandwidth, ch, device_ids=device_ids, connection_id=connection_id,
-                                       start=start, end=end, group_by=group_by)
+                                       start=start, end=end, group_by=group_by, limit=limit, offset=offset)
     except Exception as exc:
         raise ApiError(502, f"log store unavailable: {type(exc).__name__}") from None
     return json_response({"success": True, "rows": rows})
