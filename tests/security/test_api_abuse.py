@@ -16,7 +16,6 @@ import uuid
 
 import pytest
 import pytest_asyncio
-
 from conftest import fresh_deployment
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
