@@ -99,7 +99,7 @@ UPGRADE = """
                                              "tenantTag LowCardinality(String) DEFAULT 'before-upgrade'")
     applied = ch.apply_schema(30, [*load_migrations(), add])
     new_table = Table("request_log", (*REQUEST_LOG.columns,
-                                      Column("tenantTag", "LowCardinality(String)", lambda r: "after-upgrade")))
+                                      Column("tenantTag", "LowCardinality(String)", None, lambda r: "after-upgrade")))
     # what replaying with the current column list (the old behaviour) does to an old batch:
     try:
         ch.insert_rows("request_log", legacy_rows, new_table.names, uuid.uuid4().hex)
