@@ -8,10 +8,12 @@ from aiohttp import web
 
 from . import ledger
 from .agent_auth import revoke_for_task
-from .app import json_response, read_json, require_user
+from .auth import require_user
+from .bodies import json_response, read_json
 from .common import can_edit, can_view, like_pattern, pages, parse_int, parse_uuid, pool_of
 from .errors import ApiError, plain
 from .job_views import render_jobs
+from .paging import list_route
 from .task_views import TASK_SELECT, Unresolved, planned_json, resolve_task_id, task_json
 
 SORTS = {"added": "t.added", "updated": "t.updated", "status": "t.status", "worker_name": "u.name",
@@ -31,6 +33,7 @@ async def _body(request: web.Request) -> dict:
         raise plain(400, exc.message) from None
 
 
+@list_route(100, 10, "body")
 async def list_applicants(request: web.Request) -> web.Response:
     """A job's applicants (its job tasks) with counts; owner or shared users only."""
     user = await require_user(request)

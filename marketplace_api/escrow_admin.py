@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import escrow_settlement as settlement
-from .app import json_response
+from .bodies import json_response
 from .escrow_http import bad, conflict, not_found, path_uuid, read_body, require_admin
 from .escrow_jobs import now, pool_of
 from .escrow_validation import Invalid, validate_resolution

@@ -18,7 +18,9 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from .app import NODE, bearer_token, json_response
+from .auth import bearer_token
+from .bodies import json_response
+from .context import ADMIN_TOKEN, POOL
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -108,7 +110,7 @@ async def require_user(request: web.Request) -> str:
     from proxyorch.accounts import user_for_token
 
     token = bearer_token(request)
-    user_id = await user_for_token(request.app[NODE].pool, token) if token else None
+    user_id = await user_for_token(request.app[POOL], token) if token else None
     if user_id is None:
         raise EscrowError(401, "missing or invalid API token")
     return user_id
@@ -118,7 +120,7 @@ def require_admin(request: web.Request) -> None:
     import hmac
 
     given = request.headers.get("X-Admin-Token", "")
-    expected = request.app[NODE].admin_token
+    expected = request.app[ADMIN_TOKEN]
     if not given or not expected or not hmac.compare_digest(given.encode(), expected.encode()):
         raise EscrowError(401, "missing or invalid admin token")
 

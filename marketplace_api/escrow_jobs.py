@@ -16,7 +16,8 @@ from proxyorch.tokens import hash_token
 
 from . import escrow_settlement as settlement
 from . import ledger
-from .app import NODE, json_response
+from .bodies import json_response
+from .context import POOL, SETTINGS
 from .escrow_http import (
     EscrowError,
     bad,
@@ -42,11 +43,11 @@ def now() -> datetime:
 
 
 def pool_of(request: web.Request) -> asyncpg.Pool:
-    return request.app[NODE].pool
+    return request.app[POOL]
 
 
 def settings_of(request: web.Request):  # noqa: ANN201
-    return request.app[NODE].settings
+    return request.app[SETTINGS]
 
 
 def insufficient(needed_cents: int) -> EscrowError:

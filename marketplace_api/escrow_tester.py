@@ -17,7 +17,7 @@ from aiohttp import web
 from proxyorch.tokens import hash_token
 
 from . import escrow_settlement as settlement
-from .app import json_response
+from .bodies import json_response
 from .escrow_http import (
     EscrowError,
     bad,

@@ -9,7 +9,8 @@ from typing import Any
 from aiohttp import web
 
 from . import ledger
-from .app import json_response, read_json, require_user
+from .auth import require_user
+from .bodies import json_response, read_json
 from .common import (
     can_edit,
     can_view,
@@ -23,6 +24,7 @@ from .common import (
 )
 from .errors import ApiError, plain
 from .job_views import render_jobs
+from .paging import list_route
 from .schema_validation import validate
 
 SORT_COLUMNS = {"added": "j.added", "job_price": "j.job_price", "price": "j.job_price", "title": "j.title",
@@ -228,6 +230,7 @@ async def _page(request: web.Request, where: list[str], args: list, order: str, 
                           "limit": limit, "pages": pages(total, limit)})
 
 
+@list_route(100, 10)
 async def list_jobs(request: web.Request) -> web.Response:
     """Public, filtered list of active jobs."""
     user = await require_user(request)
@@ -262,6 +265,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     return await _page(request, where, args, order, page, limit, user)
 
 
+@list_route(100, 10, "body")
 async def my_jobs(request: web.Request) -> web.Response:
     """Jobs the caller posted, paginated, filtered and sorted."""
     user = await require_user(request)

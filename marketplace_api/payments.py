@@ -15,9 +15,11 @@ from decimal import Decimal
 from aiohttp import web
 
 from . import ledger
-from .app import json_response, read_json, require_admin, require_user
+from .auth import require_admin, require_user
+from .bodies import json_response, read_json
 from .common import iso, money, pages, parse_int, parse_money, parse_uuid, pool_of
 from .errors import ApiError, plain
+from .paging import list_route
 
 WALLETS = [re.compile(p) for p in (
     r"^0x[0-9a-fA-F]{40}$",                     # EVM (ETH, BSC, Polygon …)
@@ -91,6 +93,7 @@ def _transaction(w, user_id: str) -> dict:  # noqa: ANN001
     }
 
 
+@list_route(100, 10)
 async def withdrawals(request: web.Request) -> web.Response:
     """The caller's withdrawals, newest first, with totals."""
     user = await require_user(request)

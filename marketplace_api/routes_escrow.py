@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from . import escrow_admin, escrow_jobs, escrow_tester
-from .app import NODE
+from .context import POOL, SETTINGS
 from .escrow_http import Handler, error_middleware
 from .escrow_openapi import SCHEMAS, operation
 from .escrow_sweep import sweeper
@@ -37,9 +37,8 @@ def _documented(handler: Handler, admin: bool = False) -> Handler:
 
 
 async def _sweep_ctx(app: web.Application) -> AsyncIterator[None]:
-    node = app[NODE]
-    s = node.settings
-    task = asyncio.create_task(sweeper(node.pool, s.market_sweep_s, s.settlement_deadline_s,
+    s = app[SETTINGS]
+    task = asyncio.create_task(sweeper(app[POOL], s.market_sweep_s, s.settlement_deadline_s,
                                        lambda: datetime.now(UTC)))
     yield
     task.cancel()

@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from .app import NODE, json_response, require_admin, require_user
+from .auth import require_admin, require_user
+from .bodies import json_response
+from .context import POOL, PROXY, SETTINGS
 from .errors import ApiError
 from .routes_logs import _clickhouse, _scope, parse_int, parse_time, parse_uuid_param
 
@@ -27,7 +29,7 @@ async def _visible(request: web.Request) -> tuple[set[str] | None, set[str] | No
         require_admin(request)
         return None, None
     user = await require_user(request)
-    pool = request.app[NODE].pool
+    pool = request.app[POOL]
     conns = {str(r[0]) for r in await pool.fetch(
         "SELECT connection_id FROM rms_connections WHERE owner_user_id = $1", user)}
     devices = {str(r[0]) for r in await pool.fetch(
@@ -41,8 +43,7 @@ async def proxy_sessions(request: web.Request) -> web.Response:
     q = request.query
     connection_id = parse_uuid_param(q.get("connectionId"), "connectionId")
     device_id = parse_uuid_param(q.get("deviceId"), "deviceId")
-    node = request.app[NODE]
-    rows = node.proxy.sessions.snapshot(time.monotonic(), node.settings.node_name,
+    rows = request.app[PROXY].sessions.snapshot(time.monotonic(), request.app[SETTINGS].node_name,
                                         connection_ids=conns, device_ids=devices)
     if connection_id is not None or device_id is not None:
         rows = [r for r in rows if (connection_id is None or r["connectionId"] == connection_id)
@@ -53,7 +54,7 @@ async def proxy_sessions(request: web.Request) -> web.Response:
 async def device_presence(request: web.Request) -> web.Response:
     """Where the caller's devices are connected: online, node, last seen (the dashboard's device view)."""
     user = await require_user(request)
-    rows = await request.app[NODE].pool.fetch(
+    rows = await request.app[POOL].fetch(
         "SELECT remote_device_id, online, node, last_seen FROM devices WHERE user_id = $1 "
         "ORDER BY added, remote_device_id", user)
     return json_response({"success": True, "devices": [
@@ -98,7 +99,7 @@ async def _sampler(app: web.Application) -> AsyncIterator[None]:
     """Owns the task that samples session byte counters once a second (for the 5 s rates)."""
     async def run() -> None:
         while True:
-            proxy = getattr(app[NODE], "proxy", None)
+            proxy = app.get(PROXY)
             if proxy is not None:
                 proxy.sessions.sample(time.monotonic())
             await asyncio.sleep(SAMPLE_INTERVAL_S)

@@ -21,7 +21,9 @@ from aiohttp import web
 from proxyorch.tokens import hash_token
 
 from . import idempotency
-from .app import NODE, bearer_token, json_response
+from .auth import bearer_token
+from .bodies import json_response
+from .context import POOL
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ class Agent:
 
 
 def pool_of(request: web.Request) -> asyncpg.Pool:
-    return request.app[NODE].pool
+    return request.app[POOL]
 
 
 async def require_agent(request: web.Request) -> Agent:

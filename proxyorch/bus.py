@@ -89,6 +89,7 @@ class PostgresBus(InvalidationBus):
         self._closing = True
         if self._task is not None:
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         if self._conn is not None and not self._conn.is_closed():
             await self._conn.close()
 

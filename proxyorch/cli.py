@@ -9,7 +9,7 @@ import logging
 import sys
 import warnings
 
-from .config import load_settings, settings_help
+from .config import ConfigError, load_settings, settings_help
 
 
 def _run(coro) -> object:  # noqa: ANN001
@@ -169,12 +169,17 @@ def handle_library_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a configuration error is one line on stderr and exit status 2."""
     handle_library_warnings()
-    args = build_parser().parse_args(argv)
-    if args.command == "admin":
-        # only errors reach stderr; stdout carries the command's JSON alone
-        logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    return int(args.fn(args) or 0)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "admin":
+            # only errors reach stderr; stdout carries the command's JSON alone
+            logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+        return int(args.fn(args) or 0)
+    except ConfigError as exc:
+        print(f"proxyorch: configuration error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

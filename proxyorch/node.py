@@ -23,6 +23,7 @@ from rms.service import Rms
 from . import accounts, db, tunnel_cert
 from .bus import InvalidationBus, RedisBus, make_bus
 from .config import Settings
+from .tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +49,6 @@ def load_admin_token(settings: Settings) -> tuple[str, bool]:
     return token, True
 
 
-class FaultInjectingClickHouse:
-    """Test hook (``CLICKHOUSE_FAULT_FILE``): inserts fail while that file exists, as if ClickHouse were down."""
-
-    def __init__(self, inner, flag_path: str) -> None:  # noqa: ANN001
-        self.inner = inner
-        self.flag = Path(flag_path)
-
-    def insert_rows(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
-        if self.flag.exists():
-            raise ConnectionError("ClickHouse unavailable (fault injected)")
-        return self.inner.insert_rows(*args, **kwargs)
-
-    def __getattr__(self, name: str):  # noqa: ANN204
-        return getattr(self.inner, name)
-
-
 class Node:
     """Everything one ``proxyorch serve`` process runs."""
 
@@ -79,7 +64,7 @@ class Node:
         self.api_runner = None
         self.admin_token = ""
         self.tunnel_fingerprint: str | None = None  # None = plaintext tunnel (TUNNEL_TLS=0)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = TaskSet("node")
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -124,7 +109,7 @@ class Node:
         await self.proxy.start(s.bind_host, s.proxy_port)
         await self._start_api()
         if self.request_log is not None:
-            self._tasks.append(asyncio.create_task(self._traffic_reporter()))
+            self._tasks.spawn(self._traffic_reporter(), name="traffic reporter")
         log.info("node %s: proxy :%d, tunnels :%d, api :%d", s.node_name, self.proxy.port, self.tunnels.port,
                  s.api_port)
 
@@ -151,8 +136,10 @@ class Node:
         self.clickhouse = make_client(s.clickhouse_url, s.data_dir)
         self.clickhouse.apply_schema(s.log_retention_days)
         writer_client = self.clickhouse
-        if s.clickhouse_fault_file:
-            writer_client = FaultInjectingClickHouse(self.clickhouse, s.clickhouse_fault_file)
+        if s.test_only_clickhouse_fault_file:
+            from proxy.request_log.fault_hook import FaultInjectingClickHouse
+
+            writer_client = FaultInjectingClickHouse(self.clickhouse, s.test_only_clickhouse_fault_file)
         writer = RequestLogWriter(lambda: writer_client, str(Path(s.data_dir) / "spool"),
                                   batch_rows=s.log_batch_rows, batch_seconds=s.log_batch_s)
         writer.start()
@@ -192,8 +179,7 @@ class Node:
             for session in list(self.proxy.handshaking):
                 session.terminate("node shutting down")
             await asyncio.sleep(0)
-        for t in self._tasks:
-            t.cancel()
+        await self._tasks.close()
         if self.tunnels is not None:
             for device_id in self.tunnels.registry.device_ids():
                 await accounts.set_presence(self.pool, device_id, False, s.node_name, {})

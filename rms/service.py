@@ -98,13 +98,14 @@ class Rms:
         }
 
     # -- reads ----------------------------------------------------------------------------------
-    async def list_for_user(self, user_id: str) -> list[dict]:
+    async def list_for_user(self, user_id: str, limit: int | None = None, offset: int = 0) -> list[dict]:
+        """Connections owned by, or routed through devices of, ``user_id`` (``limit`` from ``offset``)."""
         rows = await self.pool.fetch(
             """SELECT r.connection_id, r.owner_user_id, r.name, r.password_encrypted, r.created_at, c.device_id
                FROM rms_connections r JOIN proxy_credentials c USING (connection_id)
                LEFT JOIN devices d ON d.remote_device_id = c.device_id
                WHERE r.owner_user_id = $1 OR d.user_id = $1
-               ORDER BY r.created_at, r.connection_id""", user_id)
+               ORDER BY r.created_at, r.connection_id LIMIT $2 OFFSET $3""", user_id, limit, offset)
         return [self._connection_json(r) for r in rows]
 
     async def _load(self, connection_id: object) -> asyncpg.Record:
@@ -215,40 +216,44 @@ class Rms:
             raise RmsError(403, "Forbidden")
         return did
 
-    async def blacklist(self, scope: str, scope_id: str | None) -> list[str]:
+    async def blacklist(self, scope: str, scope_id: str | None, limit: int | None = None, offset: int = 0) -> list[str]:
+        """The entries of one scope, oldest first (``limit`` from ``offset``; None = all)."""
         rows = await self.pool.fetch(
-            "SELECT entry FROM blacklist_entries WHERE scope = $1 AND scope_id IS NOT DISTINCT FROM $2::uuid ORDER BY created_at, entry",
-            scope, scope_id)
+            "SELECT entry FROM blacklist_entries WHERE scope = $1 AND scope_id IS NOT DISTINCT FROM $2::uuid"
+            " ORDER BY created_at, entry LIMIT $3 OFFSET $4", scope, scope_id, limit, offset)
         return [r["entry"] for r in rows]
 
-    async def blacklist_add(self, scope: str, scope_id: str | None, domains: object) -> list[str]:
+    async def blacklist_add(self, scope: str, scope_id: str | None, domains: object,
+                            limit: int | None = None) -> list[str]:
         entries = normalize_domains(domains)
         await self.pool.executemany(
             """INSERT INTO blacklist_entries(scope, scope_id, entry) VALUES ($1, $2, $3)
                ON CONFLICT DO NOTHING""", [(scope, scope_id, e) for e in entries])
         await self._publish_scope(scope, scope_id)
-        return await self.blacklist(scope, scope_id)
+        return await self.blacklist(scope, scope_id, limit)
 
-    async def blacklist_remove(self, scope: str, scope_id: str | None, domains: object) -> list[str]:
+    async def blacklist_remove(self, scope: str, scope_id: str | None, domains: object,
+                               limit: int | None = None) -> list[str]:
         entries = normalize_domains(domains)
         await self.pool.execute(
             "DELETE FROM blacklist_entries WHERE scope = $1 AND scope_id IS NOT DISTINCT FROM $2::uuid AND entry = ANY($3)",
             scope, scope_id, entries)
         await self._publish_scope(scope, scope_id)
-        return await self.blacklist(scope, scope_id)
+        return await self.blacklist(scope, scope_id, limit)
 
     async def _publish_scope(self, scope: str, scope_id: str | None) -> None:
         await self._publish(blacklist_changed(scope, scope_id))
 
     # -- admin ----------------------------------------------------------------------------------
-    async def admin_list(self) -> list[dict]:
+    async def admin_list(self, limit: int | None = None, offset: int = 0) -> list[dict]:
+        """Every connection with its device (``limit`` from ``offset``; None = all)."""
         rows = await self.pool.fetch(
             """SELECT r.connection_id, r.name, r.password_encrypted, r.created_at, c.device_id,
                       d.user_id, d.name AS device_name, d.brand, d.model, d.country, d.online,
                       d.is_rented, d.is_on_market
                FROM rms_connections r JOIN proxy_credentials c USING (connection_id)
                LEFT JOIN devices d ON d.remote_device_id = c.device_id
-               ORDER BY r.created_at, r.connection_id""")
+               ORDER BY r.created_at, r.connection_id LIMIT $1 OFFSET $2""", limit, offset)
         out = []
         for r in rows:
             cid = str(r["connection_id"])

@@ -21,7 +21,7 @@ async def rig(pg_root, tmp_path_factory, targets):
     base = tmp_path_factory.mktemp("logs")
     fault = base / "clickhouse-down"
     dep = await fresh_deployment(pg_root, base, BANDWIDTH_FLUSH_S="0.5", LOG_BATCH_S="0.2",
-                                 CLICKHOUSE_FAULT_FILE=str(fault))
+                                 TEST_ONLY_CLICKHOUSE_FAULT_FILE=str(fault))
     _uid, token = await dep.user("logger")
     device = await dep.device(token)
     await dep.agent(device, "--allow-private")

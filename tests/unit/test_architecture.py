@@ -155,21 +155,8 @@ def test_cycle_detection_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-# Route modules still import their helpers (NODE, json_response, require_user, …) from
-# marketplace_api.app, which imports the route modules back: issue 11 item 5, owned by the engineer
-# restructuring app.py. Those edges alone are set aside here; the strict xfail below turns into a
-# failure (remove it then) as soon as they are gone.
-PENDING_APP_EDGES = {(m, "marketplace_api.app") for m, targets in GRAPH.items()
-                     if m.startswith("marketplace_api.") and "marketplace_api.app" in targets}
-
-
 def test_no_import_cycle_among_the_projects_modules() -> None:
-    graph = {m: {t for t in targets if (m, t) not in PENDING_APP_EDGES} for m, targets in GRAPH.items()}
-    assert _cycles(graph) == []
-
-
-@pytest.mark.xfail(strict=True, reason="issue 11 item 5: route modules import helpers from app.py")
-def test_no_import_cycle_through_the_api_app() -> None:
+    """Route modules never import marketplace_api.app (it imports them): no edge is set aside."""
     assert _cycles(GRAPH) == []
 
 
