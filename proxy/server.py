@@ -166,6 +166,33 @@ class ClientSession(asyncio.Protocol):
     def device_id(self) -> str | None:
         return self.core.device_id
 
+    # -- what SessionRegistry.snapshot reads (proxy/sessions.py: the live sessions view) ----------
+    @property
+    def protocol(self) -> str:
+        return self.core.protocol
+
+    @property
+    def target_host(self) -> str:
+        return self.core.attempt.host
+
+    @property
+    def target_port(self) -> int:
+        return self.core.attempt.port
+
+    @property
+    def started(self) -> float:
+        """Monotonic start of the attempt (0.0 before the target is known)."""
+        return self.core.attempt.started.mono if self.core.attempt.started is not None else 0.0
+
+    @property
+    def started_wall(self) -> datetime | None:
+        return self.core.attempt.started_wall
+
+    @property
+    def http_forward(self) -> SessionCore | None:
+        """The core while it forwards absolute-form requests (its ``upstream`` is the current request)."""
+        return self.core if self.core.forwarding else None
+
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a TCP transport (uvloop's is no subclass)

@@ -156,6 +156,16 @@ class SessionCore:
         self._current: int | None = None  # the upstream the forwarder talks to
 
     @property
+    def forwarding(self) -> bool:
+        """True once the connection forwards absolute-form HTTP requests."""
+        return self._fsm is not None
+
+    @property
+    def upstream(self) -> Attempt | None:
+        """The attempt of the request being forwarded now (absolute-form), if any."""
+        return self._upstreams.get(self._current) if self._current is not None else None
+
+    @property
     def connection_id(self) -> str | None:
         return self.record.connection_id if self.record is not None else None
 

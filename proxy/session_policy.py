@@ -10,6 +10,7 @@ A new refusal rule goes in :func:`check_target`; a new request-log field in :cla
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from device_tunnel.replies import ReplyCode, http_status
@@ -82,6 +83,10 @@ class Attempt:
     bytes_in: int = 0  # target -> client
     bytes_out: int = 0  # client -> target
     logged: bool = False
+
+    @property
+    def started_wall(self) -> datetime | None:
+        return self.started.wall if self.started is not None else None
 
     def refuse(self, refusal: Refusal, detail: str | None = None) -> None:
         """Record a refusal; ``detail`` is the block reason logged (defaults to the refusal's reason)."""
