@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import store_errors
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ async def error_middleware(request: web.Request, handler):  # noqa: ANN001, ANN2
         if exc.status < 400:
             raise
         return json_response({"success": False, "error": exc.reason}, exc.status)
-    except Exception:
+    except Exception as exc:
+        if store_errors.is_store_unavailable(exc):
+            return store_errors.response(store_errors.API_V2_BODY, request, exc)
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_response({"success": False, "message": "Internal Server Error"}, 500)
 

@@ -152,7 +152,7 @@ class Policy:
                 tx = None
                 return response
             finally:
-                if tx is not None:
+                if tx is not None and not conn.is_closed():  # a lost connection rolled back by itself
                     await tx.rollback()
 
     def _replay(self, row: asyncpg.Record | None, fingerprint: bytes) -> web.Response:
