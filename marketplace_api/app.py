@@ -50,7 +50,7 @@ async def error_middleware(request: web.Request, handler):  # noqa: ANN001, ANN2
 
 async def read_json(request: web.Request, required: bool = True) -> dict:
     """The JSON object body, or ApiError(400). Bodies over MAX_BODY_BYTES are refused by aiohttp."""
-    if not request.can_read_body:
+    if not request.body_exists:  # (not can_read_body: an Idempotency-Key layer may have read it)
         if required:
             raise ApiError(400, "request body must be a JSON object")
         return {}
