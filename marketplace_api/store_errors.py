@@ -3,7 +3,7 @@
 :func:`is_store_unavailable` tells a store outage from a bug by the exception (and its cause/context
 chain): asyncpg's connection-class errors (SQLSTATE class 08), operator intervention (57P01 admin
 shutdown, 57P02 crash shutdown, 57P03 "the database system is starting up / shutting down"), too many
-connections (53300), asyncpg's "connection is closed" interface errors, and socket errors
+connections (53300), asyncpg's "connection is closed" interface errors and broken protocol state, and socket errors
 (``ConnectionRefusedError``, a missing Unix socket, timeouts) raised from inside asyncpg's own code
 (pool acquisition, connect). A socket error of other code (a file, ClickHouse) is not a store outage.
 
@@ -37,6 +37,9 @@ _UNAVAILABLE = (
     asyncpg.CrashShutdownError,        # 57P02
     asyncpg.CannotConnectNowError,     # 57P03 the database system is starting up / shutting down
     asyncpg.TooManyConnectionsError,   # 53300
+    # asyncpg's protocol state broken, e.g. "cannot switch to state 15; another operation (2) is in
+    # progress": the server's FATAL (shutdown) reached an idle pooled connection, which is now unusable.
+    asyncpg.exceptions._base.InternalClientError,
 )
 _CLOSED_MARKERS = ("connection is closed", "pool is closing", "pool is closed", "connection was closed")
 

@@ -10,7 +10,10 @@ committed; the node answers 503 without knowing it)."""
 from __future__ import annotations
 
 import asyncio
+import random
+import shutil
 import socket
+import tempfile
 import time
 import uuid
 from decimal import Decimal
@@ -22,10 +25,12 @@ import orjson
 import pytest
 import pytest_asyncio
 from conftest import Deployment, NodeProcess, create_database
-from escrow_fixtures import job_body
+from escrow_fixtures import job_body, submit, take
 from marketplace_fixtures import funded_user, make_job
 from pg_faults import Answer, CommitCutRelay, StoppablePostgres, until_answered
 from taskmarket_fixtures import TASK
+
+from proxy.auth_cache.hashing import hash_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 WALLET = "0x" + "ab" * 20
@@ -180,16 +185,17 @@ class Stoppable:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def stoppable(tmp_path_factory):
-    base: Path = tmp_path_factory.mktemp("own-pg")
+    base = Path(tempfile.mkdtemp(prefix="proxyorch-money-pg-"))  # world-traversable, as pg_root's is
     pg = StoppablePostgres(base / "pg")
     url = await create_database(pg.root_url)
-    node = await NodeProcess(url, base / "node").start()
+    node = await NodeProcess(url, tmp_path_factory.mktemp("own-pg-node"), {"MARKET_SWEEP_S": "3600"}).start()
     dep = Deployment(node)
     await dep.open()
     yield Stoppable(pg, dep, url)
     await dep.close()
     await node.stop()
     pg.cleanup()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 async def test_withdrawal_cut_by_a_restart_mid_transaction_answers_503_and_the_retry_pays_once(stoppable):
@@ -226,3 +232,183 @@ async def test_withdrawal_cut_by_a_restart_mid_transaction_answers_503_and_the_r
     assert again.final.body == attempts.final.body and again.final.headers["Idempotent-Replayed"] == "true"
     assert await dep.pool.fetchval("SELECT count(*) FROM withdrawals WHERE user_id = $1", uuid.UUID(uid)) == 1
     assert await balance_units(dep.pool, uid) == 70
+
+
+# -- 100 money moves through a restart ----------------------------------------------------------------
+class Plan:
+    """The 100 operations, each with what it must leave behind (checked against the ledger afterwards)."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, str, str, dict[str, str], object]] = []  # kind, method, path, headers, body
+        self.expected: dict[str, Decimal] = {}  # user id -> final ledger balance
+        self.tokens: dict[str, str] = {}
+
+    def add(self, kind: str, method: str, path: str, hdrs: dict[str, str], body: object = None) -> None:
+        self.ops.append((kind, method, path, hdrs, body))
+
+
+async def _escrow_job(dep, tok: str, targets: int, mins: int | None = None) -> str:
+    body = job_body(targetTesters=targets)
+    body["variants"][0]["targetTestersMin"] = targets if mins is None else mins
+    return (await make_escrow(dep, tok, body))["id"]
+
+
+async def make_escrow(dep, tok: str, body: dict) -> dict:
+    s, out = await dep.call("POST", "/jobs", tok, json=body)
+    assert s == 201, out
+    return out
+
+
+async def _complete_one(dep, job_id: str) -> str:
+    tester, ttok = await funded_user(dep, "tester", 0)
+    s, a = await take(dep, ttok, job_id)
+    assert s == 201, a
+    s, done = await submit(dep, ttok, a["assignmentId"], {"rating": 4})
+    assert s == 200, done
+    return tester
+
+
+async def build_plan(dep) -> Plan:
+    p = Plan()
+    admin = dep.node.admin_token
+    for u in range(4):  # 20 withdrawals: 5 concurrent per user, so they contend for the user's row lock
+        uid, tok = await funded_user(dep, f"withdrawer{u}", 100)
+        amounts = [Decimal(1 + u + i) + Decimal("0.25") for i in range(5)]
+        p.expected[uid] = 100 - sum(amounts)
+        for a in amounts:
+            p.add("withdraw", "POST", "/api/v2/payments/withdraw", headers(tok),
+                  {"amount": str(a), "wallet_address": WALLET})
+    for u in range(5):  # 5 admin deposits
+        uid, _tok = await funded_user(dep, f"depositee{u}", 0)
+        p.expected[uid] = Decimal(7)
+        p.add("deposit", "POST", "/api/v2/admin/deposits", headers(admin=admin), {"user_id": uid, "amount": 7})
+    emp, etok = await funded_user(dep, "employer", 100)  # 20 confirmations that pay workers
+    job = await make_job(dep, etok, positions=20, job_price=2)
+    p.expected[emp] = Decimal(60)
+    for _ in range(20):
+        wid, wtok = await funded_user(dep, "worker", 0)
+        s, body = await dep.call("POST", "/api/v2/tasks/submit", wtok, json={"job_id": job, "job_proof": "done"})
+        assert s == 201, body
+        p.expected[wid] = Decimal(2)
+        p.add("confirm", "PUT", "/api/v2/jobs/applicants", headers(etok),
+              {"JobTasks_Ids": [body["job_task_id"]], "status": "confirmed", "job_id": job})
+    for _ in range(10):  # 10 escrow creations: 5 places of 390 cents held
+        uid, tok = await funded_user(dep, "creator", 100)
+        p.expected[uid] = Decimal("80.50")
+        p.add("escrow_create", "POST", "/jobs", headers(tok), job_body())
+    for i in range(10):  # 10 resizes up: 5 -> 6..8 places
+        uid, tok = await funded_user(dep, "resizer", 100)
+        jid = await _escrow_job(dep, tok, 5)
+        new = 6 + i % 3
+        p.expected[uid] = 100 - Decimal(390 * new) / 100
+        p.add("escrow_resize", "POST", f"/owner/jobs/{jid}/resize", headers(tok), {"targetTesters": new})
+    for _ in range(10):  # 10 settlements of stopped jobs nobody worked: full refunds
+        uid, tok = await funded_user(dep, "settler", 100)
+        jid = await _escrow_job(dep, tok, 5)
+        assert (await dep.call("POST", f"/owner/jobs/{jid}/stop", tok))[0] == 200
+        p.expected[uid] = Decimal(100)
+        p.add("escrow_settle", "POST", f"/owner/jobs/{jid}/settle", headers(tok))
+    fees = 0
+    for kind in ("escrow_approve", "escrow_dispute", "escrow_resolve"):  # 5 each, settlements pending
+        for _ in range(5):
+            uid, tok = await funded_user(dep, kind, 100)
+            targets = 2 if kind == "escrow_dispute" else 1
+            jid = await _escrow_job(dep, tok, targets, mins=1)
+            tester = await _complete_one(dep, jid)
+            if targets == 2:
+                assert (await dep.call("POST", f"/owner/jobs/{jid}/stop", tok))[0] == 200
+            s, body = await dep.call("POST", f"/owner/jobs/{jid}/settle", tok)
+            assert s == 200 and body["settlementStatus"] == "pending_approval", body
+            dispute = {"lowQuality": True, "testers": [{"testerUserId": tester, "category": "low_quality"}]}
+            if kind == "escrow_approve":
+                p.expected[uid], p.expected[tester] = Decimal("96.10"), Decimal(3)
+                fees += 90
+                p.add(kind, "POST", f"/owner/jobs/{jid}/approve", headers(tok))
+            elif kind == "escrow_dispute":  # the tester is withheld, the unused place comes back
+                p.expected[uid], p.expected[tester] = Decimal("96.10"), Decimal(0)
+                p.add(kind, "POST", f"/owner/jobs/{jid}/dispute", headers(tok), dispute)
+            else:
+                assert (await dep.call("POST", f"/owner/jobs/{jid}/dispute", tok, json=dispute))[0] == 200
+                p.expected[uid], p.expected[tester] = Decimal("96.10"), Decimal(3)
+                fees += 90
+                p.add(kind, "POST", f"/api/v2/admin/disputes/{jid}/resolve", headers(admin=admin),
+                      {"testers": [{"testerUserId": tester, "resolution": "pay"}]})
+    for _ in range(10):  # 10 /v1 task postings: the price is held in escrow
+        uid, tok = await funded_user(dep, "poster", 100)
+        p.expected[uid] = Decimal(80)
+        p.add("v1_task", "POST", "/v1/tasks", headers(tok), TASK)
+    p.expected[str(PLATFORM)] = Decimal(fees) / 100
+    assert len(p.ops) == 100
+    return p
+
+
+async def test_100_money_moves_through_a_postgres_restart(stoppable):
+    dep = stoppable.dep
+    plan = await build_plan(dep)
+    rng = random.Random(21)
+    spread_s, stop_at_s, down_s = 3.0, 1.0, 2.0
+
+    async def client(i: int):
+        kind, method, path, hdrs, body = plan.ops[i]
+        await asyncio.sleep(rng.uniform(0, spread_s))
+        return await until_answered(dep.http, method, dep.node.api + path, headers=hdrs, json=body)
+
+    tasks = [asyncio.create_task(client(i)) for i in range(100)]
+    await asyncio.sleep(stop_at_s)
+    t0 = time.monotonic()
+    await stoppable.stop()
+    await asyncio.sleep(down_s)
+    await stoppable.start()
+    outage = time.monotonic() - t0
+    results = await asyncio.gather(*tasks)
+
+    answers = [a for r in results for a in r.answers]
+    statuses = [a.status for a in answers]
+    n503 = statuses.count(503)
+    n500 = sum(s >= 500 and s != 503 for s in statuses)
+    replays = sum(r.final.headers.get("Idempotent-Replayed") == "true" for r in results)
+    lost_conns = sum(r.connection_errors for r in results)
+    print(f"\n100 money moves, PostgreSQL down {outage:.1f}s: {len(answers)} answers, {n503} x 503 (Retry-After),"
+          f" {n500} x 5xx other than 503, {replays} final answers replayed by Idempotency-Key,"
+          f" {lost_conns} connection errors")
+    assert n500 == 0, [a for a in answers if a.status >= 500 and a.status != 503][:3]
+    assert n503 > 0  # the outage was met
+    for (kind, _m, path, _h, _b), r in zip(plan.ops, results, strict=True):
+        assert r.final.status in (200, 201), (kind, r.final)
+        for a in r.answers[:-1]:
+            assert_503_shape(a, path)
+
+    pool = dep.pool
+    # Nothing acknowledged lost, nothing done twice.
+    by_kind: dict[str, list] = {}
+    for (kind, *_), r in zip(plan.ops, results, strict=True):
+        by_kind.setdefault(kind, []).append(r.final.body)
+    wids = [uuid.UUID(b["withdrawal_id"]) for b in by_kind["withdraw"]]
+    assert await pool.fetchval("SELECT count(*) FROM withdrawals WHERE id = ANY($1::uuid[])", wids) == 20
+    assert await pool.fetchval("SELECT count(*) FROM withdrawals") == 20
+    assert await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE kind = 'withdrawal'") == 20
+    assert await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE kind = 'task_earning'") == 20
+    created = [uuid.UUID(b["id"]) for b in by_kind["escrow_create"]]
+    assert await pool.fetchval("SELECT count(*) FROM escrow_jobs WHERE id = ANY($1::uuid[])", created) == 10
+    assert await pool.fetchval("SELECT count(*) FROM escrow_jobs") == 10 + 10 + 10 + 15
+    v1 = [uuid.UUID(b["data"]["id"]) for b in by_kind["v1_task"]]
+    assert await pool.fetchval("SELECT count(*) FROM tm_tasks WHERE id = ANY($1::uuid[])", v1) == 10
+    assert await pool.fetchval("SELECT count(*) FROM tm_tasks") == 10
+    assert await pool.fetchval("SELECT count(*) FROM escrow_jobs WHERE settlement_status = 'cancelled'") == 10
+    assert await pool.fetchval("SELECT count(*) FROM escrow_jobs WHERE settlement_status = 'approved'") == 10
+    assert await pool.fetchval("SELECT count(*) FROM escrow_jobs WHERE settlement_status = 'disputed'") == 5
+    # Every balance is the sum of its ledger rows and exactly what the acknowledged moves make it.
+    wrong = {}
+    for uid, want in plan.expected.items():
+        got = await balance_units(pool, uid)
+        if got != want:
+            wrong[uid] = (got, want)
+    assert not wrong, wrong
+    for (kind, _m, _p, hdrs, _b) in plan.ops:
+        if kind == "withdraw":
+            async with dep.http.get(dep.node.api + "/api/v2/user/balance",
+                                    headers={"Authorization": hdrs["Authorization"]}) as r:
+                figures = await r.json()
+            uid = await pool.fetchval("SELECT user_id FROM api_tokens WHERE token_hash = $1",
+                                      hash_token(hdrs["Authorization"].split()[1]))
+            assert Decimal(str(figures["active_balance"])) == await balance_units(pool, uid)
