@@ -106,6 +106,7 @@ class Policy:
             fingerprint = request_fingerprint(request.method, request.path_qs, body)
             return await self._run(request, handler, caller, key, fingerprint)
 
+        wrapper.idempotent = True  # type: ignore[attr-defined]  # the OpenAPI document lists the header
         return wrapper
 
     async def _run(self, request: web.Request, handler: Handler, caller: str, key: str,

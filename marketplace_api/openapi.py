@@ -9,6 +9,10 @@ from aiohttp import web
 from .app import json_response
 
 _PARAM = re.compile(r"\{(\w+)\}")
+IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
+                   "description": "Replays the first answer of this caller's request with this key instead of"
+                                  " acting again (retry after a 503 or a lost answer)",
+                   "schema": {"type": "string", "minLength": 1, "maxLength": 255}}
 
 
 def build_document(app: web.Application) -> dict:
@@ -30,6 +34,9 @@ def build_document(app: web.Application) -> dict:
             op["parameters"] = params
         extra = getattr(handler, "openapi", None) or {}  # {"operation": {...}, "schemas": {...}}
         op.update(extra.get("operation", {}))
+        op["responses"] = {**op["responses"], "503": {"description": "Data store unavailable: retry after Retry-After"}}
+        if getattr(handler, "idempotent", False):
+            op["parameters"] = [*op.get("parameters", []), IDEMPOTENCY_KEY]
         schemas.update(extra.get("schemas", {}))
         paths.setdefault(path, {})[route.method.lower()] = op
     return {

@@ -412,3 +412,20 @@ async def test_100_money_moves_through_a_postgres_restart(stoppable):
             uid = await pool.fetchval("SELECT user_id FROM api_tokens WHERE token_hash = $1",
                                       hash_token(hdrs["Authorization"].split()[1]))
             assert Decimal(str(figures["active_balance"])) == await balance_units(pool, uid)
+
+
+async def test_openapi_lists_idempotency_key_on_every_money_moving_route_and_503_everywhere(relayed):
+    dep, _relay = relayed
+    s, doc = await dep.call("GET", "/api/v2/openapi.json")
+    assert s == 200
+    money_moving = [("post", "/api/v2/payments/withdraw"), ("post", "/api/v2/admin/deposits"),
+                    ("put", "/api/v2/jobs/applicants"), ("post", "/api/v2/jobs/submit"), ("post", "/jobs"),
+                    ("post", "/owner/jobs/{id}/resize"), ("post", "/owner/jobs/{id}/settle"),
+                    ("post", "/owner/jobs/{id}/approve"), ("post", "/owner/jobs/{id}/dispute"),
+                    ("post", "/api/v2/admin/disputes/{job_id}/resolve"), ("post", "/v1/tasks"),
+                    ("post", "/v1/tasks/{id}/review")]
+    for method, path in money_moving:
+        op = doc["paths"][path][method]
+        assert "Idempotency-Key" in [p["name"] for p in op.get("parameters", [])], (method, path)
+    assert "Idempotency-Key" not in [p["name"] for p in doc["paths"]["/jobs"]["get"].get("parameters", [])]
+    assert all("503" in op["responses"] for ops in doc["paths"].values() for op in ops.values())
