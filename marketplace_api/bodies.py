@@ -60,7 +60,7 @@ def parse_json_object(raw: bytes) -> dict:
 
 async def read_json(request: web.Request, required: bool = True) -> dict:
     """The JSON object body, or ApiError (400 malformed, 413 over MAX_BODY_BYTES)."""
-    if not request.can_read_body:
+    if not request.body_exists:  # (not can_read_body: an Idempotency-Key layer may have read it)
         if required:
             raise ApiError(400, "request body must be a JSON object")
         return {}

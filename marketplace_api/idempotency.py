@@ -106,6 +106,7 @@ class Policy:
             fingerprint = request_fingerprint(request.method, request.path_qs, body)
             return await self._run(request, handler, caller, key, fingerprint)
 
+        wrapper.idempotent = True  # type: ignore[attr-defined]  # the OpenAPI document lists the header
         return wrapper
 
     async def _run(self, request: web.Request, handler: Handler, caller: str, key: str,
@@ -152,7 +153,7 @@ class Policy:
                 tx = None
                 return response
             finally:
-                if tx is not None:
+                if tx is not None and not conn.is_closed():  # a lost connection rolled back by itself
                     await tx.rollback()
 
     def _replay(self, row: asyncpg.Record | None, fingerprint: bytes) -> web.Response:

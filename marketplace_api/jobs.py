@@ -8,7 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
-from . import ledger
+from . import idempotency, ledger
+from .api_idempotency import USER_MESSAGE
+from .api_idempotency import user as idempotent_user
 from .auth import require_user
 from .bodies import json_response, read_json
 from .common import (
@@ -116,9 +118,12 @@ def _file_fields(value: Any, errors: list[str]) -> list[dict]:
     return out
 
 
+@USER_MESSAGE
 async def submit_job(request: web.Request) -> web.Response:
-    """Create a job posting (its budget, job_price × positions, is escrowed from the balance)."""
-    user = await require_user(request)
+    """Create a job posting (its budget, job_price × positions, is escrowed from the balance).
+
+    Honours ``Idempotency-Key``."""
+    user = await idempotent_user(request)
     try:
         body = await read_json(request)
     except ApiError as exc:
@@ -167,13 +172,13 @@ async def submit_job(request: web.Request) -> web.Response:
     lists = {k: _uuid_list(body, k, errors) for k in ("allowed_workers", "Worker_Invites", "shared_view",
                                                         "shared_edit")}
     automation_id, automation = body.get("automation_id"), None
-    pool = pool_of(request)
     if automation_id is not None:
         automation_id = parse_uuid(automation_id)
         if automation_id is None:
             errors.append("automation_id must be a valid id")
         else:
-            automation = await pool.fetchrow("SELECT * FROM automations WHERE id = $1", automation_id)
+            async with idempotency.transaction(request) as conn:  # the key's connection, if any
+                automation = await conn.fetchrow("SELECT * FROM automations WHERE id = $1", automation_id)
             if automation is None:
                 errors.append("automation_id does not reference an existing automation")
     if job_type == "devices_automation" and automation_id is None and "automation_id is required" not in errors:
@@ -188,7 +193,7 @@ async def submit_job(request: web.Request) -> web.Response:
         raise ApiError(400, errors[0], {"success": False, "message": "Validation failed", "errors": errors})
     job_id = str(uuid.uuid4())
     budget = price * positions
-    async with pool.acquire() as conn, conn.transaction():
+    async with idempotency.transaction(request) as conn:
         await conn.execute(
             """INSERT INTO jobs(id, user_id, job_type, payment_type, title, category, description, proof,
                  is_proof_file, auto_rate, vcode, target_workers, few_times, premium, featured, duration, positions,

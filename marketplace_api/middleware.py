@@ -25,6 +25,7 @@ from aiohttp import web
 
 from proxyorch.config import Settings
 
+from . import store_errors
 from .bodies import json_response
 from .errors import ApiError, surface_error
 from .ratelimit import RateLimiter
@@ -44,6 +45,24 @@ async def unexpected_errors(request: web.Request, handler: Handler) -> web.Strea
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_response({"success": False, "message": "Internal Server Error"}, 500)
+
+
+_OK_SHAPED = ("/v1/", "/jobs", "/owner/", "/tester/", "/api/v2/admin/disputes/")
+
+
+@web.middleware
+async def store_outages(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """PostgreSQL away (connection refused, shutting down, connection lost): 503 + Retry-After in the
+    surface's shape, never a 500 (a client retrying with its Idempotency-Key never pays twice)."""
+    try:
+        return await handler(request)
+    except (web.HTTPException, asyncio.CancelledError, ApiError):
+        raise
+    except Exception as exc:
+        if not store_errors.is_store_unavailable(exc):
+            raise
+        body = store_errors.ESCROW_BODY if request.path.startswith(_OK_SHAPED) else store_errors.API_V2_BODY
+        return store_errors.response(body, request, exc)
 
 
 _HTTP_MESSAGES = {404: NO_ROUTE, 405: "method not allowed", 413: "request body too large"}
@@ -153,5 +172,5 @@ def body_deadline(timeout_s: float) -> Callable:
 
 def middlewares(settings: Settings) -> list:
     """Every middleware of the app, outermost first."""
-    return [unexpected_errors, http_errors, api_errors, rate_limits(settings, time.monotonic),
+    return [unexpected_errors, store_outages, http_errors, api_errors, rate_limits(settings, time.monotonic),
             body_deadline(settings.api_body_timeout_s), data_errors]

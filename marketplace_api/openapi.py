@@ -10,6 +10,10 @@ from .bodies import json_response
 from .paging import list_limit
 
 _PARAM = re.compile(r"\{(\w+)\}")
+IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
+                   "description": "Replays the first answer of this caller's request with this key instead of"
+                                  " acting again (retry after a 503 or a lost answer)",
+                   "schema": {"type": "string", "minLength": 1, "maxLength": 255}}
 
 
 def build_document(app: web.Application) -> dict:
@@ -39,6 +43,9 @@ def build_document(app: web.Application) -> dict:
             op["parameters"] = params
         extra = getattr(handler, "openapi", None) or {}  # {"operation": {...}, "schemas": {...}}
         op.update(extra.get("operation", {}))
+        op["responses"] = {**op["responses"], "503": {"description": "Data store unavailable: retry after Retry-After"}}
+        if getattr(handler, "idempotent", False):
+            op["parameters"] = [*op.get("parameters", []), IDEMPOTENCY_KEY]
         schemas.update(extra.get("schemas", {}))
         paths.setdefault(path, {})[route.method.lower()] = op
     return {
