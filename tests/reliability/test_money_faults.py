@@ -30,7 +30,7 @@ from marketplace_fixtures import funded_user, make_job
 from pg_faults import Answer, CommitCutRelay, StoppablePostgres, until_answered
 from taskmarket_fixtures import TASK
 
-from proxy.auth_cache.hashing import hash_token
+from proxyorch.tokens import hash_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 WALLET = "0x" + "ab" * 20

@@ -39,7 +39,7 @@ async def test_agent_detects_blackholed_tunnel_reconnects_and_clients_get_eof(pg
         writer.write(b"lost")
         assert await asyncio.wait_for(reader.read(), 20) == b""  # the client's session ends, no hang
         writer.close()
-        await agent.wait_log("declaring it dead", 20)  # the agent noticed on its own, within dead-after
+        await agent.wait_log("peer silent for", 20)  # the agent noticed on its own, within dead-after
         await dep.wait_online(device["remote_device_id"], online=False, timeout=20)
         relay.blackholed = False  # the new network works
         await dep.wait_online(device["remote_device_id"], timeout=60)
