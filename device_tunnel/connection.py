@@ -84,6 +84,7 @@ class TunnelConfig:
     # DATAGRAMs a UDP stream may queue while the tunnel has no room; beyond either bound they drop.
     dgram_queue_max: int = 256
     dgram_queue_bytes: int = 1024 * 1024
+    dgram_tunnel_bytes: int = 16 * 1024 * 1024  # all UDP streams of the tunnel together
 
 
 class _Rate:
@@ -120,6 +121,7 @@ class TunnelConnection:
         self._waiting: set[Stream] = set()
         self._dgram_waiting: dict[Stream, None] = {}  # UDP streams with queued DATAGRAMs, in order
         self.datagrams_dropped = 0       # DATAGRAMs not sent: their stream's queue was full
+        self._dgram_queued = 0           # payload bytes queued over every UDP stream
         self.peer_features: frozenset[str] = frozenset()  # node side: what HELLO announced
         self._events: list[Event] = []
         self.send_paused = False         # set by the adapter while its transport is full
@@ -214,11 +216,13 @@ class TunnelConnection:
             self._out_bytes += len(head) + len(payload)
             return True
         c = self.config
-        if len(stream.dgrams) >= c.dgram_queue_max or stream.dgram_bytes + len(payload) > c.dgram_queue_bytes:
+        if (len(stream.dgrams) >= c.dgram_queue_max or stream.dgram_bytes + len(payload) > c.dgram_queue_bytes
+                or self._dgram_queued + len(payload) > c.dgram_tunnel_bytes):
             self.datagrams_dropped += 1
             return False
         stream.dgrams.append((head, payload))
         stream.dgram_bytes += len(payload)
+        self._dgram_queued += len(payload)
         self._dgram_waiting[stream] = None
         return True
 
@@ -333,8 +337,7 @@ class TunnelConnection:
     @property
     def buffered_bytes(self) -> int:
         """Bytes this side holds: queued outbound stream data plus output not yet taken."""
-        return (sum(s.pending_bytes for s in self._waiting) + sum(s.dgram_bytes for s in self._dgram_waiting)
-                + self._out_bytes)
+        return sum(s.pending_bytes for s in self._waiting) + self._dgram_queued + self._out_bytes
 
     @property
     def held_bytes(self) -> int:
@@ -754,6 +757,7 @@ class TunnelConnection:
                     break
                 head, payload = stream.dgrams.popleft()
                 stream.dgram_bytes -= len(payload)
+                self._dgram_queued -= len(payload)
                 self._out.append(head)
                 self._out.append(payload)
                 self._out_bytes += len(head) + len(payload)
@@ -791,6 +795,7 @@ class TunnelConnection:
         stream.pending_bytes = 0
         if stream.dgrams:
             self._dgram_waiting.pop(stream, None)
+            self._dgram_queued -= stream.dgram_bytes
             stream.dgrams.clear()
             stream.dgram_bytes = 0
         held = self.windows.close(stream.recv)

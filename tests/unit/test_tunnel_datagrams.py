@@ -118,6 +118,19 @@ def test_queue_bounds_are_configurable_and_streams_take_turns():
     assert [d[3] for d in datagrams(p.agent)] == [b"a0", b"b0", b"a1", b"b1", b"a2", b"b2"]
 
 
+def test_all_udp_streams_of_a_tunnel_share_one_queue_bound():
+    p = udp_pair(TunnelConfig(dgram_tunnel_bytes=100_000))
+    streams = [open_udp(p) for _ in range(4)]
+    p.node.conn.send_paused = True
+    accepted = sum(p.node.conn.send_datagram(sid, "10.0.0.1", 9, bytes(10_000)) for sid in streams for _ in range(5))
+    assert accepted == 10 and p.node.conn.buffered_bytes <= 100_000 + 10 * 64
+    p.node.conn.reset_stream(streams[0])
+    p.node.conn.send_paused = False
+    p.pump()
+    assert p.node.conn.buffered_bytes == 0
+    assert p.node.conn.send_datagram(streams[1], "10.0.0.1", 9, bytes(10_000))
+
+
 def test_resetting_a_udp_stream_frees_its_queue():
     p = udp_pair()
     sid = open_udp(p)
