@@ -336,3 +336,20 @@ async def test_10000_datagrams_into_a_stalled_tunnel_keep_the_node_bounded(world
             pass
         assert time.monotonic() < deadline, "association did not recover"
     c.close()
+
+
+async def test_association_ends_when_the_device_goes_away(world):
+    dep, echo = world["dep"], world["echo"]
+    device = await dep.device(world["token"])
+    agent = await dep.agent(device, "--allow-private")
+    conn = await dep.connection(world["token"], device["remote_device_id"], "udp-device-gone")
+    c = client(world, cid=conn["connectionId"], pw=conn["password"])
+    try:
+        assert await asyncio.to_thread(c.associate) == 0
+        assert (await asyncio.to_thread(exchange, c, "127.0.0.1", echo.port, [b"up"]))[0][2] == b"up"
+        agent.kill(9)
+        assert c.tcp is not None
+        c.tcp.settimeout(20)
+        assert await asyncio.to_thread(c.tcp.recv, 10) == b""  # the node closed the control connection
+    finally:
+        c.close()
