@@ -64,3 +64,22 @@ def test_reply_header_for_ipv6_with_brackets_and_bad_values() -> None:
         build_udp_header("a" * 256, 1)
     with pytest.raises(ValueError):
         build_udp_header("", 1)
+
+
+def test_random_input_only_ever_raises_the_header_error() -> None:
+    import random
+
+    from device_tunnel.frames import decode_address
+
+    rng = random.Random(1928)
+    for _ in range(5_000):
+        n = rng.randrange(0, 40)
+        data = bytes(rng.randrange(256) for _ in range(n))
+        if rng.random() < 0.5 and n >= 4:  # bias towards a plausible prefix
+            data = b"\x00\x00" + data[2:3] + bytes((rng.choice((1, 3, 4)),)) + data[4:]
+        try:
+            parse_udp_packet(data)
+        except UdpHeaderError:
+            pass
+        result = decode_address(data[3:])
+        assert result is None or result[2] <= len(data) - 3
