@@ -71,6 +71,12 @@ class UdpAssociation:
     def client_addr(self) -> tuple[str, int] | None:
         return (self.client_ip, self.client_port) if self.client_port else None
 
+    def update_record(self, record: CredentialRecord) -> None:
+        """A fresher credential record (blacklists changed while the association lives)."""
+        if record is not self.record:
+            self.record = record
+            self._verdicts.clear()
+
     def drop(self, reason: str) -> None:
         self.dropped[reason] += 1
         self.metrics.dropped[reason] += 1

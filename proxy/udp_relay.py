@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 RECV_SIZE = 65_535 + 512   # larger than any UDP datagram
 READS_PER_WAKEUP = 256     # then yield to the loop (other sessions, the tunnel's writes)
+REFRESH_S = 1.0            # blacklist changes reach a live association within about this (while it sends)
 
 
 def relay_address(bind_host: str, local_ip: str) -> tuple[str, str]:
@@ -49,6 +50,8 @@ class UdpRelay:
         self.assoc: UdpAssociation | None = None
         self.closed = False
         self._loop = asyncio.get_running_loop()
+        self._refreshed = self._loop.time()
+        self._refresh: asyncio.Task[None] | None = None
 
     def bind(self, bind_host: str, local_ip: str) -> tuple[str, int]:
         """Bind the relay socket; (announced host, port). Raises OSError."""
@@ -75,6 +78,8 @@ class UdpRelay:
         if self.closed:
             return
         self.closed = True
+        if self._refresh is not None:
+            self._refresh.cancel()
         if self.sock is not None:
             try:
                 self._loop.remove_reader(self.sock.fileno())
@@ -89,6 +94,8 @@ class UdpRelay:
         sock, assoc, stream = self.sock, self.assoc, self.stream
         if sock is None or assoc is None or self.closed:
             return
+        if self._refresh is None and self._loop.time() - self._refreshed > REFRESH_S:
+            self._refresh = self._loop.create_task(self._refresh_record())
         for _ in range(READS_PER_WAKEUP):
             try:
                 data, addr = sock.recvfrom(RECV_SIZE)
@@ -105,6 +112,22 @@ class UdpRelay:
                 self.owner.bytes_out += len(payload)  # live views and interim bandwidth read these
             else:
                 assoc.drop("tunnel_full")
+
+    async def _refresh_record(self) -> None:
+        """Re-read the credential record (the auth cache: at most its TTL old) so blacklist changes
+        apply per datagram; only while datagrams flow, so an idle association runs no timer."""
+        try:
+            assoc = self.assoc
+            cache = self.owner.server.auth_cache
+            if assoc is not None:
+                record = await cache.lookup(assoc.record.connection_id)
+                if record is not None and not self.closed:
+                    assoc.update_record(record)
+        except Exception:  # store down: keep the record we have
+            log.debug("udp association: credential refresh failed", exc_info=True)
+        finally:
+            self._refreshed = self._loop.time()
+            self._refresh = None
 
     # -- the device stream's handler ----------------------------------------------------------------
     def open_result(self, result: OpenResult) -> None:

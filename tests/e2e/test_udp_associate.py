@@ -353,3 +353,29 @@ async def test_association_ends_when_the_device_goes_away(world):
         assert await asyncio.to_thread(c.tcp.recv, 10) == b""  # the node closed the control connection
     finally:
         c.close()
+
+
+async def test_a_blacklist_change_reaches_a_live_association(world):
+    dep, echo2 = world["dep"], world["echo2"]
+    conn = await dep.connection(world["token"], world["device"]["remote_device_id"], "udp-live-blacklist")
+    cid, pw = conn["connectionId"], conn["password"]
+    c = client(world, cid=cid, pw=pw)
+    try:
+        assert await asyncio.to_thread(c.associate) == 0
+        assert (await asyncio.to_thread(exchange, c, "127.0.0.2", echo2.port, [b"before"]))[0][2] == b"before"
+        status, _ = await dep.call("POST", f"/api/v2/proxy/connections/{cid}/blacklist", world["token"],
+                                   json={"domains": ["127.0.0.0/8"]})
+        assert status == 200
+        blocked = await metric(world, dropped("blocked"))
+        deadline = time.monotonic() + 10
+        while await metric(world, dropped("blocked")) == blocked:
+            assert time.monotonic() < deadline, "the blacklist change never reached the association"
+            c.send("127.0.0.2", echo2.port, b"probe")
+            await asyncio.sleep(0.2)
+        seen = len(echo2.payloads)
+        for _ in range(5):
+            c.send("127.0.0.2", echo2.port, b"after")
+        await asyncio.sleep(0.5)
+        assert b"after" not in echo2.payloads[seen:]
+    finally:
+        c.close()
