@@ -419,7 +419,7 @@ class SessionCore:
     def _udp_started(self, bound_host: str, bound_port: int) -> list[Action]:
         assert self.record is not None and self._socks is not None
         self.phase = Phase.UDP
-        self.udp = UdpAssociation(self.record, self.client_addr, self._udp_port, self.metrics.udp)
+        self.udp = UdpAssociation(self.record, self.client_addr, self._udp_port, self.metrics.udp, self.attempt)
         self.metrics.udp.associations_total += 1
         self.metrics.udp.associations_active += 1
         return [LeaveHandshake(), Register(), Send(self._socks.reply(ReplyCode.SUCCEEDED, bound_host, bound_port)),

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .session_policy import Refusal, check_target
+from .session_policy import Attempt, Refusal, check_target
 from .socks5.udp import MAX_UDP_PAYLOAD, UdpHeaderError, build_udp_header, parse_udp_packet
 
 if TYPE_CHECKING:
@@ -52,8 +52,10 @@ def _plain_ip(ip: str) -> str:
 class UdpAssociation:
     """One association: the client's address, the policy per target, byte and drop counts."""
 
-    def __init__(self, record: CredentialRecord, client_ip: str, announced_port: int, metrics: UdpMetrics) -> None:
+    def __init__(self, record: CredentialRecord, client_ip: str, announced_port: int, metrics: UdpMetrics,
+                 attempt: Attempt | None = None) -> None:
         self.record = record
+        self.attempt = attempt  # the session's attempt: its target becomes the first one relayed (live views)
         self.client_ip = _plain_ip(client_ip)
         self.client_port: int | None = announced_port or None  # 0 announced: the first port seen
         self.metrics = metrics
@@ -121,6 +123,8 @@ class UdpAssociation:
         """The tunnel took a datagram of ``n`` payload bytes."""
         if self.first_target is None:
             self.first_target = (host, port)
+            if self.attempt is not None:
+                self.attempt.host, self.attempt.port = host, port
         self.bytes_out += n
         self.relayed_out += 1
         self.metrics.datagrams_out += 1
