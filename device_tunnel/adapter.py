@@ -17,6 +17,7 @@ from .connection import Role, TunnelConfig, TunnelConnection
 from .errors import ErrorCode
 from .events import (
     ConnectionTerminated,
+    DatagramReceived,
     DataReceived,
     Event,
     PingAcknowledged,
@@ -69,6 +70,15 @@ class TunnelStream:
         if t.conn.send_data(self.id, data) and self.handler is not None:
             self.handler.pause_source()
         t.output_ready()
+
+    def send_datagram(self, host: str, port: int, data: bytes | memoryview) -> bool:
+        """A UDP stream's datagram (to the target from the node, from it on the device); False when
+        it was dropped (the stream's bounded queue is full, or the stream is gone)."""
+        if self.closed:
+            return False
+        ok = self.tunnel.conn.send_datagram(self.id, host, port, data)  # type: ignore[arg-type]
+        self.tunnel.output_ready()
+        return ok
 
     def write_eof(self) -> None:
         """Half-close: FIN after whatever is still queued."""
@@ -261,6 +271,10 @@ class TunnelProtocol(asyncio.Protocol):
                 h.handler.stream_data(ev.data)  # type: ignore[attr-defined, arg-type]
                 if h.handler is not None and h.handler.sink_ready():
                     conn.acknowledge_received_data(ev.stream_id, len(ev.data))  # type: ignore[attr-defined]
+            elif cls is DatagramReceived:
+                h = handles.get(ev.stream_id)  # type: ignore[attr-defined]
+                if h is not None and h.handler is not None:
+                    h.handler.stream_datagram(ev.host, ev.port, ev.data)  # type: ignore[attr-defined]
             elif cls is StreamResumed:
                 h = handles.get(ev.stream_id)  # type: ignore[attr-defined]
                 if h is not None and h.handler is not None:

@@ -23,9 +23,11 @@ from typing import Any
 from .adapter import TunnelProtocol, TunnelStream
 from .connection import Role, TunnelConfig
 from .events import ControlReceived, Event, StreamOpenRequested, StreamReset, WelcomeReceived
+from .frames import FEATURE_UDP
 from .replies import ReplyCode, reply_for_errno
 from .target_policy import is_forbidden_address, parse_ip_literal
 from .tls import explain_connect_error
+from .udp import DeviceUdpAssociation
 from .windows import MemoryBudget, WindowSettings
 
 log = logging.getLogger(__name__)
@@ -214,14 +216,16 @@ class AgentTunnel(TunnelProtocol):
                                                else ConnectionError(f"node not verified: {exc}"))
                 self.transport.abort()
                 return
-        self.conn.send_hello(cfg.device_id, cfg.token, cfg.meta)
+        self.conn.send_hello(cfg.device_id, cfg.token, cfg.meta, features=(FEATURE_UDP,))
 
     def describe(self) -> str:
         return f"to {self.config.host}:{self.config.port}"
 
     def on_event(self, event: Event) -> None:
         cls = type(event)
-        if cls is StreamOpenRequested:
+        if cls is StreamOpenRequested and event.udp:  # type: ignore[attr-defined]
+            self._open_udp(event.stream_id)  # type: ignore[attr-defined]
+        elif cls is StreamOpenRequested:
             sid = event.stream_id  # type: ignore[attr-defined]
             task = self.spawn(self._open(sid, event.host, event.port))  # type: ignore[attr-defined]
             self._opening[sid] = task
@@ -311,6 +315,14 @@ class AgentTunnel(TunnelProtocol):
             proto.attach(stream)
             return
         self._fail(sid, last_rep, last_reason, last_ip)
+
+    def _open_udp(self, sid: int) -> None:
+        """A UDP association: nothing to connect; sockets open with the first datagram (device/udp.py)."""
+        if not self.conn.accept_stream(sid, "0.0.0.0", 0, ""):
+            return
+        assoc = DeviceUdpAssociation(self, sid)
+        assoc.stream = self.handles[sid] = TunnelStream(self, sid, assoc)
+        self.output_ready()
 
     async def _control(self, body: dict) -> None:
         reply: dict = {"id": body.get("id")}

@@ -27,6 +27,7 @@ from .events import (
     ConnectionTerminated,
     ControlReceived,
     ControlReplyReceived,
+    DatagramReceived,
     DataReceived,
     Event,
     GoAwayReceived,
@@ -41,7 +42,7 @@ from .events import (
     StreamResumed,
     WelcomeReceived,
 )
-from .frames import FLAG_ACK, Frame, FrameDecoder, FrameType
+from .frames import FLAG_ACK, FLAG_UDP, Frame, FrameDecoder, FrameType
 from .replies import ReplyCode
 from .stream import Stream, StreamState, Transition, next_state
 from .windows import MemoryBudget, WindowManager, WindowSettings
@@ -60,10 +61,10 @@ class Role(Enum):
 _ACCEPTS = {
     Role.NODE: frozenset({FrameType.HELLO, FrameType.OPEN_OK, FrameType.OPEN_FAIL, FrameType.DATA,
                           FrameType.WINDOW, FrameType.FIN, FrameType.RST, FrameType.PING,
-                          FrameType.GOAWAY, FrameType.CONTROL_REPLY}),
+                          FrameType.GOAWAY, FrameType.CONTROL_REPLY, FrameType.DATAGRAM}),
     Role.AGENT: frozenset({FrameType.WELCOME, FrameType.OPEN, FrameType.DATA, FrameType.WINDOW,
                            FrameType.FIN, FrameType.RST, FrameType.PING, FrameType.GOAWAY,
-                           FrameType.CONTROL}),
+                           FrameType.CONTROL, FrameType.DATAGRAM}),
 }
 
 
@@ -80,6 +81,10 @@ class TunnelConfig:
     # stream. Legit credit follows DATA; a flood beyond what our DATA explains is ENHANCE_YOUR_CALM.
     window_base: int = 1000
     control_per_s: int = 500        # CONTROL*, GOAWAY, unknown, empty DATA, OPEN* for dead streams
+    # DATAGRAMs a UDP stream may queue while the tunnel has no room; beyond either bound they drop.
+    dgram_queue_max: int = 256
+    dgram_queue_bytes: int = 1024 * 1024
+    dgram_tunnel_bytes: int = 16 * 1024 * 1024  # all UDP streams of the tunnel together
 
 
 class _Rate:
@@ -114,6 +119,10 @@ class TunnelConnection:
         self._out: list[bytes | memoryview] = []
         self._out_bytes = 0
         self._waiting: set[Stream] = set()
+        self._dgram_waiting: dict[Stream, None] = {}  # UDP streams with queued DATAGRAMs, in order
+        self.datagrams_dropped = 0       # DATAGRAMs not sent: their stream's queue was full
+        self._dgram_queued = 0           # payload bytes queued over every UDP stream
+        self.peer_features: frozenset[str] = frozenset()  # node side: what HELLO announced
         self._events: list[Event] = []
         self.send_paused = False         # set by the adapter while its transport is full
         self.conn_send_credit = 0        # the peer's connection window (known after HELLO/WELCOME)
@@ -136,11 +145,13 @@ class TunnelConnection:
         self.data_bytes_sent = 0
 
     # == handshake ================================================================================
-    def send_hello(self, device_id: str, token: str, meta: dict) -> None:
-        """Agent: introduce the device (first frame on the connection)."""
-        self._send_json(FrameType.HELLO, 0, {"version": frames.PROTOCOL_VERSION, "device_id": device_id,
-                                             "token": token, "meta": meta,
-                                             "window": self.config.windows.conn_window})
+    def send_hello(self, device_id: str, token: str, meta: dict, features: tuple[str, ...] = ()) -> None:
+        """Agent: introduce the device (first frame on the connection); ``features`` such as "udp"."""
+        body = {"version": frames.PROTOCOL_VERSION, "device_id": device_id, "token": token, "meta": meta,
+                "window": self.config.windows.conn_window}
+        if features:
+            body["features"] = list(features)
+        self._send_json(FrameType.HELLO, 0, body)
 
     def accept(self, node: str) -> None:
         """Node: the device may use this tunnel (WELCOME ok)."""
@@ -170,6 +181,51 @@ class TunnelConnection:
         self._send_json(FrameType.OPEN, sid, {"host": host, "port": port, "window": rw.window})
         return sid
 
+    def open_udp_stream(self) -> int:
+        """Node: open a UDP association stream (OPEN with the UDP flag); DATAGRAMs follow OPEN_OK.
+        Raises LocalUsageError when no stream may open or the device did not announce "udp"."""
+        if frames.FEATURE_UDP not in self.peer_features:
+            raise LocalUsageError("the device does not support UDP")
+        if self.closed or not self.handshake_done or self.peer_going_away or self.going_away:
+            raise LocalUsageError("tunnel is not accepting new streams")
+        if not self.windows.can_open:
+            raise LocalUsageError("tunnel has its maximum number of streams")
+        self._highest_id += 1
+        sid = self._highest_id
+        rw = self.windows.open(sid, self.now, minimal=True)
+        self.streams[sid] = Stream(sid, rw, udp=True)
+        self._queue(frames.encode_json(FrameType.OPEN, sid, {"host": "", "port": 0, "window": rw.window}, FLAG_UDP))
+        return sid
+
+    def send_datagram(self, stream_id: int, host: str, port: int, payload: bytes) -> bool:
+        """Queue one DATAGRAM on a UDP stream (to ``host:port`` from the node, from it on the device).
+        Sent at once when the tunnel has room, else queued up to ``dgram_queue_max`` datagrams /
+        ``dgram_queue_bytes``; False when it was dropped (queue full, stream gone, bad address or
+        over-long payload). Not flow-controlled by stream credit: UDP semantics, never unbounded."""
+        stream = self.streams.get(stream_id)
+        if (stream is None or not stream.udp or self.closed or stream.local_closed
+                or stream.state is StreamState.OPENING or len(payload) > frames.MAX_UDP_PAYLOAD):
+            return False
+        try:
+            head = frames.encode_datagram_head(stream_id, frames.encode_address(host, port), len(payload))
+        except ValueError:
+            return False
+        if not stream.dgrams and not self._congested:
+            self._out.append(head)
+            self._out.append(payload)
+            self._out_bytes += len(head) + len(payload)
+            return True
+        c = self.config
+        if (len(stream.dgrams) >= c.dgram_queue_max or stream.dgram_bytes + len(payload) > c.dgram_queue_bytes
+                or self._dgram_queued + len(payload) > c.dgram_tunnel_bytes):
+            self.datagrams_dropped += 1
+            return False
+        stream.dgrams.append((head, payload))
+        stream.dgram_bytes += len(payload)
+        self._dgram_queued += len(payload)
+        self._dgram_waiting[stream] = None
+        return True
+
     # == streams, agent side ======================================================================
     def accept_stream(self, stream_id: int, bound_host: str, bound_port: int, resolved_ip: str) -> bool:
         """Agent: the target is connected (OPEN_OK). False when the stream is gone meanwhile."""
@@ -198,8 +254,8 @@ class TunnelConnection:
         stream = self.streams.get(stream_id)
         if stream is None or not data or stream.local_closed or self.closed:
             return False
-        if stream.state is StreamState.OPENING:
-            raise LocalUsageError(f"stream {stream_id} is not open yet")
+        if stream.state is StreamState.OPENING or stream.udp:
+            raise LocalUsageError(f"stream {stream_id} is not open yet or carries datagrams")
         n = len(data)
         if (not stream.pending and n <= stream.send_credit and n <= self.conn_send_credit
                 and not self._congested):
@@ -281,7 +337,7 @@ class TunnelConnection:
     @property
     def buffered_bytes(self) -> int:
         """Bytes this side holds: queued outbound stream data plus output not yet taken."""
-        return sum(s.pending_bytes for s in self._waiting) + self._out_bytes
+        return sum(s.pending_bytes for s in self._waiting) + self._dgram_queued + self._out_bytes
 
     @property
     def held_bytes(self) -> int:
@@ -325,6 +381,8 @@ class TunnelConnection:
         """Output as a list of buffers (for ``writelines``, no copy). With ``drain`` (and the
         transport not paused) queued stream data is moved out first, smallest queue first, up to
         about ``OUT_HIGH`` bytes: call again while the transport has room."""
+        if drain and self._dgram_waiting and not self.send_paused:
+            self._drain_datagrams()
         if drain and self._waiting and not self.send_paused:
             self._drain_waiting()
         out, self._out = self._out, []
@@ -394,6 +452,9 @@ class TunnelConnection:
         t = frame.type
         if t == FrameType.DATA:   # the hot path first
             self._on_data(frame)
+            return
+        if t == FrameType.DATAGRAM:
+            self._on_datagram(frame)
             return
         if t not in frames.KNOWN_TYPES:
             self._flood(self._control_rate, "unknown frames")
@@ -470,14 +531,40 @@ class TunnelConnection:
             if inc:
                 self._queue(frames.encode_window(0, inc))
             return
-        if stream.state is not StreamState.OPEN and stream.state is not StreamState.HALF_CLOSED_LOCAL:
+        if stream.udp or (stream.state is not StreamState.OPEN
+                          and stream.state is not StreamState.HALF_CLOSED_LOCAL):
             self.windows.on_data(None, n)
             self.windows.discard(n)
+            if stream.udp:
+                raise StreamError(stream.id, "DATA on a UDP stream")
             self._transition(stream, Transition.RECV_DATA)
         self.windows.on_data(stream.recv, n)
         stream.bytes_received += n
         if n:
             self._events.append(DataReceived(stream.id, payload))
+
+    def _on_datagram(self, frame: Frame) -> None:
+        if not self.handshake_done:
+            raise HandshakeError("DATAGRAM before the handshake")
+        frames.validate(frame)  # stream 0 is a PROTOCOL_ERROR
+        stream = self._live(frame.stream_id)
+        if stream is None:
+            return  # in flight when the association ended
+        if not stream.udp:
+            raise StreamError(stream.id, "DATAGRAM on a TCP stream")
+        if stream.state is not StreamState.OPEN and stream.state is not StreamState.HALF_CLOSED_LOCAL:
+            code = ErrorCode.STREAM_CLOSED if stream.remote_closed else ErrorCode.PROTOCOL_ERROR
+            raise StreamError(stream.id, f"DATAGRAM in state {stream.state.value}", code)
+        payload = frame.payload
+        addr = frames.decode_address(payload)
+        if addr is None:
+            raise StreamError(stream.id, "DATAGRAM with a malformed address")
+        host, port, used = addr
+        data = payload[used:]
+        if len(data) > frames.MAX_UDP_PAYLOAD:
+            raise StreamError(stream.id, "DATAGRAM payload over 65507 bytes", ErrorCode.FRAME_SIZE_ERROR)
+        stream.bytes_received += len(data)
+        self._events.append(DatagramReceived(stream.id, host, port, data))
 
     def _on_window(self, frame: Frame) -> None:
         inc = frames.U32.unpack(frame.payload)[0]
@@ -552,9 +639,10 @@ class TunnelConnection:
         if not 0 < window <= 0xFFFFFFFF:
             self._queue(frames.encode_rst(sid, ErrorCode.PROTOCOL_ERROR, "bad window"))
             return
-        stream = Stream(sid, self.windows.open(sid, self.now), send_credit=window)
+        udp = bool(frame.flags & FLAG_UDP)
+        stream = Stream(sid, self.windows.open(sid, self.now, minimal=udp), send_credit=window, udp=udp)
         self.streams[sid] = stream
-        self._events.append(StreamOpenRequested(sid, str(body.get("host", "")), _int(body.get("port"), 0)))
+        self._events.append(StreamOpenRequested(sid, str(body.get("host", "")), _int(body.get("port"), 0), udp))
 
     def _on_open_reply(self, frame: Frame) -> None:
         sid = frame.stream_id
@@ -587,8 +675,12 @@ class TunnelConnection:
         body = frame.json()
         self.conn_send_credit = _window(body)
         meta = body.get("meta")
+        features = body.get("features")
+        names = tuple(str(f) for f in features[:32]) if isinstance(features, list) else ()
+        self.peer_features = frozenset(names)
         self._events.append(HelloReceived(str(body.get("device_id", "")), str(body.get("token", "")),
-                                          _int(body.get("version"), 0), meta if isinstance(meta, dict) else {}))
+                                          _int(body.get("version"), 0), meta if isinstance(meta, dict) else {},
+                                          names))
 
     def _on_welcome(self, frame: Frame) -> None:
         if self._hello_seen:
@@ -656,6 +748,22 @@ class TunnelConnection:
             stream.source_paused = False
             self._events.append(StreamResumed(stream.id))
 
+    def _drain_datagrams(self) -> None:
+        """Send queued DATAGRAMs while there is room, one per UDP stream in turn."""
+        waiting = self._dgram_waiting
+        while waiting and not self._congested:
+            for stream in list(waiting):
+                if self._congested:
+                    break
+                head, payload = stream.dgrams.popleft()
+                stream.dgram_bytes -= len(payload)
+                self._dgram_queued -= len(payload)
+                self._out.append(head)
+                self._out.append(payload)
+                self._out_bytes += len(head) + len(payload)
+                if not stream.dgrams:
+                    del waiting[stream]
+
     def _drain_waiting(self) -> None:
         """Send queued stream data while there is room, smallest queue first (an interactive reply
         overtakes bulk data)."""
@@ -685,6 +793,11 @@ class TunnelConnection:
         self._waiting.discard(stream)
         stream.pending.clear()
         stream.pending_bytes = 0
+        if stream.dgrams:
+            self._dgram_waiting.pop(stream, None)
+            self._dgram_queued -= stream.dgram_bytes
+            stream.dgrams.clear()
+            stream.dgram_bytes = 0
         held = self.windows.close(stream.recv)
         if held:
             self.windows.discard(held)

@@ -21,6 +21,7 @@ class HelloReceived(Event):
     token: str
     version: int
     meta: dict
+    features: tuple[str, ...] = ()  # what the device supports beyond the base protocol (e.g. "udp")
 
 
 @dataclass(slots=True)
@@ -40,6 +41,17 @@ class StreamOpenRequested(Event):
     stream_id: int
     host: str
     port: int
+    udp: bool = False  # a UDP association (OPEN with the UDP flag): no connect, DATAGRAMs follow
+
+
+@dataclass(slots=True)
+class DatagramReceived(Event):
+    """A DATAGRAM of a UDP stream: to ``host:port`` (node -> device) or from it (device -> node)."""
+
+    stream_id: int
+    host: str
+    port: int
+    data: bytes | memoryview
 
 
 @dataclass(slots=True)

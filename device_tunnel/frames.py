@@ -7,6 +7,7 @@ Every frame is a 10-byte header followed by ``length`` payload bytes::
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -32,9 +33,12 @@ HEADER = struct.Struct("!BBII")
 HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 256 * 1024          # a DATA frame never carries more; larger = protocol error
 MAX_CONTROL_PAYLOAD = 64 * 1024   # JSON frames (HELLO, OPEN, ...)
+MAX_UDP_PAYLOAD = 65_507          # the largest UDP payload (IPv4) a DATAGRAM carries
+MAX_DATAGRAM_PAYLOAD = 1 + 1 + 255 + 2 + MAX_UDP_PAYLOAD  # longest address (a domain) + port + payload
 PROTOCOL_VERSION = 2
 U32 = struct.Struct("!I")
 U64 = struct.Struct("!Q")
+PORT = struct.Struct("!H")
 
 
 class FrameType(IntEnum):
@@ -51,6 +55,12 @@ class FrameType(IntEnum):
     GOAWAY = 10        # either way, stream 0, JSON {code, reason}: no new streams; reconnect elsewhere
     CONTROL = 11       # node -> device, stream 0, JSON {id, command, ...}
     CONTROL_REPLY = 12  # device -> node, stream 0, JSON {id, ...}
+    DATAGRAM = 13      # either way, a UDP stream's datagram: address (SOCKS5 form) + port + payload
+
+
+FLAG_UDP = 0x02    # on OPEN: a UDP association stream (DATAGRAM frames, no DATA)
+FEATURE_UDP = "udp"  # HELLO ``features``: the device takes UDP streams
+ATYP_IPV4, ATYP_DOMAIN, ATYP_IPV6 = 1, 3, 4
 
 
 FLAG_ACK = 0x01
@@ -95,8 +105,8 @@ def header(ftype: int, stream_id: int, length: int, flags: int = 0) -> bytes:
     return HEADER.pack(ftype, flags, stream_id, length)
 
 
-def encode_json(ftype: int, stream_id: int, obj: dict) -> bytes:
-    return encode(ftype, stream_id, _dumps(obj))
+def encode_json(ftype: int, stream_id: int, obj: dict, flags: int = 0) -> bytes:
+    return encode(ftype, stream_id, _dumps(obj), flags)
 
 
 def encode_window(stream_id: int, increment: int) -> bytes:
@@ -112,6 +122,58 @@ def decode_rst(payload: bytes | memoryview) -> tuple[ErrorCode, str]:
     from .errors import error_code
 
     return error_code(U32.unpack_from(payload)[0]), bytes(payload[4:]).decode("utf-8", "replace")
+
+
+def encode_address(host: str, port: int) -> bytes:
+    """``atyp | address | port`` (the SOCKS5 address form): IPv4/IPv6 literals packed, else a domain.
+    Raises ValueError for an empty or over-long name or a port outside 0..65535."""
+    if not 0 <= port <= 0xFFFF:
+        raise ValueError(f"port {port} out of range")
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        name = host.encode("idna") if not host.isascii() else host.encode()
+        if not 0 < len(name) <= 255:
+            raise ValueError("domain name must be 1..255 bytes") from None
+        return bytes((ATYP_DOMAIN, len(name))) + name + PORT.pack(port)
+    atyp = ATYP_IPV4 if ip.version == 4 else ATYP_IPV6
+    return bytes((atyp,)) + ip.packed + PORT.pack(port)
+
+
+def decode_address(buf: bytes | memoryview) -> tuple[str, int, int] | None:
+    """(host, port, bytes used) of an address at the start of ``buf``; None when it is truncated or
+    malformed (unknown type, empty name, a name that is not ASCII)."""
+    if not buf:
+        return None
+    atyp = buf[0]
+    if atyp == ATYP_IPV4:
+        end = 5
+        if len(buf) < end + 2:
+            return None
+        host = str(ipaddress.IPv4Address(bytes(buf[1:end])))
+    elif atyp == ATYP_IPV6:
+        end = 17
+        if len(buf) < end + 2:
+            return None
+        host = ipaddress.IPv6Address(bytes(buf[1:end])).compressed
+    elif atyp == ATYP_DOMAIN:
+        if len(buf) < 2 or buf[1] == 0:
+            return None
+        end = 2 + buf[1]
+        if len(buf) < end + 2:
+            return None
+        try:
+            host = bytes(buf[2:end]).decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    else:
+        return None
+    return host, PORT.unpack_from(buf, end)[0], end + 2
+
+
+def encode_datagram_head(stream_id: int, address: bytes, length: int) -> bytes:
+    """Frame header + encoded address of a DATAGRAM whose payload (``length`` bytes) follows."""
+    return HEADER.pack(FrameType.DATAGRAM, 0, stream_id, len(address) + length) + address
 
 
 def encode_ping(opaque: int, ack: bool = False) -> bytes:
@@ -159,7 +221,8 @@ class FrameDecoder:
                 else:
                     ftype, flags, sid, length = unpack(view, pos)
                     pos += HEADER_SIZE
-                limit = MAX_PAYLOAD if ftype == FrameType.DATA else MAX_CONTROL_PAYLOAD
+                limit = (MAX_PAYLOAD if ftype == FrameType.DATA else
+                         MAX_DATAGRAM_PAYLOAD if ftype == FrameType.DATAGRAM else MAX_CONTROL_PAYLOAD)
                 if length > limit:
                     raise FrameError(f"frame too large: {length} > {limit}", ErrorCode.FRAME_SIZE_ERROR)
                 if end - pos >= length:  # the whole payload is here: slice it

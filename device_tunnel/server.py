@@ -25,7 +25,7 @@ from .events import (
     StreamOpened,
     StreamOpenFailed,
 )
-from .frames import PROTOCOL_VERSION
+from .frames import FEATURE_UDP, PROTOCOL_VERSION
 from .registry import DeviceRegistry
 from .replies import ReplyCode
 from .windows import MemoryBudget, WindowSettings
@@ -128,6 +128,22 @@ class NodeTunnel(TunnelProtocol):
         (from the frame that carries it, before any DATA of the stream). Returns the stream id."""
         try:
             sid = self.conn.open_stream(host, port)
+        except LocalUsageError as exc:
+            self._loop.call_soon(handler.open_result, OpenResult(rep=ReplyCode.GENERAL_FAILURE, reason=str(exc)))
+            return 0
+        self._opening[sid] = handler
+        self.output_ready()
+        return sid
+
+    def open_udp(self, handler: OpenHandler) -> int:
+        """Open a UDP association stream (the device must have announced "udp"); like
+        :meth:`open_stream`, ``handler.open_result`` gets the outcome (0x07 for an older device)."""
+        if FEATURE_UDP not in self.conn.peer_features:
+            self._loop.call_soon(handler.open_result, OpenResult(rep=ReplyCode.COMMAND_NOT_SUPPORTED,
+                                                                 reason="the device does not support UDP"))
+            return 0
+        try:
+            sid = self.conn.open_udp_stream()
         except LocalUsageError as exc:
             self._loop.call_soon(handler.open_result, OpenResult(rep=ReplyCode.GENERAL_FAILURE, reason=str(exc)))
             return 0

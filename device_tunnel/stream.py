@@ -64,9 +64,9 @@ class Stream:
     """Core record of one stream: state, send credit and queue, receive window."""
 
     __slots__ = ("id", "state", "send_credit", "pending", "pending_bytes", "fin_pending", "source_paused",
-                 "recv", "bytes_sent", "bytes_received")
+                 "recv", "bytes_sent", "bytes_received", "udp", "dgrams", "dgram_bytes")
 
-    def __init__(self, stream_id: int, recv: ReceiveWindow, send_credit: int = 0) -> None:
+    def __init__(self, stream_id: int, recv: ReceiveWindow, send_credit: int = 0, udp: bool = False) -> None:
         self.id = stream_id
         self.state = StreamState.OPENING
         self.send_credit = send_credit
@@ -77,6 +77,9 @@ class Stream:
         self.recv = recv
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.udp = udp                              # a UDP association: DATAGRAM frames, never DATA
+        self.dgrams: deque[tuple[bytes, bytes]] = deque()  # DATAGRAMs waiting for room (bounded)
+        self.dgram_bytes = 0
 
     @property
     def local_closed(self) -> bool:

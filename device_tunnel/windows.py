@@ -129,11 +129,12 @@ class WindowManager:
     def can_open(self) -> bool:
         return self.streams < self.s.max_streams
 
-    def open(self, stream_id: int, now: float) -> ReceiveWindow:
-        """A new stream's receive window (the ``window`` announced in OPEN / OPEN_OK)."""
+    def open(self, stream_id: int, now: float, minimal: bool = False) -> ReceiveWindow:
+        """A new stream's receive window (the ``window`` announced in OPEN / OPEN_OK); ``minimal``
+        (a UDP stream, which carries no DATA) reserves only the minimum."""
         s = self.s
         # the new stream's own minimum is among those _headroom still sets aside
-        grant = s.min_window + min(s.initial_window - s.min_window, self._headroom())
+        grant = s.min_window + (0 if minimal else min(s.initial_window - s.min_window, self._headroom()))
         self.streams += 1
         if self.budget is not None:
             self.budget.streams += 1

@@ -56,6 +56,7 @@ async def metrics(request: web.Request) -> web.Response:
         f"proxyorch_auth_cache_misses_total {auth_cache.misses}",
         f"proxyorch_auth_cache_stale_served_total {auth_cache.stale_served}",
         f"proxyorch_auth_store_errors_total {auth_cache.store_errors}",
+        *m.udp.lines(),
     ]
     rtts = sorted(t.rtt for t in tunnels.connections if t.device_id and t.rtt_samples)
     if rtts:  # aggregated: /metrics is unauthenticated, so no per-device labels

@@ -35,6 +35,16 @@ class TunnelExit:
         sid = tunnel.open_stream(host, port, handler)
         return lambda: tunnel.cancel_open(sid)
 
+    def open_udp(self, device_id: str | None, handler: OpenHandler) -> CancelOpen | None:
+        """Start opening a UDP association stream; None when the device has no live tunnel here."""
+        if device_id is None:
+            return None
+        tunnel = self.registry.pick(device_id)
+        if tunnel is None:
+            return None
+        sid = tunnel.open_udp(handler)
+        return lambda: tunnel.cancel_open(sid)
+
 
 class DirectStream(asyncio.Protocol):
     """Node-side socket to the target, presented to the session like a tunnel stream."""
@@ -112,6 +122,12 @@ class DirectExit:
     def open(self, device_id: str | None, host: str, port: int, handler: OpenHandler) -> CancelOpen | None:
         task = asyncio.get_running_loop().create_task(self._open(host, port, handler))
         return task.cancel
+
+    def open_udp(self, device_id: str | None, handler: OpenHandler) -> CancelOpen | None:
+        """UDP ASSOCIATE is served through devices only: answered 0x07 here."""
+        handle = asyncio.get_running_loop().call_soon(handler.open_result, OpenResult(
+            rep=ReplyCode.COMMAND_NOT_SUPPORTED, reason="UDP is relayed through device exits only"))
+        return handle.cancel
 
     async def _open(self, host: str, port: int, handler: OpenHandler) -> None:
         loop = asyncio.get_running_loop()

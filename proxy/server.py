@@ -14,6 +14,7 @@ import logging
 import time
 from datetime import UTC, datetime
 
+from device_tunnel.replies import ReplyCode
 from device_tunnel.server import OpenResult
 from proxyorch.bus_events import KILL, decode
 
@@ -42,10 +43,12 @@ from .session_core import (
     Send,
     SessionCore,
     StartRelay,
+    StartUdp,
     Unregister,
     UpstreamWrite,
 )
 from .sessions import SessionRegistry
+from .udp_relay import UdpRelay
 
 __all__ = ["ClientSession", "NullRequestLog", "ProxyMetrics", "ProxyServer"]
 
@@ -87,8 +90,10 @@ class ProxyServer:
         self.handshaking: set[ClientSession] = set()
         self.authenticator = Authenticator(auth_cache, limiter, self.metrics)
         self._server: asyncio.AbstractServer | None = None
+        self.bind_host = "0.0.0.0"  # UDP relay sockets bind here (see proxy/udp_relay.py)
 
     async def start(self, host: str, port: int) -> None:
+        self.bind_host = host
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: ClientSession(self), host, port, reuse_address=True,
                                                 backlog=4096)
@@ -147,6 +152,8 @@ class ClientSession(asyncio.Protocol):
         self._opened = None  # stream of an open_result, until StartRelay takes it
         self.cancel_open = None
         self.upstreams: dict[int, Upstream] = {}  # absolute-form forwarder upstreams
+        self.udp: UdpRelay | None = None  # the relay socket of a UDP association
+        self._udp_bound = ("0.0.0.0", 0)
         self.timer: asyncio.TimerHandle | None = None
         self.relaying = False
         self.write_paused = False
@@ -227,6 +234,8 @@ class ClientSession(asyncio.Protocol):
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.close_quietly()
+        if self.udp is not None:  # the association ends with its control connection
+            self.udp.close()
         self._run(self.core.client_lost(_now(), self.bytes_in, self.bytes_out))
 
     def pause_writing(self) -> None:
@@ -297,6 +306,39 @@ class ClientSession(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    # -- UDP association (UdpRelay's owner) ---------------------------------------------------------
+    def udp_open_result(self, result: OpenResult) -> None:
+        """The device's answer to the UDP stream; the reply announces the node's relay socket."""
+        self.cancel_open = None
+        host, port = self._udp_bound
+        self._run(self.core.open_result(result.rep, result.reason, result.resolved_ip, host, port,
+                                        result.stream is not None, _now()))
+        if self.core.phase is not Phase.UDP and self.udp is not None:
+            self.udp.close()
+
+    def udp_stream_closed(self, error: str | None) -> None:
+        """The device side of the association ended: so does the control connection."""
+        self.core.stream_closed(error)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _open_udp(self, a: OpenStream) -> None:
+        relay = self.udp = UdpRelay(self)
+        try:
+            sockname = self.transport.get_extra_info("sockname") if self.transport is not None else None
+            self._udp_bound = relay.bind(self.server.bind_host, sockname[0] if sockname else "0.0.0.0")
+        except OSError as exc:
+            self._run(self.core.open_result(ReplyCode.GENERAL_FAILURE, f"cannot bind the UDP relay: {exc}", "",
+                                            "0.0.0.0", 0, False, _now()))
+            return
+        open_udp = getattr(self.server.exit, "open_udp", None)
+        cancel = open_udp(a.device_id, relay) if open_udp is not None else None
+        if cancel is None:
+            relay.close()
+            self._run(self.core.open_unavailable(_now()))
+        elif self.core.phase is Phase.OPENING:
+            self.cancel_open = cancel
+
     # -- forwarder upstreams (UpstreamOwner) ------------------------------------------------------
     def upstream_open_result(self, up: Upstream, result: OpenResult) -> None:
         if self.upstreams.get(up.uid) is not up:  # closed while opening
@@ -345,6 +387,9 @@ class ClientSession(asyncio.Protocol):
                 if a.early:
                     self.bytes_out += len(a.early)
                     self.stream.write(a.early)
+            elif kind is StartUdp:
+                if self.udp is not None and self.core.udp is not None:
+                    self.udp.start(self.core.udp)
             elif kind is PauseReading:
                 self.pause_source()
             elif kind is ResumeReading:
@@ -376,6 +421,9 @@ class ClientSession(asyncio.Protocol):
 
     def _open(self, a: OpenStream) -> None:
         exit_ = self.server.exit
+        if a.udp:
+            self._open_udp(a)
+            return
         if a.upstream is None:
             cancel = exit_.open(a.device_id, a.host, a.port, self)
             if cancel is None:

@@ -65,12 +65,15 @@ class Authenticate:
 @dataclass(frozen=True, slots=True)
 class OpenStream:
     """Open a stream to ``host:port`` through ``device_id``; ``upstream`` is None for the session's own
-    stream (answer ``open_result``/``open_unavailable``) or a forwarder upstream id (``upstream_*``)."""
+    stream (answer ``open_result``/``open_unavailable``) or a forwarder upstream id (``upstream_*``).
+    ``udp``: a UDP association instead (bind the node's relay socket, open a UDP stream; answer
+    ``open_result`` with the relay's address as the bound address)."""
 
     device_id: str | None
     host: str
     port: int
     upstream: int | None = None
+    udp: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +86,11 @@ class StartRelay:
     """The stream is open: relay both ways, first writing ``early`` (client bytes sent ahead) to it."""
 
     early: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartUdp:
+    """The UDP association is up: relay datagrams as :attr:`SessionCore.udp` decides."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,4 +155,4 @@ class LogRow:
 
 Action = (Send | Close | PauseReading | ResumeReading | ArmTimer | DisarmTimer | Authenticate | OpenStream
           | CancelOpen | StartRelay | UpstreamWrite | CloseUpstreamStream | LeaveHandshake | Register
-          | Unregister | LogRow)
+          | Unregister | LogRow | StartUdp)

@@ -52,18 +52,29 @@ from .session_actions import (
     ResumeReading,
     Send,
     StartRelay,
+    StartUdp,
     Unregister,
     UpstreamWrite,
 )
-from .session_policy import DEVICE_OFFLINE, DEVICE_POLICY, Attempt, Refusal, check_target, open_failure
+from .session_policy import (
+    DEVICE_OFFLINE,
+    DEVICE_POLICY,
+    NO_DEVICE,
+    Attempt,
+    Refusal,
+    check_target,
+    open_failure,
+)
 from .socks5.protocol import (
     CMD_CONNECT,
+    CMD_UDP_ASSOCIATE,
     Credentials,
     Greeting,
     ProtocolError,
     Request,
     Socks5ServerConnection,
 )
+from .udp_association import UdpAssociation, UdpMetrics
 
 if TYPE_CHECKING:
     from .auth_cache.cache import CredentialRecord
@@ -91,6 +102,7 @@ __all__ = [
     "Send",
     "SessionCore",
     "StartRelay",
+    "StartUdp",
     "Unregister",
     "UpstreamWrite",
     "check_target",
@@ -113,6 +125,7 @@ class ProxyMetrics:
     bytes_in: int = 0
     bytes_out: int = 0
     by_protocol: dict[str, int] = field(default_factory=dict)
+    udp: UdpMetrics = field(default_factory=UdpMetrics)
 
 
 class Phase(Enum):
@@ -124,6 +137,7 @@ class Phase(Enum):
     AUTHENTICATING = "authenticating"  # Authenticate emitted, waiting for auth_result
     OPENING = "opening"  # OpenStream emitted, waiting for open_result
     RELAY = "relay"  # SOCKS5 / CONNECT stream established
+    UDP = "udp"  # SOCKS5 UDP association established (the TCP connection only keeps it alive)
     FORWARD = "forward"  # absolute-form forwarding
     CLOSED = "closed"
 
@@ -154,6 +168,8 @@ class SessionCore:
         self._upstream_seq = 0
         self._upstreams: dict[int, Attempt] = {}  # upstreams whose row is not written yet
         self._current: int | None = None  # the upstream the forwarder talks to
+        self.udp: UdpAssociation | None = None  # once a UDP ASSOCIATE succeeded
+        self._udp_port = 0  # the port the UDP ASSOCIATE request announced
 
     @property
     def forwarding(self) -> bool:
@@ -197,9 +213,9 @@ class SessionCore:
             return self._http_data(data, now)
         if phase is Phase.FORWARD:
             return self._forward_client_data(data, now)
-        if phase in (Phase.AUTHENTICATING, Phase.OPENING):
+        if phase in (Phase.AUTHENTICATING, Phase.OPENING) and self.attempt.protocol != "udp":
             return self._hold(data)
-        return []
+        return []  # UDP: bytes on the control connection mean nothing (RFC 1928 section 7)
 
     def client_eof(self, now: Instant) -> list[Action]:
         """The client closed its sending side (outside an established relay)."""
@@ -261,6 +277,8 @@ class SessionCore:
             return actions + self._fail(open_failure(rep, reason))
         self.attempt.reply_code = 0
         self.metrics.sessions_established += 1
+        if self.attempt.protocol == "udp":
+            return actions + self._udp_started(bound_host, bound_port)
         self.phase = Phase.RELAY
         actions += [LeaveHandshake(), Register()]
         if self.protocol == "socks5":
@@ -286,7 +304,7 @@ class SessionCore:
         """The timer of the last ArmTimer fired."""
         if self.phase is Phase.OPENING:
             return [CancelOpen(), *self._fail(Refusal(ReplyCode.TTL_EXPIRED, "device did not answer in time", 504))]
-        if self.phase in (Phase.RELAY, Phase.FORWARD, Phase.CLOSED):
+        if self.phase in (Phase.RELAY, Phase.FORWARD, Phase.UDP, Phase.CLOSED):
             return []
         return [Close(abort=True)]
 
@@ -299,10 +317,12 @@ class SessionCore:
         for uid in list(self._upstreams):
             actions += self._finish_upstream(uid, now)
         self._current = None
-        if prev in (Phase.RELAY, Phase.FORWARD) or self._registered:
+        if prev in (Phase.RELAY, Phase.FORWARD, Phase.UDP) or self._registered:
             actions.append(Unregister())
         att = self.attempt
         att.bytes_in, att.bytes_out = bytes_in, bytes_out
+        if self.udp is not None:
+            self._udp_row(att)
         if not att.logged and att.action and self.record is not None:
             att.logged = True
             actions.append(LogRow(att.row(self.record.connection_id, self.record.device_id, self.client_addr, now)))
@@ -383,12 +403,54 @@ class SessionCore:
     def _socks_request(self, req: Request, now: Instant) -> list[Action]:
         self.metrics.sessions_total += 1
         self.attempt = Attempt(req.host, req.port, "socks5")
+        if req.command == CMD_UDP_ASSOCIATE:
+            return self._udp_associate(req, now)
         if req.command != CMD_CONNECT:
             assert self._socks is not None
             self.attempt.reply_code = ReplyCode.COMMAND_NOT_SUPPORTED
             self.phase = Phase.CLOSED
             return [Send(self._socks.reply(ReplyCode.COMMAND_NOT_SUPPORTED)), Close()]
         return self._connect(now)
+
+    # -- SOCKS5 UDP ASSOCIATE -----------------------------------------------------------------------
+    def _udp_associate(self, req: Request, now: Instant) -> list[Action]:
+        """Open a UDP stream on the device; the adapter binds the relay socket. The row's target is
+        the first datagram's (unknown yet); DST.PORT is where the client will send from (0: unknown)."""
+        record = self.record
+        assert record is not None
+        self.attempt = att = Attempt("", 0, "udp", started=now)
+        if record.device_id is None and not self.needs_no_device:
+            return self._fail(NO_DEVICE)
+        att.action = "allowed"
+        self._udp_port = req.port
+        self.phase = Phase.OPENING
+        return [OpenStream(record.device_id, req.host, req.port, udp=True), ArmTimer(self.open_timeout)]
+
+    def _udp_started(self, bound_host: str, bound_port: int) -> list[Action]:
+        assert self.record is not None and self._socks is not None
+        self.phase = Phase.UDP
+        self.udp = UdpAssociation(self.record, self.client_addr, self._udp_port, self.metrics.udp, self.attempt)
+        self.metrics.udp.associations_total += 1
+        self.metrics.udp.associations_active += 1
+        return [LeaveHandshake(), Register(), Send(self._socks.reply(ReplyCode.SUCCEEDED, bound_host, bound_port)),
+                StartUdp()]
+
+    def _udp_row(self, att: Attempt) -> None:
+        """The association's one row: the first target relayed (else the first blocked), payload bytes."""
+        udp = self.udp
+        assert udp is not None
+        self.metrics.udp.associations_active -= 1
+        att.bytes_in, att.bytes_out = udp.bytes_in, udp.bytes_out
+        att.resolved_ip = udp.resolved_ip
+        if udp.first_target is not None:
+            att.host, att.port = udp.first_target
+        elif udp.first_blocked is not None:
+            att.host, att.port, refusal = udp.first_blocked
+            if refusal.blocked:
+                att.action, att.block_reason = "blocked", refusal.reason
+        summary = udp.summary()
+        if summary and not att.error:
+            att.error = summary
 
     # -- HTTP CONNECT -----------------------------------------------------------------------------
     def _http_data(self, data: bytes, now: Instant) -> list[Action]:
