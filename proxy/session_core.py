@@ -55,7 +55,15 @@ from .session_actions import (
     Unregister,
     UpstreamWrite,
 )
-from .session_policy import DEVICE_OFFLINE, DEVICE_POLICY, Attempt, Refusal, check_target, open_failure
+from .session_policy import (
+    DEVICE_OFFLINE,
+    DEVICE_POLICY,
+    ROTATION_TIMED_OUT,
+    Attempt,
+    Refusal,
+    check_target,
+    open_failure,
+)
 from .socks5.protocol import (
     CMD_CONNECT,
     Credentials,
@@ -154,6 +162,7 @@ class SessionCore:
         self._upstream_seq = 0
         self._upstreams: dict[int, Attempt] = {}  # upstreams whose row is not written yet
         self._current: int | None = None  # the upstream the forwarder talks to
+        self._waiting_device = False  # the open waits for the device's IP rotation to end
 
     @property
     def connection_id(self) -> str | None:
@@ -161,6 +170,9 @@ class SessionCore:
 
     @property
     def device_id(self) -> str | None:
+        """The device this session uses: the one routing chose, else the connection's device."""
+        if self.attempt.device_id is not None:
+            return self.attempt.device_id
         return self.record.device_id if self.record is not None else None
 
     # -- events -----------------------------------------------------------------------------------
@@ -240,6 +252,26 @@ class SessionCore:
             return []
         return self._fail(DEVICE_OFFLINE)
 
+    def routed(self, device_id: str, upstream: int | None = None) -> None:
+        """Routing chose ``device_id`` (a pool member) for the session's stream or an upstream's."""
+        att = self.attempt if upstream is None else self._upstreams.get(upstream)
+        if att is not None:
+            att.device_id = device_id
+
+    def open_deferred(self, wait: float) -> list[Action]:
+        """The device is rotating its IP: the open waits up to ``wait`` seconds for it, then fails 0x03."""
+        if self.phase is not Phase.OPENING:
+            return []
+        self._waiting_device = True
+        return [ArmTimer(wait)]
+
+    def open_resumed(self) -> list[Action]:
+        """The wait is over: the open proceeds (under the usual open timeout)."""
+        if self.phase is not Phase.OPENING or not self._waiting_device:
+            return []
+        self._waiting_device = False
+        return [ArmTimer(self.open_timeout)]
+
     def open_result(self, rep: int, reason: str, resolved_ip: str, bound_host: str, bound_port: int,
                     opened: bool, now: Instant) -> list[Action]:
         """The device's answer to OpenStream (``opened``: a stream came with it)."""
@@ -274,6 +306,8 @@ class SessionCore:
 
     def timer_fired(self, now: Instant) -> list[Action]:
         """The timer of the last ArmTimer fired."""
+        if self.phase is Phase.OPENING and self._waiting_device:
+            return [CancelOpen(), *self._fail(ROTATION_TIMED_OUT)]
         if self.phase is Phase.OPENING:
             return [CancelOpen(), *self._fail(Refusal(ReplyCode.TTL_EXPIRED, "device did not answer in time", 504))]
         if self.phase in (Phase.RELAY, Phase.FORWARD, Phase.CLOSED):
