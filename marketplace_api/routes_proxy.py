@@ -153,6 +153,10 @@ def device_json(r) -> dict:  # noqa: ANN001
         "name": r["name"], "networkType": r["network_type"], "numberOfCores": r["number_of_cores"],
         "online": r["online"], "processor": r["processor"], "ramMb": r["ram_mb"],
         "sdkVersion": r["sdk_version"], "version": r["version"],
+        # issue 17 (mobile exits): the public IP the agent reported and the rotation timer
+        "public_ip": r.get("public_ip"),
+        "last_rotated_at": r["last_rotated_at"].strftime("%Y-%m-%dT%H:%M:%SZ") if r.get("last_rotated_at") else None,
+        "rotation": {"interval_s": r.get("rotation_interval_s")},
     }
 
 

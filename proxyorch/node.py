@@ -23,6 +23,7 @@ from rms.service import Rms
 from . import accounts, db, tunnel_cert
 from .bus import InvalidationBus, RedisBus, make_bus
 from .config import Settings
+from .rotation import RotationManager
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Node:
         self.proxy: ProxyServer | None = None
         self.rms: Rms | None = None
         self.request_log = None
+        self.rotations: RotationManager | None = None
         self.clickhouse = None
         self.api_runner = None
         self.admin_token = ""
@@ -116,13 +118,16 @@ class Node:
         self.proxy = ProxyServer(
             auth_cache=cache, exit=exit_, sessions=SessionRegistry(), node_name=s.node_name,
             limiter=FailureLimiter(s.auth_fail_limit, s.auth_fail_window_s), request_log=self.request_log,
-            handshake_timeout=s.handshake_timeout_s, open_timeout=s.connect_timeout_s + 5)
+            handshake_timeout=s.handshake_timeout_s, open_timeout=s.connect_timeout_s + 5,
+            rotate_wait=s.rotate_wait_s)
+        self.rotations = RotationManager(self)
         await self.bus.start(self.proxy.handle_bus_event)
         # Devices that were online on this node before a crash are offline until they reconnect.
         await self.pool.execute("UPDATE devices SET online = false, node = NULL WHERE node = $1", s.node_name)
         await self.tunnels.start(s.bind_host, s.tunnel_port, ssl=tunnel_ssl)
         await self.proxy.start(s.bind_host, s.proxy_port)
         await self._start_api()
+        self.rotations.start()
         if self.request_log is not None:
             self._tasks.append(asyncio.create_task(self._traffic_reporter()))
         log.info("node %s: proxy :%d, tunnels :%d, api :%d", s.node_name, self.proxy.port, self.tunnels.port,
@@ -194,6 +199,8 @@ class Node:
             await asyncio.sleep(0)
         for t in self._tasks:
             t.cancel()
+        if self.rotations is not None:
+            await self.rotations.stop()
         if self.tunnels is not None:
             for device_id in self.tunnels.registry.device_ids():
                 await accounts.set_presence(self.pool, device_id, False, s.node_name, {})

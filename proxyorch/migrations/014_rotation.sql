@@ -3,6 +3,7 @@
 ALTER TABLE devices ADD COLUMN public_ip text;
 ALTER TABLE devices ADD COLUMN last_rotated_at timestamptz;
 ALTER TABLE devices ADD COLUMN rotation_interval_s integer CHECK (rotation_interval_s IS NULL OR rotation_interval_s > 0);
+ALTER TABLE devices ADD COLUMN rotation_since timestamptz;  -- when the timer was set (first due then + interval)
 
 -- Every rotation of a device's public IP, by the API or by its timer.
 CREATE TABLE device_rotations (
