@@ -29,7 +29,7 @@ async def create_connection(request: web.Request) -> web.Response:
     user = await require_user(request)
     body = await read_json(request)
     try:
-        conn = await _rms(request).create(user, body.get("device_id"), body.get("name"))
+        conn = await _rms(request).create(user, body.get("device_id"), body.get("name"), pool=body.get("pool"))
     except RmsError as exc:
         raise _fail(exc) from None
     return json_response({"success": True, "connection": conn})
@@ -57,7 +57,8 @@ async def set_device(request: web.Request) -> web.Response:
     user = await require_user(request)
     body = await read_json(request)
     try:
-        result = await _rms(request).set_device(user, request.match_info["connection_id"], body.get("device_id"))
+        result = await _rms(request).set_device(user, request.match_info["connection_id"], body.get("device_id"),
+                                                pool=body.get("pool"))
     except RmsError as exc:
         raise _fail(exc) from None
     return json_response({"success": True, **result})

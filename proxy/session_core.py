@@ -474,7 +474,8 @@ class SessionCore:
             return self._fail(refusal)
         att.action = "allowed"
         self.phase = Phase.OPENING
-        return [PauseReading(), OpenStream(record.device_id, att.host, att.port), ArmTimer(self.open_timeout)]
+        # the timer first: opening may defer (device rotating) and re-arm it for the wait
+        return [PauseReading(), ArmTimer(self.open_timeout), OpenStream(record.device_id, att.host, att.port)]
 
     def _fail(self, refusal: Refusal) -> list[Action]:
         att = self.attempt
