@@ -29,7 +29,9 @@ async def test_create_returns_uuid_and_16_char_password_in_seed_shape(tenants):
                                                                    "name": "x"})
     assert status == 200 and body["success"] is True
     c = body["connection"]
-    assert set(c) == {"connectionId", "password", "ownerUserId", "name", "createdAt", "deviceId"}
+    assert set(c) == {"connectionId", "password", "ownerUserId", "name", "createdAt", "deviceId",
+                      "pool"}  # pool: issue 17 (null for a one-device connection)
+    assert c["pool"] is None
     uuid.UUID(c["connectionId"])
     assert len(c["password"]) == 16 and c["password"].isalnum()
     assert c["ownerUserId"] == tenants["a_id"] and c["deviceId"] == tenants["dev_a"]["remote_device_id"]
