@@ -43,8 +43,12 @@ class PoolRouter:
         self._calls = 0
 
     def choose(self, connection_id: str, candidates: Sequence[Candidate], params: RouteParams,
-               usable: Callable[[str], bool], now: float) -> Lease | None:
-        """A lease on the device for a new session, or None when no device of the pool is usable."""
+               usable: Callable[[str], bool], now: float, busy: Callable[[str], bool] | None = None) -> Lease | None:
+        """A lease on the device for a new session, or None when no device of the pool is usable.
+
+        ``busy`` devices (rotating their IP: a session there waits) are chosen freely only when no
+        other member is usable; a sticky token keeps its busy device.
+        """
         self._calls += 1
         if self._calls % PURGE_EVERY == 0:
             self.purge(now)
@@ -61,9 +65,14 @@ class PoolRouter:
                 self.load[bound.device_id] += 1
                 return Lease(bound.device_id, key)
         best: str | None = None
-        for device_id in members:
-            if usable(device_id) and (best is None or self.load[device_id] < self.load[best]):
-                best = device_id
+        for pass_busy in (False, True):
+            for device_id in members:
+                if busy is not None and busy(device_id) is not pass_busy:
+                    continue
+                if usable(device_id) and (best is None or self.load[device_id] < self.load[best]):
+                    best = device_id
+            if best is not None or busy is None:
+                break
         if best is None:
             return None
         self.load[best] += 1

@@ -373,7 +373,7 @@ class ClientSession(asyncio.Protocol):
                 record.is_pool or (params is not None and not params.plain)):
             lease = server.router.choose(record.connection_id, record.pool or ((device_id, None),),
                                          params or RouteParams(record.connection_id), server.device_usable,
-                                         time.monotonic()) if (record.pool or device_id) else None
+                                         time.monotonic(), server.gate.is_rotating) if (record.pool or device_id) else None
             if lease is None:
                 if a.upstream is None:
                     self._run(self.core.open_unavailable(_now()))

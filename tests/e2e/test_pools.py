@@ -4,6 +4,7 @@ peer-echo target tells which device a session left through) and a real SOCKS5 cl
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -173,5 +174,37 @@ async def test_pool_bodies_are_validated_and_tenant_checked(world):
     assert (await dep.call("PUT", path, token, json={"pool": {"country": "D"}}))[0] == 400
     # a country pool holds only the owner's devices: the stranger's US pool sees none of ours
     theirs = (await dep.call("POST", create, other, json={"pool": {"country": "US"}}))[1]["connection"]
-    from socks_client import socks5_code as code
-    assert await code(dep.node.proxy_port, theirs["connectionId"], theirs["password"], "127.0.0.1", 9) == 0x03
+    assert await socks5_code(dep.node.proxy_port, theirs["connectionId"], theirs["password"], "127.0.0.1", 9) == 0x03
+
+
+async def http_via(world, conn: dict, head: bytes) -> bytes:
+    r, w = await asyncio.open_connection("127.0.0.1", world["dep"].node.proxy_port)
+    auth = base64.b64encode(f"{conn['connectionId']}-session-web1:{conn['password']}".encode()).decode()
+    w.write(head.replace(b"AUTH", auth.encode()))
+    try:
+        return await asyncio.wait_for(r.read(), 20)  # the proxy closes after the answer (Connection: close / 407)
+    finally:
+        w.close()
+
+
+async def test_http_connect_and_forwarding_use_the_username_parameters_too(world, targets):
+    ids = world["ids"]
+    conn = await pool_connection(world, {"device_ids": [ids["de"], ids["us1"]]})
+    url = f"http://127.0.0.1:{targets.http_port}/peer"
+    seen = set()
+    for _ in range(3):  # absolute-form forwarding: every request through the token's device
+        answer = await http_via(world, conn, f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1\r\nProxy-Authorization: Basic AUTH"
+                                             f"\r\nConnection: close\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        seen.add(answer.rsplit(b"\r\n\r\n", 1)[1].decode())
+    assert seen == {ADDRS["de"]}  # pool order: the first member, then sticky
+    r, w = await asyncio.open_connection("127.0.0.1", world["dep"].node.proxy_port)
+    auth = base64.b64encode(f"{conn['connectionId']}-session-web1:{conn['password']}".encode()).decode()
+    w.write(f"CONNECT 127.0.0.1:{targets.peer_port} HTTP/1.1\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
+    assert b" 200 " in await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 20)
+    assert (await asyncio.wait_for(r.readline(), 20)).decode().strip() == ADDRS["de"]
+    w.close()
+    bad = await http_via(world, conn, f"GET {url} HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic "
+                         f"{base64.b64encode((conn['connectionId'] + '-ttl-5:' + conn['password']).encode()).decode()}"
+                         f"\r\n\r\n".encode())
+    assert bad.startswith(b"HTTP/1.1 407"), bad[:100]

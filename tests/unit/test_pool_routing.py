@@ -96,3 +96,14 @@ def test_rotation_gate_resumes_waiters_in_order_and_cancels():
     assert gate.waiting("d") == 2
     assert gate.end("d") == 2 and seen == ["one", "three"]
     assert not gate.is_rotating("d") and gate.end("d") == 0
+
+
+def test_rotating_members_are_avoided_unless_nothing_else_is_usable_but_sticky_tokens_wait_for_them():
+    r = PoolRouter()
+    rotating = {"a"}
+    sticky = RouteParams(CID, session="s3")
+    assert r.choose(CID, POOL, sticky, everyone, 0.0).device_id == "a"  # bound before the rotation
+    assert r.choose(CID, POOL, PLAIN, everyone, 1.0, rotating.__contains__).device_id == "b"
+    assert r.choose(CID, POOL, sticky, everyone, 1.0, rotating.__contains__).device_id == "a"  # waits there
+    only_a = (("a", "US"),)
+    assert r.choose(CID, only_a, PLAIN, everyone, 1.0, rotating.__contains__).device_id == "a"
