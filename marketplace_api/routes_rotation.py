@@ -2,6 +2,7 @@
 
 The device's owner, or the user it is rented to live (as ``GET /api/v2/devices`` lists it), may use
 them; anyone else gets 404. The work is done by the node's :class:`proxyorch.rotation.RotationManager`.
+Shared resources are reached only through :func:`_pool`, :func:`_settings` and :func:`_rotations`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,18 @@ MAX_INTERVAL_S = 30 * 86400
 MAX_HISTORY = 500
 
 
+def _pool(request: web.Request):  # noqa: ANN202
+    return request.app[NODE].pool
+
+
+def _settings(request: web.Request):  # noqa: ANN202
+    return request.app[NODE].settings
+
+
+def _rotations(request: web.Request):  # noqa: ANN202
+    return request.app[NODE].rotations
+
+
 def _device_id(request: web.Request) -> str:
     try:
         return str(uuid.UUID(request.match_info["device_id"]))
@@ -30,7 +43,7 @@ async def _accessible(request: web.Request) -> str:
     """The device id when the caller owns it or rents it live; else 404 (others' devices do not exist)."""
     user = await require_user(request)
     device_id = _device_id(request)
-    ok = await request.app[NODE].pool.fetchval(
+    ok = await _pool(request).fetchval(
         """SELECT true FROM devices WHERE remote_device_id = $1
              AND (user_id = $2 OR (rented_by = $2 AND payment_type = 'live'))""", device_id, uuid.UUID(user))
     if not ok:
@@ -46,7 +59,7 @@ async def rotate_ip(request: web.Request) -> web.Response:
     """Change the device's public IP now: {old_ip, new_ip, changed, took_ms}."""
     device_id = await _accessible(request)
     try:
-        result = await request.app[NODE].rotations.rotate(device_id, "api")
+        result = await _rotations(request).rotate(device_id, "api")
     except RotationError as exc:
         if exc.status == 429:
             resp = json_response({"success": False, "error": exc.message}, 429)
@@ -63,13 +76,13 @@ async def set_rotation(request: web.Request) -> web.Response:
     if "interval_s" not in body:
         raise ApiError(400, "interval_s is required (seconds, or null to stop the timer)")
     interval = body["interval_s"]
-    minimum = request.app[NODE].settings.rotation_min_timer_s
+    minimum = _settings(request).rotation_min_timer_s
     if interval is not None:
         if isinstance(interval, bool) or not isinstance(interval, int):
             raise ApiError(400, "interval_s must be a whole number of seconds or null")
         if not minimum <= interval <= MAX_INTERVAL_S:
             raise ApiError(400, f"interval_s must be between {minimum} and {MAX_INTERVAL_S} seconds")
-    await request.app[NODE].pool.execute(
+    await _pool(request).execute(
         "UPDATE devices SET rotation_interval_s = $2, rotation_since = CASE WHEN $2::int IS NULL THEN NULL ELSE now() END "
         "WHERE remote_device_id = $1", device_id, interval)
     return json_response({"success": True, "remote_device_id": device_id, "rotation": {"interval_s": interval}})
@@ -81,7 +94,7 @@ async def list_rotations(request: web.Request) -> web.Response:
     raw = request.query.get("limit", "50")
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_HISTORY:
         raise ApiError(400, f"limit must be a whole number from 1 to {MAX_HISTORY}")
-    rows = await request.app[NODE].pool.fetch(
+    rows = await _pool(request).fetch(
         """SELECT id, old_ip, new_ip, changed, trigger, started_at, took_ms, error FROM device_rotations
            WHERE remote_device_id = $1 ORDER BY started_at DESC, id DESC LIMIT $2""", device_id, int(raw))
     return json_response({"success": True, "rotations": [
