@@ -357,6 +357,7 @@ class DeviceAgent:
             log.info("public IP %s (from %s)", ip, self.config.ip_echo_url)
         self.tasks = {asyncio.create_task(self._tunnel_loop(i)) for i in range(max(1, self.config.tunnels))}
         await self._stop.wait()
+        self.config.rotator.close()
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

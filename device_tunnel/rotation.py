@@ -12,6 +12,7 @@ and after each rotation; the body is the address, or JSON with an ``ip`` field.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -88,7 +89,11 @@ async def fetch_public_ip(url: str, source_address: str | None, timeout: float =
 
 
 class Rotator:
-    """One per agent (shared by its tunnels): rotations run one at a time, never twice per request."""
+    """One per agent (shared by its tunnels): rotations run one at a time, never twice per request.
+
+    A rotation runs in a task of its own (not the tunnel's): the tunnel that asked may drop while
+    the command runs (the network goes away), and the rotation must still finish.
+    """
 
     def __init__(self, config: AgentConfig, command: str | None, echo_url: str | None,
                  recheck_after: float = 5.0) -> None:
@@ -97,7 +102,7 @@ class Rotator:
         self.echo_url = echo_url
         self.recheck_after = recheck_after
         self.public_ip: str | None = None
-        self._lock = asyncio.Lock()
+        self._running: asyncio.Task[dict] | None = None
 
     async def check_ip(self) -> str | None:
         """Fetch the public IP through the current egress (None without an echo URL or on failure)."""
@@ -113,42 +118,57 @@ class Rotator:
         return ip
 
     async def rotate(self) -> dict:
-        """Run the command once, then check the IP (once more after ``recheck_after`` if unchanged)."""
+        """Run the command once, then check the IP (once more after ``recheck_after`` if unchanged).
+        A request while a rotation runs joins it (the command is not run again)."""
         if not self.command:
             raise RotationFailed("device cannot rotate: no --rotate-command")
-        async with self._lock:
-            started = time.monotonic()
-            old_ip = self.public_ip if self.public_ip is not None else await self.check_ip()
-            proc = await asyncio.create_subprocess_shell(self.command, stdout=asyncio.subprocess.PIPE,
-                                                         stderr=asyncio.subprocess.STDOUT)
-            try:
-                out, _ = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT_S)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                raise RotationFailed(f"rotate command did not finish within {COMMAND_TIMEOUT_S:.0f}s") from None
-            text = out.decode("utf-8", "replace")
-            if proc.returncode != 0:
-                raise RotationFailed(f"rotate command exited with status {proc.returncode}: {text.strip()[-200:]}")
-            source = parse_source_address(text)
-            if source is not None:
-                self.config.source_address = source  # every new target connection binds here from now on
-                log.info("rotation: new connections bind to %s", source)
+        if self._running is None or self._running.done():
+            self._running = asyncio.get_running_loop().create_task(self._rotate())
+            self._running.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if no one waits
+        return await asyncio.shield(self._running)
+
+    def close(self) -> None:
+        """Cancel a rotation in flight (the agent is stopping)."""
+        if self._running is not None:
+            self._running.cancel()
+
+    async def _rotate(self) -> dict:
+        started = time.monotonic()
+        old_ip = self.public_ip if self.public_ip is not None else await self.check_ip()
+        proc = await asyncio.create_subprocess_shell(self.command, stdout=asyncio.subprocess.PIPE,
+                                                     stderr=asyncio.subprocess.STDOUT)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT_S)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise RotationFailed(f"rotate command did not finish within {COMMAND_TIMEOUT_S:.0f}s") from None
+        text = out.decode("utf-8", "replace")
+        if proc.returncode != 0:
+            raise RotationFailed(f"rotate command exited with status {proc.returncode}: {text.strip()[-200:]}")
+        source = parse_source_address(text)
+        if source is not None:
+            self.config.source_address = source  # every new target connection binds here from now on
+            log.info("rotation: new connections bind to %s", source)
+        new_ip = await self.check_ip()
+        if new_ip is not None and new_ip == old_ip and self.recheck_after > 0:
+            await asyncio.sleep(self.recheck_after)  # the carrier may hand out the new address late
             new_ip = await self.check_ip()
-            if new_ip is not None and new_ip == old_ip and self.recheck_after > 0:
-                await asyncio.sleep(self.recheck_after)  # the carrier may hand out the new address late
-                new_ip = await self.check_ip()
-            took_ms = int((time.monotonic() - started) * 1000)
-            changed = new_ip is not None and new_ip != old_ip
-            log.info("rotation: %s -> %s (%s, %d ms)", old_ip, new_ip, "changed" if changed else "unchanged", took_ms)
-            return {"old_ip": old_ip, "new_ip": new_ip, "changed": changed, "took_ms": took_ms}
+        took_ms = int((time.monotonic() - started) * 1000)
+        changed = new_ip is not None and new_ip != old_ip
+        log.info("rotation: %s -> %s (%s, %d ms)", old_ip, new_ip, "changed" if changed else "unchanged", took_ms)
+        return {"old_ip": old_ip, "new_ip": new_ip, "changed": changed, "took_ms": took_ms}
 
     async def handle(self, body: dict) -> dict:
         """A CONTROL ``rotate`` or ``public_ip`` message: the reply fields besides ``id``."""
         if body.get("command") == "public_ip":
-            return {"ok": True, "public_ip": await self.check_ip() if self.echo_url else self.public_ip,
-                    "can_rotate": bool(self.command)}
+            running = self._running
+            if running is not None and not running.done():  # asked mid-rotation: the address after it
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(running)
+            ip = await self.check_ip() if self.echo_url else self.public_ip
+            return {"ok": True, "public_ip": ip, "can_rotate": bool(self.command)}
         try:
             return {"ok": True, **(await self.rotate())}
-        except RotationFailed as exc:
+        except (RotationFailed, OSError) as exc:  # OSError: the shell could not be started
             return {"ok": False, "error": str(exc), "can_rotate": bool(self.command)}

@@ -220,3 +220,69 @@ async def test_rotation_routes_are_in_openapi(world):
     assert "post" in paths["/api/v2/devices/{device_id}/rotate-ip"]
     assert "put" in paths["/api/v2/devices/{device_id}/rotation"]
     assert "get" in paths["/api/v2/devices/{device_id}/rotations"]
+
+
+class DroppingRelay:
+    """agent ⇄ relay ⇄ node; ``drop()`` closes every relayed connection (the phone's network went away)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.writers: list[asyncio.StreamWriter] = []
+        self.port = 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> DroppingRelay:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.writers += [writer, uw]
+        await asyncio.gather(self._pipe(reader, uw), self._pipe(ur, writer))
+
+    def drop(self) -> None:
+        for w in self.writers:
+            w.transport.abort()
+        self.writers.clear()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.drop()
+
+
+async def test_rotation_survives_the_tunnel_dropping_mid_rotation(world, targets):
+    """Airplane mode on a phone drops the tunnel: the node waits for the device to come back and asks its IP."""
+    dep, token = world["dep"], world["token"]
+    folder: Path = world["root"] / "drop"
+    folder.mkdir()
+    (folder / "state").write_text("127.0.0.2\n")
+    (folder / "rotate.sh").write_text(SCRIPT.format(dir=folder, mode="switch", sleep=1.5))
+    relay = await DroppingRelay(dep.node.tunnel_port).start()
+    try:
+        device = await dep.device(token)
+        await dep.agent(device, "--allow-private", "--source-address", "127.0.0.2",
+                        "--rotate-command", f"sh {folder / 'rotate.sh'}", "--rotate-recheck-s", "0.5",
+                        "--ip-echo-url", f"http://127.0.0.1:{targets.http_port}/peer",
+                        server=f"127.0.0.1:{relay.port}")
+        d = {"id": device["remote_device_id"]}
+        task = asyncio.create_task(rotate(world, d))
+        while not (folder / "started").exists():
+            await asyncio.sleep(0.02)
+        relay.drop()  # the network goes away while the command runs; the agent reconnects
+        status, body, _h = await asyncio.wait_for(task, 30)
+        assert status == 200, body
+        assert (body["old_ip"], body["new_ip"], body["changed"]) == ("127.0.0.2", "127.0.0.3", True)
+        assert len((folder / "runs").read_text().splitlines()) == 1
+    finally:
+        relay.close()
