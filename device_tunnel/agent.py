@@ -64,6 +64,10 @@ class AgentConfig:
     server_hostname: str | None = None
     verify: TransportVerifier | None = None  # runs after connect, before any HELLO byte (raise = refuse)
     plaintext: bool = False  # ssl=None is refused unless plaintext is asked for explicitly
+    rotate_command: str | None = None  # shell command that changes the public IP (see rotation.py)
+    ip_echo_url: str | None = None  # fetched through the egress to learn the public IP
+    rotate_recheck_s: float = 5.0  # an unchanged IP is checked once more after this long
+    rotator: Any = None  # the agent's Rotator (created by DeviceAgent); shared by its tunnels
 
     def tunnel_config(self) -> TunnelConfig:
         return TunnelConfig(ping_interval=self.ping_interval, dead_after=self.dead_after,
@@ -327,7 +331,9 @@ class AgentTunnel(TunnelProtocol):
     async def _control(self, body: dict) -> None:
         reply: dict = {"id": body.get("id")}
         runner = self.config.runner
-        if runner is None:
+        if body.get("command") in ("rotate", "public_ip") and self.config.rotator is not None:
+            reply.update(await self.config.rotator.handle(body))
+        elif runner is None:
             reply.update(ok=False, error="this agent has no automation runner")
         else:
             try:
@@ -346,6 +352,11 @@ class DeviceAgent:
         if config.ssl is None and not config.plaintext:
             raise ValueError("the tunnel is TLS unless plaintext is asked for explicitly")
         self.config = config
+        if config.rotator is None:
+            from .rotation import Rotator
+
+            config.rotator = Rotator(config, config.rotate_command, config.ip_echo_url, config.rotate_recheck_s)
+        config.meta["can_rotate"] = bool(config.rotate_command)
         self.budget = MemoryBudget(config.memory_budget)
         self.tunnels: set[AgentTunnel] = set()
         self._stop = asyncio.Event()
@@ -353,8 +364,12 @@ class DeviceAgent:
         self.tasks: set[asyncio.Task[Any]] = set()
 
     async def run(self) -> None:
+        if self.config.ip_echo_url:
+            ip = await self.config.rotator.check_ip()  # reported in HELLO meta (public_ip)
+            log.info("public IP %s (from %s)", ip, self.config.ip_echo_url)
         self.tasks = {asyncio.create_task(self._tunnel_loop(i)) for i in range(max(1, self.config.tunnels))}
         await self._stop.wait()
+        self.config.rotator.close()
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -47,6 +47,14 @@ def add_agent_arguments(a: argparse.ArgumentParser) -> None:
     a.add_argument("--memory-budget", type=int, default=256 * 1024 * 1024,
                    help="bytes of receive window all tunnels of this agent may grant together")
     a.add_argument("--country", help="ISO country code reported in the handshake")
+    a.add_argument("--rotate-command", metavar="CMD",
+                   help="shell command that changes the public IP; a printed line source_address=IP makes new "
+                        "target connections bind to IP")
+    a.add_argument("--ip-echo-url", metavar="URL",
+                   help="fetched through the device's egress at start and after each rotation to learn the public "
+                        "IP (body: the address, or JSON with an 'ip' field)")
+    a.add_argument("--rotate-recheck-s", type=float, default=5.0,
+                   help="after a rotation that left the IP unchanged, check it once more after this many seconds")
     a.add_argument("--automation-dir", default="./automations", help="where launchAutomation code is saved")
     a.add_argument("--log-level", default="INFO")
 
@@ -97,13 +105,17 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser):  # 
             ssl_ctx = client_context(pin=pin, ca_file=args.ca_file)
         except (OSError, ValueError) as exc:
             parser.error(f"--ca-file {args.ca_file}: {exc}")
-    meta_overrides = {"country": args.country} if args.country else {}
+    meta_overrides = {"country": args.country.upper()} if args.country else {}
+    if args.ip_echo_url and not args.ip_echo_url.startswith(("http://", "https://")):
+        parser.error(f"--ip-echo-url must be an http:// or https:// URL, got {args.ip_echo_url!r}")
     return AgentConfig(host=host, port=int(port), device_id=args.device_id, token=token, tunnels=args.tunnels,
                        source_address=args.source_address, allow_private=args.allow_private,
                        connect_timeout=args.connect_timeout, ping_interval=args.ping_interval,
                        dead_after=args.dead_after, memory_budget=args.memory_budget, meta=device_metadata(meta_overrides),
                        runner=make_runner(args.automation_dir), ssl=ssl_ctx, verify=verify,
-                       server_hostname=host if args.ca_file else None, plaintext=args.plaintext)
+                       server_hostname=host if args.ca_file else None, plaintext=args.plaintext,
+                       rotate_command=args.rotate_command, ip_echo_url=args.ip_echo_url,
+                       rotate_recheck_s=args.rotate_recheck_s)
 
 
 def _run(coro) -> object:  # noqa: ANN001

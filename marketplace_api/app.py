@@ -43,6 +43,7 @@ from . import (
     routes_logs,
     routes_marketplace,
     routes_proxy,
+    routes_rotation,
     routes_taskmarket,
 )
 
@@ -56,6 +57,7 @@ ROUTE_MODULES: tuple[ModuleType, ...] = (
     dashboard,          # the web page at /
     routes_taskmarket,  # seed 003 at /v1
     routes_escrow,      # seed 002 at /jobs, /owner, /tester
+    routes_rotation,    # IP rotation of devices
     openapi,  # last: documents every route added before it
 )
 

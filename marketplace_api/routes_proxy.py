@@ -35,7 +35,7 @@ async def create_connection(request: web.Request) -> web.Response:
     user = await require_user(request)
     body = await read_json(request)
     try:
-        conn = await _rms(request).create(user, body.get("device_id"), body.get("name"))
+        conn = await _rms(request).create(user, body.get("device_id"), body.get("name"), pool=body.get("pool"))
     except RmsError as exc:
         raise _fail(exc) from None
     return json_response({"success": True, "connection": conn})
@@ -63,7 +63,8 @@ async def set_device(request: web.Request) -> web.Response:
     user = await require_user(request)
     body = await read_json(request)
     try:
-        result = await _rms(request).set_device(user, request.match_info["connection_id"], body.get("device_id"))
+        result = await _rms(request).set_device(user, request.match_info["connection_id"], body.get("device_id"),
+                                                pool=body.get("pool"))
     except RmsError as exc:
         raise _fail(exc) from None
     return json_response({"success": True, **result})
@@ -164,6 +165,10 @@ def device_json(r) -> dict:  # noqa: ANN001
         "name": r["name"], "networkType": r["network_type"], "numberOfCores": r["number_of_cores"],
         "online": r["online"], "processor": r["processor"], "ramMb": r["ram_mb"],
         "sdkVersion": r["sdk_version"], "version": r["version"],
+        # issue 17 (mobile exits): the public IP the agent reported and the rotation timer
+        "public_ip": r.get("public_ip"),
+        "last_rotated_at": r["last_rotated_at"].strftime("%Y-%m-%dT%H:%M:%SZ") if r.get("last_rotated_at") else None,
+        "rotation": {"interval_s": r.get("rotation_interval_s")},
     }
 
 

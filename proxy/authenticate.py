@@ -11,9 +11,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .auth_cache.cache import MISSING, AuthCache, CredentialRecord, normalize_connection_id
+from .auth_cache.cache import MISSING, AuthCache, CredentialRecord
 from .ratelimit import FailureLimiter
 from .session_core import ProxyMetrics
+from .username_params import NOT_A_CONNECTION, RouteParams, UsernameError, parse_username
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ class AuthOutcome:
     record: CredentialRecord | None
     reason: str = ""
     unavailable: bool = False
+    params: RouteParams | None = None  # routing parameters of the username (sticky session, country)
 
 
 class Authenticator:
@@ -39,19 +41,25 @@ class Authenticator:
     def authenticate(self, client_addr: str, username: str, password: str,
                      done: Callable[[AuthOutcome], None]) -> bool:
         """Call ``done`` now and return False, or return True and call it after a store lookup."""
-        conn_id = normalize_connection_id(username)
+        params = parse_username(username)
+        conn_id = params.connection_id if isinstance(params, RouteParams) else None
         if not self.limiter.allowed(client_addr, conn_id):
             self.metrics.auth_rate_limited += 1
             done(self._failed(client_addr, conn_id, "too many failed attempts"))
             return False
-        if conn_id is None:
-            done(self._failed(client_addr, None, "unknown connection"))
+        if isinstance(params, UsernameError):
+            if params.reason == NOT_A_CONNECTION:
+                done(self._failed(client_addr, None, "unknown connection"))
+                return False
+            log.info("proxy login from %s refused: malformed username parameters: %s", client_addr, params.reason)
+            done(self._failed(client_addr, None, f"malformed username: {params.reason}"))
             return False
+        assert conn_id is not None
         cached = self.cache.get_cached(conn_id)
         if cached is not MISSING:
-            done(self._check(cached, client_addr, conn_id, password))  # type: ignore[arg-type]
+            done(self._check(cached, client_addr, params, password))  # type: ignore[arg-type]
             return False
-        task = asyncio.get_running_loop().create_task(self._lookup(client_addr, conn_id, password, done))
+        task = asyncio.get_running_loop().create_task(self._lookup(client_addr, params, password, done))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return True
@@ -61,21 +69,22 @@ class Authenticator:
         for task in list(self.tasks):
             task.cancel()
 
-    async def _lookup(self, client_addr: str, conn_id: str, password: str,
+    async def _lookup(self, client_addr: str, params: RouteParams, password: str,
                       done: Callable[[AuthOutcome], None]) -> None:
         try:
-            record = await self.cache.lookup(conn_id)
+            record = await self.cache.lookup(params.connection_id)
         except Exception as exc:  # store unreachable: a clear refusal, not a crash
             log.warning("credential lookup failed: %s", exc)
             done(AuthOutcome(None, "credential store unavailable", unavailable=True))
             return
-        done(self._check(record, client_addr, conn_id, password))
+        done(self._check(record, client_addr, params, password))
 
-    def _check(self, record: CredentialRecord | None, client_addr: str, conn_id: str, password: str) -> AuthOutcome:
+    def _check(self, record: CredentialRecord | None, client_addr: str, params: RouteParams,
+               password: str) -> AuthOutcome:
         if record is None or not password or not record.check_password(password):
-            return self._failed(client_addr, conn_id, "invalid credentials")
+            return self._failed(client_addr, params.connection_id, "invalid credentials")
         self.limiter.record_success(client_addr, record.connection_id)
-        return AuthOutcome(record)
+        return AuthOutcome(record, params=params)
 
     def _failed(self, client_addr: str, conn_id: str | None, reason: str) -> AuthOutcome:
         self.limiter.record_failure(client_addr)

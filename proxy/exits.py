@@ -25,6 +25,10 @@ class TunnelExit:
     def __init__(self, registry: DeviceRegistry) -> None:
         self.registry = registry
 
+    def is_online(self, device_id: str) -> bool:
+        """The device has a usable tunnel on this node."""
+        return self.registry.is_online(device_id)
+
     def open(self, device_id: str | None, host: str, port: int, handler: OpenHandler) -> CancelOpen | None:
         """Start opening; None when the device has no live tunnel on this node."""
         if device_id is None:

@@ -21,8 +21,10 @@ from proxyorch.bus_events import KILL, decode
 from .auth_cache.cache import AuthCache
 from .authenticate import Authenticator, AuthOutcome
 from .http_forward import Upstream
+from .pool_routing import Lease, PoolRouter
 from .ratelimit import FailureLimiter
 from .request_log.writer import SessionRecord
+from .rotation_gate import RotationGate
 from .session_core import (
     ArmTimer,
     AttemptRow,
@@ -49,6 +51,7 @@ from .session_core import (
 )
 from .sessions import SessionRegistry
 from .udp_relay import UdpRelay
+from .username_params import RouteParams
 
 __all__ = ["ClientSession", "NullRequestLog", "ProxyMetrics", "ProxyServer"]
 
@@ -77,7 +80,7 @@ class ProxyServer:
 
     def __init__(self, *, auth_cache: AuthCache, exit, sessions: SessionRegistry, node_name: str,  # noqa: ANN001
                  limiter: FailureLimiter, request_log=None, handshake_timeout: float = 15.0,  # noqa: ANN001
-                 open_timeout: float = 15.0) -> None:
+                 open_timeout: float = 15.0, rotate_wait: float = 30.0) -> None:
         self.auth_cache = auth_cache
         self.exit = exit
         self.sessions = sessions
@@ -89,6 +92,9 @@ class ProxyServer:
         self.metrics = ProxyMetrics()
         self.handshaking: set[ClientSession] = set()
         self.authenticator = Authenticator(auth_cache, limiter, self.metrics)
+        self.router = PoolRouter()  # pool members and sticky sessions
+        self.gate = RotationGate()  # devices rotating their IP: their new sessions wait
+        self.rotate_wait = rotate_wait
         self._server: asyncio.AbstractServer | None = None
         self.bind_host = "0.0.0.0"  # UDP relay sockets bind here (see proxy/udp_relay.py)
 
@@ -126,6 +132,11 @@ class ProxyServer:
             if n:
                 log.info("terminated %d sessions of %s", n, ev.ident)
 
+    def device_usable(self, device_id: str) -> bool:
+        """A pool member can take a new session: online here, or rotating (the session waits)."""
+        online = getattr(self.exit, "is_online", None)
+        return self.gate.is_rotating(device_id) or online is None or online(device_id)
+
     def record_row(self, row: AttemptRow) -> None:
         """Hand one request-log row to the writer; never blocks."""
         self.metrics.bytes_in += row.bytes_in
@@ -154,6 +165,8 @@ class ClientSession(asyncio.Protocol):
         self.upstreams: dict[int, Upstream] = {}  # absolute-form forwarder upstreams
         self.udp: UdpRelay | None = None  # the relay socket of a UDP association
         self._udp_bound = ("0.0.0.0", 0)
+        self.route_params: RouteParams | None = None  # from the username (sticky session, country)
+        self.leases: dict[int | None, Lease] = {}  # pool routing holds: None = own stream, else upstream id
         self.timer: asyncio.TimerHandle | None = None
         self.relaying = False
         self.write_paused = False
@@ -237,6 +250,8 @@ class ClientSession(asyncio.Protocol):
         if self.udp is not None:  # the association ends with its control connection
             self.udp.close()
         self._run(self.core.client_lost(_now(), self.bytes_in, self.bytes_out))
+        for key in list(self.leases):
+            self._release(key)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -402,6 +417,7 @@ class ClientSession(asyncio.Protocol):
                 up = self.upstreams.pop(a.upstream, None)
                 if up is not None:
                     up.close()
+                self._release(a.upstream)
             elif kind is LogRow:
                 self._log(a)
             elif kind is CancelOpen:
@@ -420,19 +436,80 @@ class ClientSession(asyncio.Protocol):
         self._run(self.core.timer_fired(_now()))
 
     def _open(self, a: OpenStream) -> None:
+        """Route (pool member, sticky session), wait out an IP rotation of the device, then open."""
+        server = self.server
+        device_id = a.device_id
+        record = self.core.record
+        params = self.route_params
+        if record is not None and not self.core.needs_no_device and (
+                record.is_pool or (params is not None and not params.plain)):
+            lease = server.router.choose(record.connection_id, record.pool or ((device_id, None),),
+                                         params or RouteParams(record.connection_id), server.device_usable,
+                                         time.monotonic(), server.gate.is_rotating) if (record.pool or device_id) else None
+            if lease is None:
+                if a.upstream is None:
+                    self._run(self.core.open_unavailable(_now()))
+                else:
+                    self.upstreams[a.upstream] = Upstream(self, a.upstream)
+                    self._run(self.core.upstream_unavailable(a.upstream, _now()))
+                return
+            self.leases[a.upstream] = lease
+            device_id = lease.device_id
+            self.core.routed(device_id, a.upstream)
+        if device_id is not None and server.gate.is_rotating(device_id):
+            self._defer(a, device_id)
+            return
+        self._open_now(a, device_id)
+
+    def _release(self, key: int | None) -> None:
+        lease = self.leases.pop(key, None)
+        if lease is not None:
+            self.server.router.release(lease, time.monotonic())
+
+    def _defer(self, a: OpenStream, device_id: str) -> None:
+        """Park the open until the device's rotation ends (bounded by ROTATE_WAIT_S), without blocking."""
+        gate = self.server.gate
+        if a.upstream is None:
+            def resume() -> None:
+                self.cancel_open = None
+                if self.core.phase is Phase.OPENING:
+                    self._run(self.core.open_resumed())
+                    self._open_now(a, device_id)
+            self.cancel_open = gate.wait(device_id, resume)
+            self._run(self.core.open_deferred(self.server.rotate_wait))
+            return
+        up = self.upstreams[a.upstream] = Upstream(self, a.upstream)
+
+        def resume_upstream() -> None:
+            timer.cancel()
+            if self.upstreams.get(a.upstream) is up:
+                del self.upstreams[a.upstream]
+                self._open_now(a, device_id)
+
+        def timed_out() -> None:
+            cancel_wait()
+            if self.upstreams.get(a.upstream) is up:
+                up.cancel = None
+                self._run(self.core.upstream_unavailable(a.upstream, _now()))
+
+        cancel_wait = gate.wait(device_id, resume_upstream)
+        timer = asyncio.get_running_loop().call_later(self.server.rotate_wait, timed_out)
+        up.cancel = lambda: (cancel_wait(), timer.cancel())
+
+    def _open_now(self, a: OpenStream, device_id: str | None) -> None:
         exit_ = self.server.exit
         if a.udp:
             self._open_udp(a)
             return
         if a.upstream is None:
-            cancel = exit_.open(a.device_id, a.host, a.port, self)
+            cancel = exit_.open(device_id, a.host, a.port, self)
             if cancel is None:
                 self._run(self.core.open_unavailable(_now()))
             elif self.core.phase is Phase.OPENING:
                 self.cancel_open = cancel
             return
         up = self.upstreams[a.upstream] = Upstream(self, a.upstream)
-        cancel = exit_.open(a.device_id, a.host, a.port, up)
+        cancel = exit_.open(device_id, a.host, a.port, up)
         if cancel is None:
             self._run(self.core.upstream_unavailable(a.upstream, _now()))
         elif up.stream is None and self.upstreams.get(a.upstream) is up:
@@ -453,6 +530,8 @@ class ClientSession(asyncio.Protocol):
         if self.auth_paused:
             self.auth_paused = False
             self.resume_reading()
+        if outcome.record is not None:
+            self.route_params = outcome.params
         self._run(self.core.auth_result(outcome.record, outcome.reason, _now()))
 
     # -- request log ------------------------------------------------------------------------------

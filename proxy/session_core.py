@@ -60,6 +60,7 @@ from .session_policy import (
     DEVICE_OFFLINE,
     DEVICE_POLICY,
     NO_DEVICE,
+    ROTATION_TIMED_OUT,
     Attempt,
     Refusal,
     check_target,
@@ -180,6 +181,7 @@ class SessionCore:
     def upstream(self) -> Attempt | None:
         """The attempt of the request being forwarded now (absolute-form), if any."""
         return self._upstreams.get(self._current) if self._current is not None else None
+        self._waiting_device = False  # the open waits for the device's IP rotation to end
 
     @property
     def connection_id(self) -> str | None:
@@ -187,6 +189,9 @@ class SessionCore:
 
     @property
     def device_id(self) -> str | None:
+        """The device this session uses: the one routing chose, else the connection's device."""
+        if self.attempt.device_id is not None:
+            return self.attempt.device_id
         return self.record.device_id if self.record is not None else None
 
     # -- events -----------------------------------------------------------------------------------
@@ -266,6 +271,26 @@ class SessionCore:
             return []
         return self._fail(DEVICE_OFFLINE)
 
+    def routed(self, device_id: str, upstream: int | None = None) -> None:
+        """Routing chose ``device_id`` (a pool member) for the session's stream or an upstream's."""
+        att = self.attempt if upstream is None else self._upstreams.get(upstream)
+        if att is not None:
+            att.device_id = device_id
+
+    def open_deferred(self, wait: float) -> list[Action]:
+        """The device is rotating its IP: the open waits up to ``wait`` seconds for it, then fails 0x03."""
+        if self.phase is not Phase.OPENING:
+            return []
+        self._waiting_device = True
+        return [ArmTimer(wait)]
+
+    def open_resumed(self) -> list[Action]:
+        """The wait is over: the open proceeds (under the usual open timeout)."""
+        if self.phase is not Phase.OPENING or not self._waiting_device:
+            return []
+        self._waiting_device = False
+        return [ArmTimer(self.open_timeout)]
+
     def open_result(self, rep: int, reason: str, resolved_ip: str, bound_host: str, bound_port: int,
                     opened: bool, now: Instant) -> list[Action]:
         """The device's answer to OpenStream (``opened``: a stream came with it)."""
@@ -302,6 +327,8 @@ class SessionCore:
 
     def timer_fired(self, now: Instant) -> list[Action]:
         """The timer of the last ArmTimer fired."""
+        if self.phase is Phase.OPENING and self._waiting_device:
+            return [CancelOpen(), *self._fail(ROTATION_TIMED_OUT)]
         if self.phase is Phase.OPENING:
             return [CancelOpen(), *self._fail(Refusal(ReplyCode.TTL_EXPIRED, "device did not answer in time", 504))]
         if self.phase in (Phase.RELAY, Phase.FORWARD, Phase.UDP, Phase.CLOSED):
@@ -512,7 +539,8 @@ class SessionCore:
             return self._fail(refusal)
         att.action = "allowed"
         self.phase = Phase.OPENING
-        return [PauseReading(), OpenStream(record.device_id, att.host, att.port), ArmTimer(self.open_timeout)]
+        # the timer first: opening may defer (device rotating) and re-arm it for the wait
+        return [PauseReading(), ArmTimer(self.open_timeout), OpenStream(record.device_id, att.host, att.port)]
 
     def _fail(self, refusal: Refusal) -> list[Action]:
         att = self.attempt

@@ -38,6 +38,7 @@ class Refusal:
 INVALID_HOST = Refusal(ReplyCode.HOST_UNREACHABLE, "invalid target host", 400)
 NO_DEVICE = Refusal(ReplyCode.NETWORK_UNREACHABLE, "no device associated with this connection", 403)
 DEVICE_OFFLINE = Refusal(ReplyCode.NETWORK_UNREACHABLE, "device offline", 502)
+ROTATION_TIMED_OUT = Refusal(ReplyCode.NETWORK_UNREACHABLE, "device IP rotation did not end in time", 502)
 
 
 def check_target(record: CredentialRecord, host: str, needs_no_device: bool) -> Refusal | None:
@@ -50,7 +51,7 @@ def check_target(record: CredentialRecord, host: str, needs_no_device: bool) -> 
     if hit is not None:
         scope, entry = hit
         return Refusal(ReplyCode.NOT_ALLOWED, f"{scope} blacklist: {entry}", 403, blocked=True)
-    if record.device_id is None and not needs_no_device:
+    if record.device_id is None and not record.is_pool and not needs_no_device:
         return NO_DEVICE
     return None
 
@@ -83,6 +84,7 @@ class Attempt:
     bytes_in: int = 0  # target -> client
     bytes_out: int = 0  # client -> target
     logged: bool = False
+    device_id: str | None = None  # the device routing chose (a pool member), when known
 
     @property
     def started_wall(self) -> datetime | None:
@@ -110,7 +112,7 @@ class Attempt:
         return AttemptRow(
             timestamp=started.wall if started else now.wall,
             connection_id=connection_id,
-            device_id=device_id or "",
+            device_id=self.device_id or device_id or "",
             target=f"{shown}:{port}",
             target_type=target_type,
             port=port,

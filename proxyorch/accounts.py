@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import uuid
 
@@ -66,7 +67,8 @@ async def check_device_token(pool: asyncpg.Pool, device_id: str, token: str) -> 
 
 _META_COLUMNS = {"brand": "brand", "model": "model", "version": "version", "sdkVersion": "sdk_version",
                  "processor": "processor", "country": "country", "networkType": "network_type",
-                 "numberOfCores": "number_of_cores", "ramMb": "ram_mb", "isEmulator": "is_emulator"}
+                 "numberOfCores": "number_of_cores", "ramMb": "ram_mb", "isEmulator": "is_emulator",
+                 "public_ip": "public_ip"}
 
 
 async def set_presence(pool: asyncpg.Pool, device_id: str, online: bool, node: str, meta: dict) -> None:
@@ -83,6 +85,13 @@ async def set_presence(pool: asyncpg.Pool, device_id: str, online: bool, node: s
                     continue
             elif column == "is_emulator":
                 value = bool(value)
+            elif column == "country":
+                value = str(value)[:8].upper()
+            elif column == "public_ip":
+                try:
+                    value = str(ipaddress.ip_address(str(value)))
+                except ValueError:
+                    continue
             else:
                 value = str(value)[:200]
             args.append(value)

@@ -107,6 +107,12 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("SETTLEMENT_DEADLINE_S", "settlement_deadline_s", float, 86400.0,
      "Escrow jobs: a settlement not approved or disputed within this is approved automatically"),
     ("PLATFORM_FEE_BPS", "platform_fee_bps", int, 3000, "Escrow jobs: platform fee on each place, basis points"),
+    ("ROTATE_MIN_INTERVAL_S", "rotate_min_interval_s", float, 10.0,
+     "IP rotation: a device's next rotation by the API no sooner than this after the end of its previous one (429)"),
+    ("ROTATE_WAIT_S", "rotate_wait_s", float, 30.0,
+     "IP rotation: how long a new session for a rotating device waits before failing 0x03/502"),
+    ("ROTATION_MIN_TIMER_S", "rotation_min_timer_s", int, 60,
+     "IP rotation: smallest interval_s of a rotation timer (test setting below 60; keep 60 in production)"),
 ]
 
 
@@ -198,6 +204,9 @@ class Settings:
     market_sweep_s: float
     settlement_deadline_s: float
     platform_fee_bps: int
+    rotate_min_interval_s: float
+    rotate_wait_s: float
+    rotation_min_timer_s: int
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -23,6 +23,7 @@ from rms.service import Rms
 from . import accounts, db, tunnel_cert
 from .bus import InvalidationBus, RedisBus, make_bus
 from .config import Settings
+from .rotation import RotationManager
 from .tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Node:
         self.proxy: ProxyServer | None = None
         self.rms: Rms | None = None
         self.request_log = None
+        self.rotations: RotationManager | None = None
         self.clickhouse = None
         self.api_runner = None
         self.admin_token = ""
@@ -101,13 +103,16 @@ class Node:
         self.proxy = ProxyServer(
             auth_cache=cache, exit=exit_, sessions=SessionRegistry(), node_name=s.node_name,
             limiter=FailureLimiter(s.auth_fail_limit, s.auth_fail_window_s), request_log=self.request_log,
-            handshake_timeout=s.handshake_timeout_s, open_timeout=s.connect_timeout_s + 5)
+            handshake_timeout=s.handshake_timeout_s, open_timeout=s.connect_timeout_s + 5,
+            rotate_wait=s.rotate_wait_s)
+        self.rotations = RotationManager(self)
         await self.bus.start(self.proxy.handle_bus_event)
         # Devices that were online on this node before a crash are offline until they reconnect.
         await self.pool.execute("UPDATE devices SET online = false, node = NULL WHERE node = $1", s.node_name)
         await self.tunnels.start(s.bind_host, s.tunnel_port, ssl=tunnel_ssl)
         await self.proxy.start(s.bind_host, s.proxy_port)
         await self._start_api()
+        self.rotations.start()
         if self.request_log is not None:
             self._tasks.spawn(self._traffic_reporter(), name="traffic reporter")
         log.info("node %s: proxy :%d, tunnels :%d, api :%d", s.node_name, self.proxy.port, self.tunnels.port,
@@ -180,6 +185,8 @@ class Node:
                 session.terminate("node shutting down")
             await asyncio.sleep(0)
         await self._tasks.close()
+        if self.rotations is not None:
+            await self.rotations.stop()
         if self.tunnels is not None:
             for device_id in self.tunnels.registry.device_ids():
                 await accounts.set_presence(self.pool, device_id, False, s.node_name, {})

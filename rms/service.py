@@ -27,6 +27,7 @@ PASSWORD_ALPHABET = string.ascii_letters + string.digits
 PASSWORD_LENGTH = 16
 MAX_NAME = 100
 MAX_DOMAINS = 1000
+MAX_POOL = 100
 Publish = Callable[[str], Awaitable[None]]
 
 
@@ -74,6 +75,43 @@ def normalize_domains(domains: object) -> list[str]:
     return out
 
 
+def parse_pool(pool: object) -> tuple[list[str] | None, str | None]:
+    """Validate a ``pool`` body field: ``{"device_ids": [...]}`` or ``{"country": "US"}``."""
+    if not isinstance(pool, dict) or len(pool) != 1 or not ({"device_ids", "country"} & set(pool)):
+        raise RmsError(400, 'pool must be {"device_ids": [...]} or {"country": "CC"}')
+    if "country" in pool:
+        cc = pool["country"]
+        if not isinstance(cc, str) or len(cc) != 2 or not cc.isascii() or not cc.isalpha():
+            raise RmsError(400, "pool.country must be a two-letter country code")
+        return None, cc.upper()
+    ids = pool["device_ids"]
+    if not isinstance(ids, list) or not ids or len(ids) > MAX_POOL:
+        raise RmsError(400, f"pool.device_ids must be a non-empty array of at most {MAX_POOL} device ids")
+    out: list[str] = []
+    for d in ids:
+        did = parse_uuid(d, "every pool.device_ids entry")
+        if did in out:
+            raise RmsError(400, f"device {did} is listed twice in pool.device_ids")
+        out.append(did)
+    return out, None
+
+
+def _pool_body(ids: list[str] | None, country: str | None) -> dict | None:
+    if ids is not None:
+        return {"device_ids": ids}
+    return {"country": country} if country is not None else None
+
+
+def pool_json(row: asyncpg.Record) -> dict | None:
+    """The connection's pool as the API shows it (None for a one-device connection)."""
+    keys = row.keys()
+    if "pool_device_ids" in keys and row["pool_device_ids"] is not None:
+        return {"device_ids": [str(d) for d in row["pool_device_ids"]]}
+    if "pool_country" in keys and row["pool_country"] is not None:
+        return {"country": row["pool_country"]}
+    return None
+
+
 class Rms:
     """Connection management for the API and the admin CLI."""
 
@@ -95,13 +133,15 @@ class Rms:
             "name": row["name"],
             "createdAt": _iso(row["created_at"]),
             "deviceId": str(row["device_id"]) if row["device_id"] else None,
+            "pool": pool_json(row),
         }
 
     # -- reads ----------------------------------------------------------------------------------
     async def list_for_user(self, user_id: str, limit: int | None = None, offset: int = 0) -> list[dict]:
         """Connections owned by, or routed through devices of, ``user_id`` (``limit`` from ``offset``)."""
         rows = await self.pool.fetch(
-            """SELECT r.connection_id, r.owner_user_id, r.name, r.password_encrypted, r.created_at, c.device_id
+            """SELECT r.connection_id, r.owner_user_id, r.name, r.password_encrypted, r.created_at, c.device_id,
+                      c.pool_device_ids, c.pool_country
                FROM rms_connections r JOIN proxy_credentials c USING (connection_id)
                LEFT JOIN devices d ON d.remote_device_id = c.device_id
                WHERE r.owner_user_id = $1 OR d.user_id = $1
@@ -132,26 +172,42 @@ class Rms:
         return did
 
     # -- writes ---------------------------------------------------------------------------------
+    async def _owned_pool(self, pool: object, user_id: str, status: int) -> tuple[list[str] | None, str | None]:
+        ids, country = parse_pool(pool)
+        if ids is not None:
+            owned = await self.pool.fetchval(
+                "SELECT count(*) FROM devices WHERE remote_device_id = ANY($1::uuid[]) AND user_id = $2", ids, user_id)
+            if owned != len(ids):
+                raise RmsError(status, "Device not owned by caller")
+        return ids, country
+
     async def create(self, user_id: str, device_id: object, name: object = None,
-                     check_owner: bool = True) -> dict:
-        """New credential routed through ``device_id`` (which the caller must own)."""
-        if device_id is None or device_id == "":
+                     check_owner: bool = True, pool: object = None) -> dict:
+        """New credential routed through ``device_id`` (which the caller must own), or through a pool."""
+        if pool is not None and device_id not in (None, ""):
+            raise RmsError(400, "give either device_id or pool, not both")
+        if pool is None and (device_id is None or device_id == ""):
             raise RmsError(400, "device_id is required")
         if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME):
             raise RmsError(400, f"name must be a string of at most {MAX_NAME} characters")
-        did = await self._owned_device(device_id, user_id, 404) if check_owner else parse_uuid(device_id, "device_id")
+        pool_ids = pool_country = did = None
+        if pool is not None:
+            pool_ids, pool_country = await self._owned_pool(pool, user_id, 404)
+        else:
+            did = await self._owned_device(device_id, user_id, 404) if check_owner else parse_uuid(device_id, "device_id")
         cid = str(uuid.uuid4())
         password = new_password()
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("INSERT INTO proxy_credentials(connection_id, password_hash, device_id) VALUES ($1,$2,$3)",
-                               cid, hash_password(cid, password), did)
+            await conn.execute("INSERT INTO proxy_credentials(connection_id, password_hash, device_id, pool_device_ids,"
+                               " pool_country) VALUES ($1,$2,$3,$4,$5)",
+                               cid, hash_password(cid, password), did, pool_ids, pool_country)
             row = await conn.fetchrow(
                 """INSERT INTO rms_connections(connection_id, owner_user_id, name, password_encrypted)
                    VALUES ($1, $2, $3, $4) RETURNING created_at""",
                 cid, user_id, name, self.box.seal(cid, password))
         await self._publish(connection_changed(cid))
         return {"connectionId": cid, "password": password, "ownerUserId": user_id, "name": name,
-                "createdAt": _iso(row["created_at"]), "deviceId": did}
+                "createdAt": _iso(row["created_at"]), "deviceId": did, "pool": _pool_body(pool_ids, pool_country)}
 
     async def delete(self, user_id: str, connection_id: object) -> None:
         row = await self._load(connection_id)
@@ -176,28 +232,37 @@ class Rms:
         await self._publish(connection_changed(cid))
         return password
 
-    async def set_device(self, user_id: str, connection_id: object, device_id: object) -> dict:
-        """Hot-swap the exit device: new sessions use it; live sessions keep their device."""
+    async def set_device(self, user_id: str, connection_id: object, device_id: object, pool: object = None) -> dict:
+        """Hot-swap the exit device (or pool): new sessions use it; live sessions keep their device."""
         row = await self._load(connection_id)
-        if device_id is None or device_id == "":
+        if pool is not None and device_id not in (None, ""):
+            raise RmsError(400, "give either device_id or pool, not both")
+        if pool is None and (device_id is None or device_id == ""):
             raise RmsError(400, "device_id is required")
-        did = parse_uuid(device_id, "device_id")
+        did = pool_ids = pool_country = None
+        if pool is not None:
+            pool_ids, pool_country = parse_pool(pool)
+        else:
+            did = parse_uuid(device_id, "device_id")
         if str(row["owner_user_id"]) != user_id:
             raise RmsError(403, "Source connection or target device not owned by caller")
-        await self._owned_device(did, user_id, 403)
+        if pool is not None:
+            await self._owned_pool(pool, user_id, 403)
+        else:
+            await self._owned_device(did, user_id, 403)
         cid = str(row["connection_id"])
-        await self.pool.execute("UPDATE proxy_credentials SET device_id = $2, updated_at = now() WHERE connection_id = $1",
-                                cid, did)
+        await self.pool.execute("UPDATE proxy_credentials SET device_id = $2, pool_device_ids = $3, pool_country = $4,"
+                                " updated_at = now() WHERE connection_id = $1", cid, did, pool_ids, pool_country)
         await self._publish(connection_changed(cid))
-        return {"connectionId": cid, "deviceId": did}
+        return {"connectionId": cid, "deviceId": did, "pool": _pool_body(pool_ids, pool_country)}
 
     async def dissociate(self, user_id: str, connection_id: object) -> None:
         row = await self._load(connection_id)
         if not self._owner_or_device_owner(row, user_id):
             raise RmsError(403, "Forbidden")
         cid = str(row["connection_id"])
-        await self.pool.execute("UPDATE proxy_credentials SET device_id = NULL, updated_at = now() WHERE connection_id = $1",
-                                cid)
+        await self.pool.execute("UPDATE proxy_credentials SET device_id = NULL, pool_device_ids = NULL,"
+                                " pool_country = NULL, updated_at = now() WHERE connection_id = $1", cid)
         await self._publish(connection_killed(cid))
 
     # -- blacklists -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxyorch.blacklist import Blacklist
 from proxyorch.bus_events import CONN, DEVICE, KILL, decode
@@ -29,6 +29,9 @@ class CredentialRecord:
     password_hash: bytes
     device_id: str | None
     blacklists: tuple[tuple[str, Blacklist], ...]   # (scope, list): global, device, connection
+    # A pool connection's members as (device id, country); a one-device connection has its device here.
+    pool: tuple[tuple[str, str | None], ...] = ()
+    is_pool: bool = False
 
     def check_password(self, password: str) -> bool:
         return verify_password(self.password_hash, self.connection_id, password)
@@ -44,6 +47,8 @@ class StoredCredential:
     connection_entries: list[str]
     device_entries: list[str]
     global_entries: list[str]
+    pool: list[tuple[str, str | None]] = field(default_factory=list)
+    is_pool: bool = False
 
 
 CredentialFetcher = Callable[[str], Awaitable[StoredCredential | None]]
@@ -140,7 +145,7 @@ class AuthCache:
                                ("connection", s.connection_entries)):
             if entries:
                 lists.append((scope, self._compile(entries)))
-        return CredentialRecord(s.connection_id, s.password_hash, s.device_id, tuple(lists))
+        return CredentialRecord(s.connection_id, s.password_hash, s.device_id, tuple(lists), tuple(s.pool), s.is_pool)
 
     # -- invalidation -------------------------------------------------------------------------
     def invalidate(self, connection_id: str) -> None:
@@ -149,7 +154,8 @@ class AuthCache:
 
     def invalidate_device(self, device_id: str) -> None:
         self._generation += 1
-        stale = [cid for cid, (_exp, rec) in self._entries.items() if rec is not None and rec.device_id == device_id]
+        stale = [cid for cid, (_exp, rec) in self._entries.items()
+                 if rec is not None and (rec.device_id == device_id or any(m[0] == device_id for m in rec.pool))]
         for cid in stale:
             del self._entries[cid]
 

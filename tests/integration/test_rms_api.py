@@ -29,7 +29,9 @@ async def test_create_returns_uuid_and_16_char_password_in_seed_shape(tenants):
                                                                    "name": "x"})
     assert status == 200 and body["success"] is True
     c = body["connection"]
-    assert set(c) == {"connectionId", "password", "ownerUserId", "name", "createdAt", "deviceId"}
+    assert set(c) == {"connectionId", "password", "ownerUserId", "name", "createdAt", "deviceId",
+                      "pool"}  # pool: issue 17 (null for a one-device connection)
+    assert c["pool"] is None
     uuid.UUID(c["connectionId"])
     assert len(c["password"]) == 16 and c["password"].isalnum()
     assert c["ownerUserId"] == tenants["a_id"] and c["deviceId"] == tenants["dev_a"]["remote_device_id"]
@@ -225,8 +227,10 @@ async def test_devices_list_and_register(tenants):
     ids = {d["remote_device_id"] for d in devices}
     assert tenants["dev_a"]["remote_device_id"] in ids and tenants["dev_b"]["remote_device_id"] not in ids
     keys = {"remote_device_id", "added", "automations", "brand", "country", "isEmulator", "model", "name",
-            "networkType", "numberOfCores", "online", "processor", "ramMb", "sdkVersion", "version"}
+            "networkType", "numberOfCores", "online", "processor", "ramMb", "sdkVersion", "version",
+            "public_ip", "last_rotated_at", "rotation"}  # the last three: issue 17 (IP rotation)
     assert set(devices[0]) == keys
+    assert devices[0]["rotation"] == {"interval_s": None} and devices[0]["last_rotated_at"] is None
     s, reg = await dep.call("POST", "/api/v2/devices/register", a, json={"name": "Unique Device Name"})
     assert s == 200 and reg["name"] == "Unique Device Name" and reg["device_token"]
     assert (await dep.call("POST", "/api/v2/devices/register", b, json={"name": "Unique Device Name"}))[0] == 409

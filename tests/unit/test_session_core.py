@@ -381,3 +381,38 @@ def test_pipelined_socks_handshake_in_one_write_waits_for_the_auth_answer() -> N
     assert only(acts, OpenStream) == [OpenStream(DEV, "example.com", 443)]
     acts = c.open_result(0, "", "1.2.3.4", "0.0.0.0", 0, True, at(0.2))
     assert StartRelay(b"GET / HTTP/1.1\r\n\r\n") in acts
+
+
+# -- pools and IP rotation (issue 17) ---------------------------------------------------------------
+POOL_DEV = "9a0c2b1e-3d4f-4a5b-8c6d-7e8f9a0b1c2d"
+
+
+def test_pool_connection_is_routed_and_its_row_names_the_device_used() -> None:
+    c = core()
+    pool = CredentialRecord(CID, b"", None, (), ((DEV, "US"), (POOL_DEV, "DE")), True)
+    acts = socks_until_open(c, pool)
+    assert OpenStream(None, "example.com", 443) in acts  # no NO_DEVICE refusal: the adapter picks a member
+    c.routed(POOL_DEV)
+    assert c.device_id == POOL_DEV
+    c.open_result(0, "", "93.184.216.34", "10.0.0.2", 1, True, at(0.5))
+    rows = only(c.client_lost(at(1.0), 10, 20), LogRow)
+    assert rows[0].row.device_id == POOL_DEV
+
+
+def test_open_waiting_for_a_rotation_fails_0x03_when_the_wait_ends() -> None:
+    c = core(open_timeout=7.0)
+    socks_until_open(c, record())
+    assert c.open_deferred(30.0) == [ArmTimer(30.0)]
+    acts = c.timer_fired(at(30.2))
+    assert acts[0] == CancelOpen() and sent(acts) == b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00"
+    assert c.attempt.error == "device IP rotation did not end in time"
+
+
+def test_open_resumed_after_a_rotation_gets_the_usual_timeout() -> None:
+    c = core(open_timeout=7.0)
+    socks_until_open(c, record())
+    c.open_deferred(30.0)
+    assert c.open_resumed() == [ArmTimer(7.0)]
+    assert c.open_resumed() == []  # only once
+    acts = c.timer_fired(at(8.0))  # now an ordinary open timeout
+    assert ReplyCode.TTL_EXPIRED == sent(acts)[1]
