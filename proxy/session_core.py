@@ -171,6 +171,7 @@ class SessionCore:
         self._current: int | None = None  # the upstream the forwarder talks to
         self.udp: UdpAssociation | None = None  # once a UDP ASSOCIATE succeeded
         self._udp_port = 0  # the port the UDP ASSOCIATE request announced
+        self._waiting_device = False  # the open waits for the device's IP rotation to end
 
     @property
     def forwarding(self) -> bool:
@@ -181,7 +182,6 @@ class SessionCore:
     def upstream(self) -> Attempt | None:
         """The attempt of the request being forwarded now (absolute-form), if any."""
         return self._upstreams.get(self._current) if self._current is not None else None
-        self._waiting_device = False  # the open waits for the device's IP rotation to end
 
     @property
     def connection_id(self) -> str | None:
