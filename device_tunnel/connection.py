@@ -49,6 +49,7 @@ from .windows import MemoryBudget, WindowManager, WindowSettings
 MAX_CHUNK = 64 * 1024       # largest DATA payload sent: bounds how long a small frame waits behind one
 PENDING_HIGH = 64 * 1024    # outbound bytes queued beyond the window before the source is paused
 OUT_HIGH = 32 * 1024        # queued output beyond which new DATA waits in its stream's queue
+EARLY_DATA_MAX = 64 * 1024  # most stream bytes a node sends before OPEN_OK (optimistic open)
 
 
 class Role(Enum):
@@ -134,13 +135,17 @@ class TunnelConnection:
         self._ping_rate, self._control_rate = _Rate(c.ping_per_s), _Rate(c.control_per_s)
         self._windows_received = 0
         self.data_bytes_sent = 0
+        # optimistic open: the agent takes DATA on a stream before its OPEN_OK, up to this many bytes
+        # (announced in HELLO as "early_data"; 0 = the peer does not, and the node then waits for OPEN_OK)
+        self.peer_early_data = 0
 
     # == handshake ================================================================================
     def send_hello(self, device_id: str, token: str, meta: dict) -> None:
         """Agent: introduce the device (first frame on the connection)."""
         self._send_json(FrameType.HELLO, 0, {"version": frames.PROTOCOL_VERSION, "device_id": device_id,
                                              "token": token, "meta": meta,
-                                             "window": self.config.windows.conn_window})
+                                             "window": self.config.windows.conn_window,
+                                             "early_data": self.config.windows.min_window})
 
     def accept(self, node: str) -> None:
         """Node: the device may use this tunnel (WELCOME ok)."""
@@ -157,8 +162,12 @@ class TunnelConnection:
         self._terminate(ErrorCode.HANDSHAKE_FAILED, error, remote=False, goaway=False)
 
     # == streams, node side =======================================================================
-    def open_stream(self, host: str, port: int) -> int:
-        """Node: allocate a stream and queue OPEN. Raises LocalUsageError when no stream may open."""
+    def open_stream(self, host: str, port: int, early: bool = False) -> int:
+        """Node: allocate a stream and queue OPEN. Raises LocalUsageError when no stream may open.
+
+        ``early`` (optimistic open): when the agent announced ``early_data``, ``send_data`` may be called
+        before OPEN_OK and up to that many bytes (at most ``EARLY_DATA_MAX``) follow OPEN at once; the
+        rest, and a FIN, wait in the stream's queue for OPEN_OK. Without the announcement everything waits."""
         if self.closed or not self.handshake_done or self.peer_going_away or self.going_away:
             raise LocalUsageError("tunnel is not accepting new streams")
         if not self.windows.can_open:
@@ -166,8 +175,11 @@ class TunnelConnection:
         self._highest_id += 1
         sid = self._highest_id
         rw = self.windows.open(sid, self.now)
-        self.streams[sid] = Stream(sid, rw)
+        stream = self.streams[sid] = Stream(sid, rw)
         self._send_json(FrameType.OPEN, sid, {"host": host, "port": port, "window": rw.window})
+        if early:
+            stream.early = True
+            stream.send_credit = min(self.peer_early_data, EARLY_DATA_MAX)
         return sid
 
     # == streams, agent side ======================================================================
@@ -198,7 +210,7 @@ class TunnelConnection:
         stream = self.streams.get(stream_id)
         if stream is None or not data or stream.local_closed or self.closed:
             return False
-        if stream.state is StreamState.OPENING:
+        if stream.state is StreamState.OPENING and not stream.early:
             raise LocalUsageError(f"stream {stream_id} is not open yet")
         n = len(data)
         if (not stream.pending and n <= stream.send_credit and n <= self.conn_send_credit
@@ -219,7 +231,11 @@ class TunnelConnection:
     def send_eof(self, stream_id: int) -> None:
         """Half-close our direction: FIN after whatever is still queued."""
         stream = self.streams.get(stream_id)
-        if stream is None or stream.local_closed or stream.state is StreamState.OPENING:
+        if stream is None or stream.local_closed:
+            return
+        if stream.state is StreamState.OPENING:
+            if stream.early:  # FIN only after OPEN_OK (the agent's table has no FIN while opening)
+                stream.fin_pending = True
             return
         if stream.pending:
             stream.fin_pending = True
@@ -470,7 +486,8 @@ class TunnelConnection:
             if inc:
                 self._queue(frames.encode_window(0, inc))
             return
-        if stream.state is not StreamState.OPEN and stream.state is not StreamState.HALF_CLOSED_LOCAL:
+        early = stream.state is StreamState.OPENING and self.role is Role.AGENT
+        if stream.state is not StreamState.OPEN and stream.state is not StreamState.HALF_CLOSED_LOCAL and not early:
             self.windows.on_data(None, n)
             self.windows.discard(n)
             self._transition(stream, Transition.RECV_DATA)
@@ -576,9 +593,12 @@ class TunnelConnection:
         if not 0 < window <= 0xFFFFFFFF:
             raise StreamError(sid, "OPEN_OK without a valid window")
         self._transition(stream, Transition.RECV_OPEN_OK)
-        stream.send_credit = window
+        stream.send_credit = window - stream.bytes_sent if stream.early else window  # early DATA counts
         self._events.append(StreamOpened(sid, str(body.get("bound_host", "0.0.0.0")),
                                          _int(body.get("bound_port"), 0), str(body.get("resolved_ip", ""))))
+        if stream.pending or stream.fin_pending:
+            self._waiting.add(stream)
+            self._flush_stream(stream)
 
     def _on_hello(self, frame: Frame) -> None:
         if self._hello_seen:
@@ -586,6 +606,7 @@ class TunnelConnection:
         self._hello_seen = True
         body = frame.json()
         self.conn_send_credit = _window(body)
+        self.peer_early_data = max(0, _int(body.get("early_data"), 0))
         meta = body.get("meta")
         self._events.append(HelloReceived(str(body.get("device_id", "")), str(body.get("token", "")),
                                           _int(body.get("version"), 0), meta if isinstance(meta, dict) else {}))
@@ -649,7 +670,7 @@ class TunnelConnection:
             self._emit_data(stream, head)
         if not pending:
             self._waiting.discard(stream)
-            if stream.fin_pending:
+            if stream.fin_pending and stream.state is not StreamState.OPENING:
                 stream.fin_pending = False
                 self._send_fin(stream)
         if stream.source_paused and stream.pending_bytes <= PENDING_HIGH and stream.id in self.streams:

@@ -64,7 +64,7 @@ class Stream:
     """Core record of one stream: state, send credit and queue, receive window."""
 
     __slots__ = ("id", "state", "send_credit", "pending", "pending_bytes", "fin_pending", "source_paused",
-                 "recv", "bytes_sent", "bytes_received")
+                 "recv", "bytes_sent", "bytes_received", "early")
 
     def __init__(self, stream_id: int, recv: ReceiveWindow, send_credit: int = 0) -> None:
         self.id = stream_id
@@ -77,6 +77,7 @@ class Stream:
         self.recv = recv
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.early = False  # node: optimistic open, DATA may follow OPEN before OPEN_OK
 
     @property
     def local_closed(self) -> bool:

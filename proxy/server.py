@@ -30,6 +30,7 @@ from .session_core import (
     Close,
     CloseUpstreamStream,
     DisarmTimer,
+    EarlyData,
     Instant,
     LeaveHandshake,
     LogRow,
@@ -74,7 +75,7 @@ class ProxyServer:
 
     def __init__(self, *, auth_cache: AuthCache, exit, sessions: SessionRegistry, node_name: str,  # noqa: ANN001
                  limiter: FailureLimiter, request_log=None, handshake_timeout: float = 15.0,  # noqa: ANN001
-                 open_timeout: float = 15.0) -> None:
+                 open_timeout: float = 15.0, optimistic_open: bool = False) -> None:
         self.auth_cache = auth_cache
         self.exit = exit
         self.sessions = sessions
@@ -83,6 +84,8 @@ class ProxyServer:
         self.request_log = request_log or NullRequestLog()
         self.handshake_timeout = handshake_timeout
         self.open_timeout = open_timeout
+        # OPTIMISTIC_OPEN, where the exit can carry client bytes before the outcome (the tunnel exit)
+        self.optimistic_open = optimistic_open and hasattr(exit, "open_optimistic")
         self.metrics = ProxyMetrics()
         self.handshaking: set[ClientSession] = set()
         self.authenticator = Authenticator(auth_cache, limiter, self.metrics)
@@ -142,10 +145,12 @@ class ClientSession(asyncio.Protocol):
         self.client_addr = ""
         self.core = SessionCore(metrics=server.metrics, client_addr="",
                                 needs_no_device=getattr(server.exit, "needs_no_device", False),
-                                handshake_timeout=server.handshake_timeout, open_timeout=server.open_timeout)
+                                handshake_timeout=server.handshake_timeout, open_timeout=server.open_timeout,
+                                optimistic=server.optimistic_open)
         self.stream = None  # the device stream once relaying (tunnel stream or DirectStream)
         self._opened = None  # stream of an open_result, until StartRelay takes it
         self.cancel_open = None
+        self.early_open = None  # proxy.exits.EarlyOpen of an optimistic open, until its outcome
         self.upstreams: dict[int, Upstream] = {}  # absolute-form forwarder upstreams
         self.timer: asyncio.TimerHandle | None = None
         self.relaying = False
@@ -219,6 +224,10 @@ class ClientSession(asyncio.Protocol):
         if self.core.phase is Phase.FORWARD:
             self._run(self.core.client_eof(_now()))
             return True
+        if self.core.early_pending and self.early_open is not None:  # FIN follows the early bytes
+            self.client_eof = True
+            self.early_open.write_eof()
+            return True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -243,7 +252,7 @@ class ClientSession(asyncio.Protocol):
 
     # -- OpenHandler (the device side of the relay) ---------------------------------------------
     def open_result(self, result: OpenResult) -> None:
-        self.cancel_open = None
+        self.cancel_open = self.early_open = None
         self._opened = result.stream
         self._run(self.core.open_result(result.rep, result.reason, result.resolved_ip, result.bound_host,
                                         result.bound_port, result.stream is not None, _now()))
@@ -345,6 +354,10 @@ class ClientSession(asyncio.Protocol):
                 if a.early:
                     self.bytes_out += len(a.early)
                     self.stream.write(a.early)
+            elif kind is EarlyData:
+                if self.early_open is not None:
+                    self.bytes_out += len(a.data)
+                    self.early_open.write(a.data)
             elif kind is PauseReading:
                 self.pause_source()
             elif kind is ResumeReading:
@@ -376,6 +389,14 @@ class ClientSession(asyncio.Protocol):
 
     def _open(self, a: OpenStream) -> None:
         exit_ = self.server.exit
+        if a.optimistic:
+            early = exit_.open_optimistic(a.device_id, a.host, a.port, self)
+            if early is None:
+                self._run(self.core.open_unavailable(_now()))
+            elif self.core.phase is Phase.OPENING:
+                self.early_open, self.cancel_open = early, early.cancel
+                self._run(self.core.open_sent(_now()))
+            return
         if a.upstream is None:
             cancel = exit_.open(a.device_id, a.host, a.port, self)
             if cancel is None:

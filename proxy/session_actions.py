@@ -71,6 +71,14 @@ class OpenStream:
     host: str
     port: int
     upstream: int | None = None
+    optimistic: bool = False  # optimistic open: answer ``open_sent`` once the open is under way
+
+
+@dataclass(frozen=True, slots=True)
+class EarlyData:
+    """Client bytes of an optimistic open: send them on the stream still opening."""
+
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,7 +101,8 @@ class Node:
         self.proxy = ProxyServer(
             auth_cache=cache, exit=exit_, sessions=SessionRegistry(), node_name=s.node_name,
             limiter=FailureLimiter(s.auth_fail_limit, s.auth_fail_window_s), request_log=self.request_log,
-            handshake_timeout=s.handshake_timeout_s, open_timeout=s.connect_timeout_s + 5)
+            handshake_timeout=s.handshake_timeout_s, open_timeout=s.connect_timeout_s + 5,
+            optimistic_open=s.optimistic_open)
         await self.bus.start(self.proxy.handle_bus_event)
         # Devices that were online on this node before a crash are offline until they reconnect.
         await self.pool.execute("UPDATE devices SET online = false, node = NULL WHERE node = $1", s.node_name)
