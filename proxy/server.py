@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 import time
 from datetime import UTC, datetime
 
@@ -54,6 +56,16 @@ log = logging.getLogger(__name__)
 
 CLIENT_WRITE_HIGH = 256 * 1024
 CLIENT_WRITE_LOW = 64 * 1024
+
+
+def _linger_zero(t: asyncio.BaseTransport) -> None:
+    """Make the next close of ``t`` a TCP RST (SO_LINGER on, 0 s)."""
+    sock = t.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
 
 
 def _now() -> Instant:
@@ -335,6 +347,8 @@ class ClientSession(asyncio.Protocol):
                     t.write(a.data)
             elif kind is Close:
                 if t is not None:
+                    if a.reset:
+                        _linger_zero(t)
                     t.abort() if a.abort else t.close()
             elif kind is Authenticate:
                 self._authenticate(a.username, a.password)

@@ -27,9 +27,10 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """Close the client connection (``abort``: drop unsent bytes)."""
+    """Close the client connection (``abort``: drop unsent bytes; ``reset``: and send a TCP RST)."""
 
     abort: bool = False
+    reset: bool = False
 
 
 @dataclass(frozen=True, slots=True)

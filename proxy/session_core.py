@@ -496,7 +496,7 @@ class SessionCore:
         self.phase = Phase.CLOSED
         if self.early_pending:  # the client was told "succeeded": reset it; the row has the real code
             self.early_pending = False
-            return [Close(abort=True)]
+            return [Close(abort=True, reset=True)]
         if self.protocol == "socks5":
             assert self._socks is not None
             return [Send(self._socks.reply(refusal.rep)), Close()]

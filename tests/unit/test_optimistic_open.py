@@ -65,7 +65,7 @@ def test_optimistic_failure_resets_the_client_and_logs_the_real_reply_code() -> 
     socks_opening(c)
     c.open_sent(at(0.2))
     acts = c.open_result(ReplyCode.CONNECTION_REFUSED, "refused", "192.0.2.1", "", 0, False, at(0.4))
-    assert acts == [DisarmTimer(), Close(abort=True)]  # no second reply: a reset
+    assert acts == [DisarmTimer(), Close(abort=True, reset=True)]  # no second reply: a reset
     assert c.metrics.sessions_failed == 1
     (row,) = [a.row for a in only(c.client_lost(at(0.5)), LogRow)]
     assert (row.reply_code, row.action, row.error, row.resolved_ip) == (5, "allowed", "refused", "192.0.2.1")
@@ -76,7 +76,7 @@ def test_optimistic_device_policy_refusal_is_logged_blocked() -> None:
     socks_opening(c)
     c.open_sent(at(0.2))
     assert c.open_result(ReplyCode.NOT_ALLOWED, "private target", "10.0.0.1", "", 0, False, at(0.3))[-1] == \
-        Close(abort=True)
+        Close(abort=True, reset=True)
     (row,) = [a.row for a in only(c.client_lost(at(0.5)), LogRow)]
     assert (row.action, row.reply_code) == ("blocked", 2)
 
@@ -93,7 +93,7 @@ def test_optimistic_timeout_cancels_and_resets() -> None:
     socks_opening(c)
     c.open_sent(at(0.2))
     acts = c.timer_fired(at(15.5))
-    assert acts == [CancelOpen(), Close(abort=True)]
+    assert acts == [CancelOpen(), Close(abort=True, reset=True)]
     (row,) = [a.row for a in only(c.client_lost(at(16)), LogRow)]
     assert row.reply_code == ReplyCode.TTL_EXPIRED
 
@@ -117,7 +117,7 @@ def test_optimistic_connect_answers_200_at_once() -> None:
     acts = c.open_sent(at(0.1))
     assert sent(acts) == b"HTTP/1.1 200 Connection established\r\n\r\n" and EarlyData(b"\x16\x03") in acts
     acts = c.open_result(ReplyCode.HOST_UNREACHABLE, "no route", "", "", 0, False, at(0.3))
-    assert acts[-1] == Close(abort=True)
+    assert acts[-1] == Close(abort=True, reset=True)
     (row,) = [a.row for a in only(c.client_lost(at(0.4)), LogRow)]
     assert (row.protocol, row.reply_code) == ("http", 4)
 
