@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                 todo.append("bulk1")
             if any("Session rate" in g or "CPU per session" in g for g in missed):
                 todo.append("rate50")
+            if any("RTT on an open session" in g for g in missed):
+                todo.append("rtt")
             for what in todo:
                 log(f"profiling the tunnel path during {what}")
                 try:

@@ -478,6 +478,21 @@ def own_cpu_seconds() -> float:
     return total
 
 
+def socket_queues(sport: int | None = None, dport: int | None = None) -> tuple[int, int]:
+    """(Recv-Q, Send-Q) bytes summed over the established TCP sockets with that local / remote port."""
+    if shutil.which("ss") is None:
+        return (0, 0)
+    flt = f"( sport = :{sport} )" if sport is not None else f"( dport = :{dport} )"
+    out = subprocess.run(["ss", "-tnH", "state", "established", flt], capture_output=True, text=True,
+                         check=False).stdout
+    rq = sq = 0
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
+            rq, sq = rq + int(parts[0]), sq + int(parts[1])
+    return rq, sq
+
+
 def open_fds(pids: list[int]) -> int:
     total = 0
     for p in tree(pids):

@@ -221,7 +221,6 @@ def render(meta: dict, results: dict, systems: list[dict], unavailable: dict[str
         w(f"| CPU used during the run | {meta['own_cpu_s']:.0f} s by the benchmark and what it started; "
           f"{meta['foreign_cpu_s']:.0f} s by other processes on the machine "
           f"({meta['foreign_cpu_s'] / max(meta['elapsed_s'], 1):.0%} of one core on average) |")
-    w("")
     w(f"| load average at start / end | {meta.get('loadavg_start', '—')} / {meta.get('loadavg_end', '—')} |")
     w("")
     if meta.get("pinned"):
@@ -350,6 +349,25 @@ def render(meta: dict, results: dict, systems: list[dict], unavailable: dict[str
                   f"{_fmt(r.get('hol_bulk_MBps'), '.2f')} |")
         w("")
 
+    qrows = [(p, k, r) for p in PROFILES for k, r in results.get(f"mobile_{p['key']}", {}).items()
+             if isinstance(r, dict) and r.get("queues")]
+    if qrows:
+        w("### Where the interactive reply waits: the queue at each layer under the bulk download\n")
+        w("Sampled every 100 ms with `ss` while the interactive stream pinged (bytes; p50 / max). The link "
+          "emulator itself holds at most its 32 KiB bottleneck queue plus the bytes in flight on the delay "
+          "line (rate × RTT/2). A 64 B reply queued behind Q bytes at a layer drained at the link rate waits "
+          "Q / rate; the proxyorch agent's own user-space queues (the tunnel core's per-stream queues and "
+          "its TLS transport buffer) are not visible from outside and come on top.\n")
+        w("| profile | system | layer | p50 bytes | max bytes | ≈ wait at the link rate (p50) ms |")
+        w("|---|---|---|---:|---:|---:|")
+        for p, k, r in qrows:
+            rate = p["mbit"] * 1e6 / 8
+            for layer, q in r["queues"].items():
+                if q:
+                    w(f"| {p['label']} | {names.get(k, k)} | {layer} | {q['p50']} | {q['max']} | "
+                      f"{q['p50'] / rate * 1000:.0f} |")
+        w("")
+
     if plot_list:
         w("## Plots\n")
         for name, title in plot_list:
@@ -373,6 +391,8 @@ def render(meta: dict, results: dict, systems: list[dict], unavailable: dict[str
                 w(f"Scenario during profiling: {sc['MBps']:.1f} MB/s.\n")
             elif "rate" in sc:
                 w(f"Scenario during profiling: {sc['rate']:.0f} sessions/s.\n")
+            elif "p50_us" in sc:
+                w(f"Scenario during profiling: 64 B echo, p50 {sc['p50_us']:.0f} µs ({sc.get('count')} samples).\n")
             for proc in ("node", "agent"):
                 p = prof.get(proc, {})
                 if "self" not in p:

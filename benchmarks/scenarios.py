@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -336,7 +337,19 @@ class Bench:
                                     t.source_port, t.echo_port))
                 for s, src, echo in systems:
                     try:
-                        self.results[f"mobile_{key}"][s.key] = self._mobile_one(s, src, echo, prof)
+                        layers = None
+                        if s.key in ("pxo_tunnel", "pxo_opt"):
+                            node = self.node if s.key == "pxo_tunnel" else self.onode
+                            link = p_tun if s.key == "pxo_tunnel" else p_otun
+                            layers = {  # the download's path: agent → link → node → client
+                                "agent kernel send queue (agent → link)": ("send", None, link),
+                                "node kernel receive queue (link → node)": ("recv", node.tunnel_port, None),
+                                "node kernel send queues (node → clients)": ("send", node.proxy_port, None),
+                            }
+                        elif s.key == "ssh":
+                            layers = {"ssh client kernel send queue (ssh → link)": ("send", None, p_ssh),
+                                      "sshd kernel receive queue (link → sshd)": ("recv", self.sshd.port, None)}
+                        self.results[f"mobile_{key}"][s.key] = self._mobile_one(s, src, echo, prof, layers)
                         r = self.results[f"mobile_{key}"][s.key]
                         log(f"  {s.key:12s} new session {r['new_session'].get('total_us')} us; "
                             f"bulk {r['bulk']['MBps']:.2f} MB/s ({r['fraction_of_cap']:.2f} x cap), "
@@ -370,7 +383,7 @@ class Bench:
             time.sleep(0.5)
         return time.time() - t0
 
-    def _mobile_one(self, s: System, src: int, echo: int, prof: dict) -> dict:
+    def _mobile_one(self, s: System, src: int, echo: int, prof: dict, layers: dict | None = None) -> dict:
         c = self.cfg
         cap = prof["mbit"] * 1e6 / 8 / 1e6  # MB/s
         self._wait_drained(s, echo, prof["rtt_ms"])
@@ -389,15 +402,31 @@ class Bench:
         # interactive stream while a bulk stream saturates the same link (and the same tunnel): a new session
         # is opened (its open time is reported) and then pings every 20 ms for hol_s seconds
         bg = self.lg.start_bulk(self.stack, f"bg-{s.key}", s.via, src, 1, 600, c.mobile_warm_s)
+        stop = threading.Event()
+        samples: dict[str, list[int]] = collections.defaultdict(list)
+
+        def sample() -> None:  # the queue at each layer while the interactive stream pings
+            while not stop.wait(0.1):
+                for name, (which, sport, dport) in (layers or {}).items():
+                    rq, sq = procs.socket_queues(sport, dport)
+                    samples[name].append(sq if which == "send" else rq)
+
+        sampler = threading.Thread(target=sample, daemon=True)
         try:
             time.sleep(c.mobile_warm_s)
+            sampler.start()
             hol = self.lg.rtt(s.via, echo, duration=c.hol_s, interval_ms=20)
         finally:
+            stop.set()
             bg_res = lgmod.finish(self.stack, bg, timeout=30, interrupt=True)
+        queues = {}
+        for name, v in samples.items():
+            v.sort()
+            queues[name] = {"p50": v[len(v) // 2], "max": v[-1], "samples": len(v)} if v else {}
         self._wait_drained(s, echo, prof["rtt_ms"])
         return {"cap_MBps": cap, "rtt_ms": prof["rtt_ms"], "idle_rtt": idle, "new_session": new_session, "bulk": bulk,
                 "fraction_of_cap": bulk.get("MBps", 0) / cap, "hol": hol, "hol_bulk_MBps": bg_res.get("MBps"),
-                "drain_after_bulk_s": drain_s}
+                "drain_after_bulk_s": drain_s, "queues": queues}
 
     # -- profiles of the product ---------------------------------------------------------------------
     def profile(self, what: str, out_dir: Path) -> dict:
@@ -418,6 +447,8 @@ class Bench:
         t = self.target
         if what == "bulk1":
             res = self.lg.bulk(sysm.via, t.source_port, 1, d - 1.0, 0.3)
+        elif what == "rtt":
+            res = self.lg.rtt(sysm.via, t.echo_port, duration=d - 1.0)
         else:
             res = self.lg.rate(sysm.via, t.echo_port, 50, d - 1.0, 0.3)
         out: dict[str, Any] = {"scenario": res}
