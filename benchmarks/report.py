@@ -202,6 +202,83 @@ def plots(results: dict, labels: dict[str, str], plot_dir: Path) -> list[tuple[s
     return made
 
 
+# -- why a goal is missed --------------------------------------------------------------------------------
+def _top(profiles: dict, what: str, proc: str, n: int = 3) -> str:
+    p = profiles.get(what, {}).get(proc, {})
+    if "self" not in p:
+        return "not profiled"
+    return ", ".join(f"`{f.split(' (')[0]}` {share:.0%}" for f, share in p["self"][:n])
+
+
+def why_missed(results: dict, profiles: dict) -> str:
+    """One paragraph per goal of issue 19's table: what the measurements say about why it is met or not."""
+    L = ["## What explains each goal (issue 19's table)\n"]
+    g = {x["goal"].split(" ≥")[0].split(" ≤")[0].split(":")[0]: x for x in goals(results)}
+
+    def mark(prefix: str) -> str:
+        for k, x in g.items():
+            if k.startswith(prefix):
+                return "met" if x["ok"] else ("missed" if x["ok"] is False else "not measured")
+        return "not measured"
+
+    tls, plain = _get(results, "bulk1", "pxo_tunnel", "MBps"), _get(results, "bulk1", "pxo_plain", "MBps")
+    gb_t, gb_p = (_get(results, "bulk1", k, "cpu_s_per_GB") for k in ("pxo_tunnel", "pxo_plain"))
+    dex = _get(results, "bulk1", "pxo_direct", "MBps")
+    L.append(f"- **Bulk, 1 stream** ({mark('Bulk')}): every byte crosses two Python processes sharing one core "
+             f"(node and agent; Dante is one C hop), and both ends of the tunnel encrypt or decrypt it. TLS on vs "
+             f"off in the same run: {_fmt(tls, '.0f')} vs {_fmt(plain, '.0f')} MB/s, {_fmt(gb_t, '.2f')} vs "
+             f"{_fmt(gb_p, '.2f')} CPU s/GB; the node alone (direct exit, one hop) relays {_fmt(dex, '.0f')} MB/s. "
+             f"Top self time (bulk1 profile): node {_top(profiles, 'bulk1', 'node')}; agent "
+             f"{_top(profiles, 'bulk1', 'agent')}.")
+    cps = _get(results, "rate50", "pxo_tunnel", "cpu_us_per_session")
+    cpp = _get(results, "rate50", "pxo_plain", "cpu_us_per_session")
+    L.append(f"- **Sessions/s and CPU per session** ({mark('Session rate')}; {mark('Product CPU')}): "
+             f"{_fmt(cps, '.0f')} µs of node + agent CPU per session with TLS, {_fmt(cpp, '.0f')} µs without "
+             "(the tunnel connection is long-lived: TLS costs per byte, not per handshake). One session is a SOCKS "
+             "handshake, an auth-cache lookup, OPEN/OPEN_OK JSON frames, a TCP connect on the agent, two "
+             "transports and their protocol objects, a request-log row — all in Python on one core. Top self "
+             f"time (rate50 profile): node {_top(profiles, 'rate50', 'node')}; agent "
+             f"{_top(profiles, 'rate50', 'agent')}. Not tried: compiling the sans-I/O cores with mypyc.")
+    r50 = _get(results, "rtt", "pxo_tunnel", "p50_us")
+    rp = _get(results, "rtt", "pxo_plain", "p50_us")
+    L.append(f"- **64-byte RTT** ({mark('64-byte RTT')}): {_fmt(r50, '.0f')} µs with TLS, {_fmt(rp, '.0f')} µs "
+             "without; each echo wakes four event-loop callbacks in two Python processes on one core (client → "
+             "node → agent → target and back), each with a TLS record and a frame, where a one-hop peer wakes "
+             f"two in C. Top self time (rtt profile): node {_top(profiles, 'rtt', 'node')}; agent "
+             f"{_top(profiles, 'rtt', 'agent')}.")
+    for prof in sorted(PROFILES, key=lambda p: -p["rtt_ms"]):
+        r = results.get(f"mobile_{prof['key']}", {}).get("pxo_tunnel")
+        if not isinstance(r, dict) or "error" in r:
+            continue
+        q = r.get("queues") or {}
+        rate = prof["mbit"] * 1e6 / 8
+        parts = [f"{name}: p50 {v['p50'] / 1024:.0f} KiB ≈ {v['p50'] / rate * 1000:.0f} ms"
+                 for name, v in q.items() if v]
+        L.append(f"- **Interactive RTT under a bulk download, {prof['label']}** "
+                 f"({mark(prof['label'])}): p99 {_ms(r['hol'].get('p99_us'))} ms. The 64 B reply waits behind "
+                 "the download's bytes that are already queued in FIFO buffers below the tunnel core's per-stream "
+                 "queues: " + ("; ".join(parts) if parts else "queues not sampled") + ". The core sends the "
+                 "smallest stream queue first, but only for bytes still in its own queues; what matters is how "
+                 "much the agent lets into the TLS transport and the kernel socket (sized for throughput, not "
+                 "for the link's RTT × rate). Next step (not done in this round): bound the agent's tunnel "
+                 "socket by the measured RTT × rate (TCP_NOTSENT_LOWAT / a smaller transport high-water mark) "
+                 "so unsent bulk stays in the per-stream queues where the small stream overtakes it.")
+    slow = max(PROFILES, key=lambda p: p["rtt_ms"])
+    m = results.get(f"mobile_{slow['key']}", {})
+    ns = {k: (m.get(k) or {}).get("new_session", {}).get("total_us") for k in ("pxo_tunnel", "pxo_opt")}
+    if ns["pxo_tunnel"] is not None:
+        opt = (f"; with `OPTIMISTIC_OPEN=1` {ns['pxo_opt'] / 1000:.0f} ms = "
+               f"{ns['pxo_opt'] / 1000 / slow['rtt_ms']:.2f} link RTTs" if ns["pxo_opt"] is not None else "")
+        L.append(f"- **New session through the {slow['rtt_ms']:.0f} ms link**: by default "
+                 f"{ns['pxo_tunnel'] / 1000:.0f} ms = {ns['pxo_tunnel'] / 1000 / slow['rtt_ms']:.2f} link RTTs "
+                 "(OPEN → OPEN_OK, then the first bytes → the response)" + opt + " (the node answers at once, "
+                 "the first bytes follow OPEN in the same flight, the response comes back after one RTT). "
+                 "`OPTIMISTIC_OPEN` is off by default: with it a target that fails is a reset after a "
+                 "success reply, which some clients report less clearly than a SOCKS error code.")
+    L.append("")
+    return "\n".join(L)
+
+
 # -- markdown ----------------------------------------------------------------------------------------
 def render(meta: dict, results: dict, systems: list[dict], unavailable: dict[str, str], errors: list[str],
            profiles: dict[str, Any], plot_list: list[tuple[str, str]], plot_rel: str,
@@ -372,6 +449,8 @@ def render(meta: dict, results: dict, systems: list[dict], unavailable: dict[str
         w("## Plots\n")
         for name, title in plot_list:
             w(f"![{title}]({plot_rel}/{name}.png)\n")
+
+    w(why_missed(results, profiles))
 
     if profiles:
         w("## Profiles of the missed goals\n")
