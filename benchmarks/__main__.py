@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rounds of bulk 1 stream, sessions/s and RTT (median kept; default 3)")
     p.add_argument("--no-pin", action="store_true",
                    help="do not pin the product to CPU 0 and the load generator/target/link emulator to CPU 1")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the last run's results (benchmarks/work/results.json) for the scenarios not run now")
     p.add_argument("--no-install", action="store_true", help="never apt-get install missing peers (as root)")
     args = p.parse_args(argv)
     cfg = Config.make(args.quick)
@@ -145,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
             "request_log": cfg.request_log, "foreign_cpu_s": max(0.0, busy - own), "busy_cpu_s": busy,
             "own_cpu_s": own, "pinned": procs.pinning(), "repeat": cfg.repeat, "loadavg_start": load_start,
             "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    if args.merge and (WORK / "results.json").exists():
+        old = json.loads((WORK / "results.json").read_text())
+        results = {**old["results"], **results}
+        meta["merged_from"] = old["meta"].get("date")
+        known = {s["key"] for s in systems}
+        systems += [s for s in old["systems"] if s["key"] not in known]
+        profiles = {**old.get("profiles", {}), **profiles}
+        agent_result = agent_result or old.get("agent_cost", {})
     data = {"meta": meta, "systems": systems, "results": results, "unavailable": bench.unavailable,
             "errors": bench.errors, "profiles": profiles, "restarts": bench.restarts, "agent_cost": agent_result}
     WORK.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,8 @@ class Bench:
             self.onode: Node = f_opt.result()
             self.dnode: Node = f_dir.result()
         user = procs.admin(self.node, "create-user", "--name", "bench")["user_id"]
-        keys = ["loop", "plain", "opt", *[p["key"] for p in PROFILES], *[p["key"] + "-opt" for p in PROFILES]]
+        keys = ["loop", "plain", "opt", *[p["key"] for p in PROFILES], *[p["key"] + "-opt" for p in PROFILES],
+                *[p["key"] + "-plain" for p in PROFILES]]
         with concurrent.futures.ThreadPoolExecutor(3) as ex:
             futs = {k: ex.submit(procs.make_credential, self.node, user, f"bench-{k}") for k in keys}
             self.creds: dict[str, Credential] = {k: f.result() for k, f in futs.items()}
@@ -301,11 +302,12 @@ class Bench:
             log(f"mobile profile {prof['label']}")
             started: list[Proc] = []
             try:
-                p_tun, p_otun, p_ssh, p_src, p_echo = (procs.free_port() for _ in range(5))
+                p_tun, p_otun, p_ptun, p_ssh, p_src, p_echo = (procs.free_port() for _ in range(6))
                 emu = self.stack.spawn(f"linkemu-{key}", [
                     procs.PY, "-m", "benchmarks.linkemu", "--rtt-ms", str(prof["rtt_ms"]),
                     "--rate-mbit", str(prof["mbit"]), "--pair", f"{p_tun}:{self.node.tunnel_port}",
                     "--pair", f"{p_otun}:{self.onode.tunnel_port}",
+                    "--pair", f"{p_ptun}:{self.pnode.tunnel_port}",
                     "--pair", f"{p_src}:{t.source_port}", "--pair", f"{p_echo}:{t.echo_port}",
                     *(["--pair", f"{p_ssh}:{self.sshd.port}"] if self.ssh_ok() else [])],
                     {**os.environ, "PYTHONPATH": str(procs.ROOT)}, pin="load")
@@ -320,6 +322,11 @@ class Bench:
                 started.append(oagent)
                 procs.wait_socks(self.onode.proxy_port, t.echo_port, ocred.connection_id, ocred.password, 40,
                                  oagent)
+                pcred = self.creds[key + "-plain"]
+                pagent = procs.start_agent(self.stack, f"agent-{key}-plain", self.pnode, pcred, server_port=p_ptun)
+                started.append(pagent)
+                procs.wait_socks(self.pnode.proxy_port, t.echo_port, pcred.connection_id, pcred.password, 40,
+                                 pagent)
                 systems = [
                     (System("direct", "direct TCP over the link", Via(), [], "—"), p_src, p_echo),
                     (System("pxo_tunnel", "proxyorch via device tunnel", Via(self.node.proxy_port,
@@ -327,6 +334,9 @@ class Bench:
                      t.source_port, t.echo_port),
                     (System("pxo_opt", "proxyorch tunnel, optimistic open", Via(self.onode.proxy_port,
                             ocred.connection_id, ocred.password), [self.onode.proc.pid, oagent.pid], ""),
+                     t.source_port, t.echo_port),
+                    (System("pxo_plain", "proxyorch tunnel, TLS off", Via(self.pnode.proxy_port,
+                            pcred.connection_id, pcred.password), [self.pnode.proc.pid, pagent.pid], ""),
                      t.source_port, t.echo_port),
                 ]
                 if self.ssh_ok():
@@ -338,16 +348,18 @@ class Bench:
                 for s, src, echo in systems:
                     try:
                         layers = None
-                        if s.key in ("pxo_tunnel", "pxo_opt"):
-                            node = self.node if s.key == "pxo_tunnel" else self.onode
-                            link = p_tun if s.key == "pxo_tunnel" else p_otun
+                        if s.key in ("pxo_tunnel", "pxo_opt", "pxo_plain"):
+                            node = {"pxo_tunnel": self.node, "pxo_opt": self.onode, "pxo_plain": self.pnode}[s.key]
+                            link = {"pxo_tunnel": p_tun, "pxo_opt": p_otun, "pxo_plain": p_ptun}[s.key]
                             layers = {  # the download's path: agent → link → node → client
                                 "agent kernel send queue (agent → link)": ("send", None, link),
+                                "link emulator kernel receive queue (its socket from the agent)": ("recv", link, None),
                                 "node kernel receive queue (link → node)": ("recv", node.tunnel_port, None),
                                 "node kernel send queues (node → clients)": ("send", node.proxy_port, None),
                             }
                         elif s.key == "ssh":
                             layers = {"ssh client kernel send queue (ssh → link)": ("send", None, p_ssh),
+                                      "link emulator kernel receive queue (its socket from ssh)": ("recv", p_ssh, None),
                                       "sshd kernel receive queue (link → sshd)": ("recv", self.sshd.port, None)}
                         self.results[f"mobile_{key}"][s.key] = self._mobile_one(s, src, echo, prof, layers)
                         r = self.results[f"mobile_{key}"][s.key]
