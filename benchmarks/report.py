@@ -210,6 +210,14 @@ def _top(profiles: dict, what: str, proc: str, n: int = 3) -> str:
     return ", ".join(f"`{f.split(' (')[0]}` {share:.0%}" for f, share in p["self"][:n])
 
 
+def _share(profiles: dict, what: str, proc: str, needles: tuple[str, ...], label: str) -> str:
+    p = profiles.get(what, {}).get(proc, {})
+    if "self" not in p:
+        return ""
+    share = sum(x for f, x in p["self"] if any(n in f for n in needles))
+    return f" Of the node's samples, {share:.0%} (among its top functions) are {label}." if share else ""
+
+
 def why_missed(results: dict, profiles: dict) -> str:
     """One paragraph per goal of issue 19's table: what the measurements say about why it is met or not."""
     L = ["## What explains each goal (issue 19's table)\n"]
@@ -238,7 +246,9 @@ def why_missed(results: dict, profiles: dict) -> str:
              "handshake, an auth-cache lookup, OPEN/OPEN_OK JSON frames, a TCP connect on the agent, two "
              "transports and their protocol objects, a request-log row — all in Python on one core. Top self "
              f"time (rate50 profile): node {_top(profiles, 'rate50', 'node')}; agent "
-             f"{_top(profiles, 'rate50', 'agent')}. Not tried: compiling the sans-I/O cores with mypyc.")
+             f"{_top(profiles, 'rate50', 'agent')}." + _share(profiles, "rate50", "node",
+             ("chdb", "request_log"), "the request log's chDB insert (a thread in the node process; `Condition.wait` samples are threads waiting, not CPU)")
+             + " Not tried: compiling the sans-I/O cores with mypyc.")
     r50 = _get(results, "rtt", "pxo_tunnel", "p50_us")
     rp = _get(results, "rtt", "pxo_plain", "p50_us")
     L.append(f"- **64-byte RTT** ({mark('64-byte RTT')}): {_fmt(r50, '.0f')} µs with TLS, {_fmt(rp, '.0f')} µs "
