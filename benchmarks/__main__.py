@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from . import agent_cost, machine, procs, report
+from . import agent_cost, machine, procs, report, setup
 from .procs import WORK, Stack
 from .scenarios import Bench, Config, log
 
@@ -57,8 +58,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="only rewrite the report and plots from the last run (benchmarks/work/results.json)")
     p.add_argument("--request-log", choices=["0", "1"], default="1",
                    help="REQUEST_LOG of the nodes (default 1, the product default)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="rounds of bulk 1 stream, sessions/s and RTT (median kept; default 3)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="do not pin the product to CPU 0 and the load generator/target/link emulator to CPU 1")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the last run's results (benchmarks/work/results.json) for the scenarios not run now")
+    p.add_argument("--no-install", action="store_true", help="never apt-get install missing peers (as root)")
     args = p.parse_args(argv)
     cfg = Config.make(args.quick)
+    cfg.repeat = max(1, args.repeat)
+    procs.set_pinning(not args.no_pin)
+    if not args.rerender and not args.no_install:
+        setup.ensure_peers()
     cfg.request_log = args.request_log == "1"
     out = Path(args.out).resolve()
     plot_dir = out.parent / "plots"
@@ -70,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     started = time.time()
+    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     busy0, own0 = procs.machine_busy_seconds(), procs.own_cpu_seconds()
     old = signal.signal(signal.SIGTERM, _terminate)
     stack = Stack()
@@ -101,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             todo = []
             if any("bulk" in g or "1-stream" in g for g in missed):
                 todo.append("bulk1")
-            if any("Session rate" in g or "new session" in g for g in missed):
+            if any("Session rate" in g or "CPU per session" in g for g in missed):
                 todo.append("rate50")
+            if any("RTT on an open session" in g for g in missed):
+                todo.append("rtt")
             for what in todo:
                 log(f"profiling the tunnel path during {what}")
                 try:
@@ -130,7 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": _command(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": cfg.quick,
             "elapsed_s": time.time() - started, "machine": machine.describe(), "nofile": getattr(bench, "nofile", None),
             "request_log": cfg.request_log, "foreign_cpu_s": max(0.0, busy - own), "busy_cpu_s": busy,
-            "own_cpu_s": own}
+            "own_cpu_s": own, "pinned": procs.pinning(), "repeat": cfg.repeat, "loadavg_start": load_start,
+            "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    if args.merge and (WORK / "results.json").exists():
+        old = json.loads((WORK / "results.json").read_text())
+        results = {**old["results"], **results}
+        meta["merged_from"] = old["meta"].get("date")
+        known = {s["key"] for s in systems}
+        systems += [s for s in old["systems"] if s["key"] not in known]
+        profiles = {**old.get("profiles", {}), **profiles}
+        agent_result = agent_result or old.get("agent_cost", {})
     data = {"meta": meta, "systems": systems, "results": results, "unavailable": bench.unavailable,
             "errors": bench.errors, "profiles": profiles, "restarts": bench.restarts, "agent_cost": agent_result}
     WORK.mkdir(parents=True, exist_ok=True)

@@ -412,7 +412,10 @@ static int run_rtt(void) {
         if (g_interval_ms > 0) usleep((useconds_t)(g_interval_ms * 1000));
     }
     close(fd);
-    printf("{\"mode\": \"rtt\", \"count\": %zu, \"errors\": %lld, \"open_us\": %.1f, ", n, errors, t_open * 1e6);
+    /* first_us: the first echo on the fresh session (with --interval-ms nothing warms the path first), so
+     * open_us + first_us is a new session's time to its first response byte */
+    printf("{\"mode\": \"rtt\", \"count\": %zu, \"errors\": %lld, \"open_us\": %.1f, \"first_us\": %.1f, ", n,
+           errors, t_open * 1e6, n ? lat[0] * 1e6 : -1.0);
     print_latencies(lat, n);
     printf("}\n");
     return 0;

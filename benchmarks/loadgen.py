@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .procs import WORK, Proc, Stack
+from .procs import WORK, Proc, Stack, pinned
 
 SRC = Path(__file__).resolve().parent / "loadgen.c"
 
@@ -59,7 +59,7 @@ class LoadGen:
         argv = [str(self.exe), mode, *via.args(), "--port", str(port)]
         for k, v in opts.items():
             argv += ["--" + k.replace("_", "-"), str(v)]
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        out = subprocess.run(pinned("load", argv), capture_output=True, text=True, timeout=timeout, check=False)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         if not lines:
             raise RuntimeError(f"loadgen {mode} failed ({out.returncode}): {out.stderr[-500:]}")
@@ -89,11 +89,11 @@ class LoadGen:
         """A bulk run in the background (read its JSON with ``finish``)."""
         argv = [str(self.exe), "bulk", *via.args(), "--port", str(port), "--streams", str(streams),
                 "--duration", str(duration), "--warmup", str(warmup)]
-        return stack.spawn(name, argv, stdout_pipe=True)
+        return stack.spawn(name, argv, stdout_pipe=True, pin="load")
 
     def start_idle(self, stack: Stack, name: str, via: Via, port: int, count: int) -> Proc:
         argv = [str(self.exe), "idle", *via.args(), "--port", str(port), "--count", str(count)]
-        return stack.spawn(name, argv, stdin=subprocess.PIPE, stdout_pipe=True)
+        return stack.spawn(name, argv, stdin=subprocess.PIPE, stdout_pipe=True, pin="load")
 
 
 def finish(stack: Stack, proc: Proc, timeout: float = 60.0, interrupt: bool = False) -> dict:

@@ -28,6 +28,26 @@ WORK = Path(__file__).resolve().parent / "work"
 PY = sys.executable
 HOST = "127.0.0.1"
 
+# The issue's method: the product (node + agent; every peer in its place) pinned to one core, the load
+# generator, the target and the link emulator to the other. ``set_pinning(False)`` (``--no-pin``) turns it off.
+PIN = {"product": "0", "load": "1"}
+_pinning = {"on": (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None}
+
+
+def set_pinning(on: bool) -> None:
+    _pinning["on"] = on and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+
+
+def pinning() -> bool:
+    return _pinning["on"]
+
+
+def pinned(role: str | None, argv: list[str]) -> list[str]:
+    """``argv`` under ``taskset -c CPU`` for ``role`` ("product" / "load") when pinning is on (same pid)."""
+    if role is None or not _pinning["on"]:
+        return argv
+    return ["taskset", "-c", PIN[role], *argv]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -104,8 +124,9 @@ class Stack:
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None, *,
               stdin: int | None = subprocess.DEVNULL, stdout_pipe: bool = False,
-              cwd: Path | None = None) -> Proc:
+              cwd: Path | None = None, pin: str | None = None) -> Proc:
         log = self.tmp / f"{name}.log"
+        argv = pinned(pin, argv)
         out = subprocess.PIPE if stdout_pipe else open(log, "ab")  # noqa: SIM115
         popen = subprocess.Popen(argv, env=env, stdin=stdin, stdout=out,
                                  stderr=open(log, "ab") if stdout_pipe else subprocess.STDOUT,  # noqa: SIM115
@@ -154,7 +175,8 @@ class Target:
 
 def start_target(stack: Stack, loadgen: Path) -> Target:
     echo, source = free_port(), free_port()
-    proc = stack.spawn("target", [str(loadgen), "serve", "--echo-port", str(echo), "--source-port", str(source)])
+    proc = stack.spawn("target", [str(loadgen), "serve", "--echo-port", str(echo), "--source-port", str(source)],
+                       pin="load")
     wait_port(echo, 10, proc.popen)
     wait_port(source, 10, proc.popen)
     return Target(echo, source, proc)
@@ -213,7 +235,7 @@ def start_node(stack: Stack, database_url: str, name: str, extra: dict[str, str]
     data_dir.mkdir(parents=True, exist_ok=True)
     env = node_env(data_dir, database_url, name, extra)
     node = Node(name, int(env["PROXY_PORT"]), int(env["TUNNEL_PORT"]), int(env["API_PORT"]), data_dir, env)
-    node.proc = stack.spawn(name, [PY, "-m", "proxyorch", "serve"], env, cwd=data_dir)
+    node.proc = stack.spawn(name, [PY, "-m", "proxyorch", "serve"], env, cwd=data_dir, pin="product")
     try:
         wait_port(node.api_port, 90, node.proc.popen)
         wait_port(node.proxy_port, 10, node.proc.popen)
@@ -251,7 +273,7 @@ def start_agent(stack: Stack, name: str, node: Node, cred: Credential, tunnels: 
     return stack.spawn(name, [PY, "-m", "proxyorch", "device-agent", "--server",
                               f"{HOST}:{server_port or node.tunnel_port}", "--device-id", cred.device_id,
                               "--token", cred.device_token, "--allow-private", "--tunnels", str(tunnels),
-                              "--log-level", "WARNING", *node.agent_tls_args(), *extra], env)
+                              "--log-level", "WARNING", *node.agent_tls_args(), *extra], env, pin="product")
 
 
 def socks_probe(port: int, target_port: int, user: str | None, password: str | None) -> bool:
@@ -294,7 +316,7 @@ def start_microsocks(stack: Stack, user: str, password: str) -> tuple[Proc, int]
     if exe is None:
         return None
     port = free_port()
-    proc = stack.spawn("microsocks", [exe, "-i", HOST, "-p", str(port), "-u", user, "-P", password])
+    proc = stack.spawn("microsocks", [exe, "-i", HOST, "-p", str(port), "-u", user, "-P", password], pin="product")
     wait_port(port, 10, proc.popen)
     return proc, port
 
@@ -323,7 +345,7 @@ socks pass {{
     log: error
 }}
 """)
-    proc = stack.spawn("danted", [exe, "-f", str(conf), "-p", str(stack.tmp / "danted.pid")])
+    proc = stack.spawn("danted", [exe, "-f", str(conf), "-p", str(stack.tmp / "danted.pid")], pin="product")
     wait_port(port, 10, proc.popen)
     return proc, port
 
@@ -337,7 +359,7 @@ def start_pproxy(stack: Stack, user: str, password: str) -> tuple[Proc, int] | N
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = stack.spawn("pproxy", [PY, "-m", "benchmarks.pproxy_uvloop", "-l",
-                                  f"socks5://{HOST}:{port}#{user}:{password}"], env)
+                                  f"socks5://{HOST}:{port}#{user}:{password}"], env, pin="product")
     wait_port(port, 15, proc.popen)
     return proc, port
 
@@ -379,7 +401,7 @@ MaxSessions 100000
 MaxStartups 100
 LogLevel ERROR
 """)
-    proc = stack.spawn("sshd", [sshd, "-D", "-e", "-f", str(conf)])
+    proc = stack.spawn("sshd", [sshd, "-D", "-e", "-f", str(conf)], pin="product")
     wait_port(port, 10, proc.popen)
     return Sshd(port, userkey, proc)
 
@@ -393,7 +415,7 @@ def start_ssh_reverse(stack: Stack, sshd: Sshd, name: str, via_port: int | None 
         "ssh", "-N", "-T", "-R", f"{HOST}:{port}", "-p", str(via_port or sshd.port), "-i", str(sshd.key),
         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
         "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=0", "-o", "LogLevel=ERROR",
-        f"{user}@{HOST}"])
+        f"{user}@{HOST}"], pin="product")
     wait_port(port, 20, proc.popen)
     return proc, port
 
@@ -454,6 +476,21 @@ def own_cpu_seconds() -> float:
         except psutil.NoSuchProcess:
             pass
     return total
+
+
+def socket_queues(sport: int | None = None, dport: int | None = None) -> tuple[int, int]:
+    """(Recv-Q, Send-Q) bytes summed over the established TCP sockets with that local / remote port."""
+    if shutil.which("ss") is None:
+        return (0, 0)
+    flt = f"( sport = :{sport} )" if sport is not None else f"( dport = :{dport} )"
+    out = subprocess.run(["ss", "-tnH", "state", "established", flt], capture_output=True, text=True,
+                         check=False).stdout
+    rq = sq = 0
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
+            rq, sq = rq + int(parts[0]), sq + int(parts[1])
+    return rq, sq
 
 
 def open_fds(pids: list[int]) -> int:

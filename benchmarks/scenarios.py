@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -39,14 +40,14 @@ class Config:
     profile_s: float
     request_log: bool = True
     warmup_s: float = 0.5
+    repeat: int = 1  # rounds of each loopback scenario (every system per round); the median round is kept
     profiles: tuple[str, ...] = ("4g", "3g")
 
     @classmethod
     def make(cls, quick: bool) -> Config:
         if quick:
             return cls(quick=True, bulk_s=1.0, rate_s=1.0, lat_s=0.7, rtt_count=1000, idle_sessions=300,
-                       mobile_warm_s=1.5, mobile_bulk_s=2.0, hol_s=2.0, profile_s=3.0, warmup_s=0.3,
-                       profiles=("4g",))
+                       mobile_warm_s=1.5, mobile_bulk_s=2.0, hol_s=2.0, profile_s=3.0, warmup_s=0.3)
         return cls(quick=False, bulk_s=5.0, rate_s=5.0, lat_s=3.0, rtt_count=10000, idle_sessions=5000,
                    mobile_warm_s=3.0, mobile_bulk_s=8.0, hol_s=6.0, profile_s=8.0)
 
@@ -85,22 +86,36 @@ class Bench:
         log("starting embedded PostgreSQL")
         db_url = procs.start_postgres(self.stack)
         rl = "1" if self.cfg.request_log else "0"
-        log("starting proxyorch nodes (tunnel and direct exit)")
-        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        log("starting proxyorch nodes (tunnel with TLS, plaintext tunnel, optimistic open, direct exit)")
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
             f_tun = ex.submit(procs.start_node, self.stack, db_url, "node-tunnel", {"REQUEST_LOG": rl})
+            f_plain = ex.submit(procs.start_node, self.stack, db_url, "node-plain",
+                                {"REQUEST_LOG": rl, "TUNNEL_TLS": "0"})
+            f_opt = ex.submit(procs.start_node, self.stack, db_url, "node-optimistic",
+                              {"REQUEST_LOG": rl, "OPTIMISTIC_OPEN": "1"})
             f_dir = ex.submit(procs.start_node, self.stack, db_url, "node-direct",
                               {"REQUEST_LOG": rl, "DIRECT_EXIT": "1", "DIRECT_EXIT_ALLOW_PRIVATE": "1"})
             self.node: Node = f_tun.result()
+            self.pnode: Node = f_plain.result()
+            self.onode: Node = f_opt.result()
             self.dnode: Node = f_dir.result()
         user = procs.admin(self.node, "create-user", "--name", "bench")["user_id"]
+        keys = ["loop", "plain", "opt", *[p["key"] for p in PROFILES], *[p["key"] + "-opt" for p in PROFILES],
+                *[p["key"] + "-plain" for p in PROFILES]]
         with concurrent.futures.ThreadPoolExecutor(3) as ex:
-            futs = {k: ex.submit(procs.make_credential, self.node, user, f"bench-{k}")
-                    for k in ["loop", *[p["key"] for p in PROFILES]]}
+            futs = {k: ex.submit(procs.make_credential, self.node, user, f"bench-{k}") for k in keys}
             self.creds: dict[str, Credential] = {k: f.result() for k, f in futs.items()}
         cred = self.creds["loop"]
         self.agent = procs.start_agent(self.stack, "agent", self.node, cred)
+        self.pagent = procs.start_agent(self.stack, "agent-plain", self.pnode, self.creds["plain"])
+        self.oagent = procs.start_agent(self.stack, "agent-opt", self.onode, self.creds["opt"])
         procs.wait_socks(self.node.proxy_port, self.target.echo_port, cred.connection_id, cred.password, 30,
                          self.agent)
+        pc, oc = self.creds["plain"], self.creds["opt"]
+        procs.wait_socks(self.pnode.proxy_port, self.target.echo_port, pc.connection_id, pc.password, 30,
+                         self.pagent)
+        procs.wait_socks(self.onode.proxy_port, self.target.echo_port, oc.connection_id, oc.password, 30,
+                         self.oagent)
         procs.wait_socks(self.dnode.proxy_port, self.target.echo_port, cred.connection_id, cred.password, 30)
         auth = "RFC 1929 user/password"
         self.systems = [
@@ -108,7 +123,14 @@ class Bench:
             System("pxo_direct", "proxyorch direct exit", Via(self.dnode.proxy_port, cred.connection_id,
                    cred.password), [self.dnode.proc.pid], auth, "node connects to the target itself"),
             System("pxo_tunnel", "proxyorch via device tunnel", Via(self.node.proxy_port, cred.connection_id,
-                   cred.password), [self.node.proc.pid, self.agent.pid], auth, "node + device agent (1 tunnel)"),
+                   cred.password), [self.node.proc.pid, self.agent.pid], auth,
+                   "node + device agent (1 tunnel), TLS on the tunnel (the default)"),
+            System("pxo_plain", "proxyorch tunnel, TLS off", Via(self.pnode.proxy_port, pc.connection_id,
+                   pc.password), [self.pnode.proc.pid, self.pagent.pid], auth,
+                   "the same with TUNNEL_TLS=0 (plaintext tunnel)"),
+            System("pxo_opt", "proxyorch tunnel, optimistic open", Via(self.onode.proxy_port, oc.connection_id,
+                   oc.password), [self.onode.proc.pid, self.oagent.pid], auth,
+                   "TLS tunnel with OPTIMISTIC_OPEN=1"),
         ]
         self._add_peer("microsocks", "microsocks", lambda: procs.start_microsocks(self.stack, "bench", "benchpw1"),
                        "bench", "benchpw1", auth, "C, thread per client")
@@ -154,24 +176,35 @@ class Bench:
         return [s for s in self.systems if s.key != "direct"]
 
     # -- running ------------------------------------------------------------------------------------
-    def _each(self, scenario: str, fn: Any, systems: list[System] | None = None) -> None:
+    def _each(self, scenario: str, fn: Any, systems: list[System] | None = None, rounds: int = 1) -> None:
         try:
             self.check_fd_leak()
         except Exception as exc:  # noqa: BLE001
             self.errors.append(f"restarting node-direct: {exc}")
-        log(f"scenario {scenario}")
-        for s in systems if systems is not None else self.systems:
-            try:
-                res = fn(s)
-                self.results[scenario][s.key] = res
-                log(f"  {s.key:12s} {summary(scenario, res)}")
-            except Exception as exc:  # noqa: BLE001
-                msg = f"{scenario}/{s.key}: {exc}"
-                self.errors.append(msg)
-                self.results[scenario][s.key] = {"error": str(exc)[:300]}
-                log(f"  {s.key:12s} ERROR {exc}")
-                traceback.print_exc(file=sys.stderr)
-            time.sleep(0.2)
+        log(f"scenario {scenario}" + (f" ({rounds} rounds)" if rounds > 1 else ""))
+        got: dict[str, list[dict]] = collections.defaultdict(list)
+        for rnd in range(rounds):
+            for s in systems if systems is not None else self.systems:
+                try:
+                    res = fn(s)
+                    got[s.key].append(res)
+                    log(f"  {s.key:12s} {summary(scenario, res)}")
+                except Exception as exc:  # noqa: BLE001
+                    msg = f"{scenario}/{s.key} (round {rnd + 1}): {exc}"
+                    self.errors.append(msg)
+                    self.results[scenario][s.key] = {"error": str(exc)[:300]}
+                    log(f"  {s.key:12s} ERROR {exc}")
+                    traceback.print_exc(file=sys.stderr)
+                time.sleep(0.2)
+        metric = {"bulk1": "MBps", "bulk8": "MBps", "rate50": "rate", "rate1": "p50_us", "rtt": "p50_us"}.get(scenario)
+        for key, runs in got.items():
+            if metric and len(runs) > 1:
+                runs.sort(key=lambda r: r.get(metric) or 0)
+                med = dict(runs[len(runs) // 2])
+                med["rounds"] = [r.get(metric) for r in runs]
+                self.results[scenario][key] = med
+            elif runs:
+                self.results[scenario][key] = runs[-1]
 
     def check_fd_leak(self) -> None:
         """The direct-exit node leaks sockets (see the report); restart it before it hits RLIMIT_NOFILE so
@@ -206,11 +239,22 @@ class Bench:
                 return r
             return fn
 
-        self._each("bulk1", bulk(1))
+        n = c.repeat
+        self._each("bulk1", bulk(1), rounds=n)
         self._each("bulk8", bulk(8))
-        self._each("rate50", lambda s: self.lg.rate(s.via, t.echo_port, 50, c.rate_s, c.warmup_s))
+        def rate50(s: System) -> dict:
+            cpu0 = procs.cpu_seconds(s.pids)
+            r = self.lg.rate(s.via, t.echo_port, 50, c.rate_s, c.warmup_s)
+            cpu = procs.cpu_seconds(s.pids) - cpu0
+            # the CPU window also spans the warm-up, at about the same rate: sessions ≈ rate × (warm-up + run)
+            n = r.get("rate", 0) * (c.rate_s + c.warmup_s)
+            if s.pids and n:
+                r["cpu_s"], r["cpu_us_per_session"] = cpu, cpu / n * 1e6
+            return r
+
+        self._each("rate50", rate50, rounds=n)
         self._each("rate1", lambda s: self.lg.rate(s.via, t.echo_port, 1, c.lat_s, c.warmup_s))
-        self._each("rtt", lambda s: self.lg.rtt(s.via, t.echo_port, count=c.rtt_count))
+        self._each("rtt", lambda s: self.lg.rtt(s.via, t.echo_port, count=c.rtt_count), rounds=n)
 
     def run_memory(self) -> None:
         n = self.cfg.idle_sessions
@@ -258,23 +302,41 @@ class Bench:
             log(f"mobile profile {prof['label']}")
             started: list[Proc] = []
             try:
-                p_tun, p_ssh, p_src, p_echo = (procs.free_port() for _ in range(4))
+                p_tun, p_otun, p_ptun, p_ssh, p_src, p_echo = (procs.free_port() for _ in range(6))
                 emu = self.stack.spawn(f"linkemu-{key}", [
                     procs.PY, "-m", "benchmarks.linkemu", "--rtt-ms", str(prof["rtt_ms"]),
                     "--rate-mbit", str(prof["mbit"]), "--pair", f"{p_tun}:{self.node.tunnel_port}",
+                    "--pair", f"{p_otun}:{self.onode.tunnel_port}",
+                    "--pair", f"{p_ptun}:{self.pnode.tunnel_port}",
                     "--pair", f"{p_src}:{t.source_port}", "--pair", f"{p_echo}:{t.echo_port}",
                     *(["--pair", f"{p_ssh}:{self.sshd.port}"] if self.ssh_ok() else [])],
-                    {**os.environ, "PYTHONPATH": str(procs.ROOT)})
+                    {**os.environ, "PYTHONPATH": str(procs.ROOT)}, pin="load")
                 started.append(emu)
                 procs.wait_port(p_echo, 15, emu.popen)
                 cred = self.creds[key]
                 agent = procs.start_agent(self.stack, f"agent-{key}", self.node, cred, server_port=p_tun)
                 started.append(agent)
                 procs.wait_socks(self.node.proxy_port, t.echo_port, cred.connection_id, cred.password, 40, agent)
+                ocred = self.creds[key + "-opt"]
+                oagent = procs.start_agent(self.stack, f"agent-{key}-opt", self.onode, ocred, server_port=p_otun)
+                started.append(oagent)
+                procs.wait_socks(self.onode.proxy_port, t.echo_port, ocred.connection_id, ocred.password, 40,
+                                 oagent)
+                pcred = self.creds[key + "-plain"]
+                pagent = procs.start_agent(self.stack, f"agent-{key}-plain", self.pnode, pcred, server_port=p_ptun)
+                started.append(pagent)
+                procs.wait_socks(self.pnode.proxy_port, t.echo_port, pcred.connection_id, pcred.password, 40,
+                                 pagent)
                 systems = [
                     (System("direct", "direct TCP over the link", Via(), [], "—"), p_src, p_echo),
                     (System("pxo_tunnel", "proxyorch via device tunnel", Via(self.node.proxy_port,
                             cred.connection_id, cred.password), [self.node.proc.pid, agent.pid], ""),
+                     t.source_port, t.echo_port),
+                    (System("pxo_opt", "proxyorch tunnel, optimistic open", Via(self.onode.proxy_port,
+                            ocred.connection_id, ocred.password), [self.onode.proc.pid, oagent.pid], ""),
+                     t.source_port, t.echo_port),
+                    (System("pxo_plain", "proxyorch tunnel, TLS off", Via(self.pnode.proxy_port,
+                            pcred.connection_id, pcred.password), [self.pnode.proc.pid, pagent.pid], ""),
                      t.source_port, t.echo_port),
                 ]
                 if self.ssh_ok():
@@ -285,9 +347,24 @@ class Bench:
                                     t.source_port, t.echo_port))
                 for s, src, echo in systems:
                     try:
-                        self.results[f"mobile_{key}"][s.key] = self._mobile_one(s, src, echo, prof)
+                        layers = None
+                        if s.key in ("pxo_tunnel", "pxo_opt", "pxo_plain"):
+                            node = {"pxo_tunnel": self.node, "pxo_opt": self.onode, "pxo_plain": self.pnode}[s.key]
+                            link = {"pxo_tunnel": p_tun, "pxo_opt": p_otun, "pxo_plain": p_ptun}[s.key]
+                            layers = {  # the download's path: agent → link → node → client
+                                "agent kernel send queue (agent → link)": ("send", None, link),
+                                "link emulator kernel receive queue (its socket from the agent)": ("recv", link, None),
+                                "node kernel receive queue (link → node)": ("recv", node.tunnel_port, None),
+                                "node kernel send queues (node → clients)": ("send", node.proxy_port, None),
+                            }
+                        elif s.key == "ssh":
+                            layers = {"ssh client kernel send queue (ssh → link)": ("send", None, p_ssh),
+                                      "link emulator kernel receive queue (its socket from ssh)": ("recv", p_ssh, None),
+                                      "sshd kernel receive queue (link → sshd)": ("recv", self.sshd.port, None)}
+                        self.results[f"mobile_{key}"][s.key] = self._mobile_one(s, src, echo, prof, layers)
                         r = self.results[f"mobile_{key}"][s.key]
-                        log(f"  {s.key:12s} bulk {r['bulk']['MBps']:.2f} MB/s ({r['fraction_of_cap']:.2f} x cap), "
+                        log(f"  {s.key:12s} new session {r['new_session'].get('total_us')} us; "
+                            f"bulk {r['bulk']['MBps']:.2f} MB/s ({r['fraction_of_cap']:.2f} x cap), "
                             f"RTT under bulk p50 {r['hol']['p50_us']} us p99 {r['hol']['p99_us']} us "
                             f"({r['hol']['count']} samples, open {r['hol'].get('open_us')} us)")
                     except Exception as exc:  # noqa: BLE001
@@ -318,25 +395,50 @@ class Bench:
             time.sleep(0.5)
         return time.time() - t0
 
-    def _mobile_one(self, s: System, src: int, echo: int, prof: dict) -> dict:
+    def _mobile_one(self, s: System, src: int, echo: int, prof: dict, layers: dict | None = None) -> dict:
         c = self.cfg
         cap = prof["mbit"] * 1e6 / 8 / 1e6  # MB/s
         self._wait_drained(s, echo, prof["rtt_ms"])
         idle = self.lg.rtt(s.via, echo, count=20, interval_ms=10)
+        # a new session's SOCKS handshake + CONNECT reply + first 64 B echo (time to the first response byte)
+        news = []
+        for _ in range(3 if c.quick else 7):
+            r = self.lg.rtt(s.via, echo, count=1, interval_ms=1)
+            if r.get("first_us", -1) >= 0:
+                news.append({"open_us": r["open_us"], "first_us": r["first_us"],
+                             "total_us": r["open_us"] + r["first_us"]})
+        news.sort(key=lambda x: x["total_us"])
+        new_session = dict(news[len(news) // 2], samples=len(news)) if news else {}
         bulk = self.lg.bulk(s.via, src, 1, c.mobile_bulk_s, c.mobile_warm_s)
         drain_s = self._wait_drained(s, echo, prof["rtt_ms"])
         # interactive stream while a bulk stream saturates the same link (and the same tunnel): a new session
         # is opened (its open time is reported) and then pings every 20 ms for hol_s seconds
         bg = self.lg.start_bulk(self.stack, f"bg-{s.key}", s.via, src, 1, 600, c.mobile_warm_s)
+        stop = threading.Event()
+        samples: dict[str, list[int]] = collections.defaultdict(list)
+
+        def sample() -> None:  # the queue at each layer while the interactive stream pings
+            while not stop.wait(0.1):
+                for name, (which, sport, dport) in (layers or {}).items():
+                    rq, sq = procs.socket_queues(sport, dport)
+                    samples[name].append(sq if which == "send" else rq)
+
+        sampler = threading.Thread(target=sample, daemon=True)
         try:
             time.sleep(c.mobile_warm_s)
+            sampler.start()
             hol = self.lg.rtt(s.via, echo, duration=c.hol_s, interval_ms=20)
         finally:
+            stop.set()
             bg_res = lgmod.finish(self.stack, bg, timeout=30, interrupt=True)
+        queues = {}
+        for name, v in samples.items():
+            v.sort()
+            queues[name] = {"p50": v[len(v) // 2], "max": v[-1], "samples": len(v)} if v else {}
         self._wait_drained(s, echo, prof["rtt_ms"])
-        return {"cap_MBps": cap, "rtt_ms": prof["rtt_ms"], "idle_rtt": idle, "bulk": bulk,
+        return {"cap_MBps": cap, "rtt_ms": prof["rtt_ms"], "idle_rtt": idle, "new_session": new_session, "bulk": bulk,
                 "fraction_of_cap": bulk.get("MBps", 0) / cap, "hol": hol, "hol_bulk_MBps": bg_res.get("MBps"),
-                "drain_after_bulk_s": drain_s}
+                "drain_after_bulk_s": drain_s, "queues": queues}
 
     # -- profiles of the product ---------------------------------------------------------------------
     def profile(self, what: str, out_dir: Path) -> dict:
@@ -357,6 +459,8 @@ class Bench:
         t = self.target
         if what == "bulk1":
             res = self.lg.bulk(sysm.via, t.source_port, 1, d - 1.0, 0.3)
+        elif what == "rtt":
+            res = self.lg.rtt(sysm.via, t.echo_port, duration=d - 1.0)
         else:
             res = self.lg.rate(sysm.via, t.echo_port, 50, d - 1.0, 0.3)
         out: dict[str, Any] = {"scenario": res}

@@ -266,6 +266,8 @@ class TunnelProtocol(asyncio.Protocol):
             if cls is DataReceived:
                 h = handles.get(ev.stream_id)  # type: ignore[attr-defined]
                 if h is None or h.handler is None:
+                    if h is None and self.hold_early(ev.stream_id, ev.data):  # type: ignore[attr-defined]
+                        continue
                     conn.acknowledge_received_data(ev.stream_id, len(ev.data))  # type: ignore[attr-defined]
                     continue
                 h.handler.stream_data(ev.data)  # type: ignore[attr-defined, arg-type]
@@ -302,6 +304,11 @@ class TunnelProtocol(asyncio.Protocol):
                 self.on_event(ev)
             else:
                 self.on_event(ev)
+
+    def hold_early(self, stream_id: int, data: bytes) -> bool:
+        """DATA for a stream that has no local end yet (the agent while it connects: optimistic open).
+        True when kept (acknowledged later by the subclass); False drops and acknowledges it."""
+        return False
 
     def on_connected(self) -> None:
         """The transport is up (subclass hook)."""

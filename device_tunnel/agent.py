@@ -205,6 +205,7 @@ class AgentTunnel(TunnelProtocol):
         self.config = config
         self.welcome: asyncio.Future[WelcomeReceived] = self._loop.create_future()
         self._opening: dict[int, asyncio.Task[None]] = {}
+        self._early: dict[int, list[bytes]] = {}  # optimistic open: DATA that came before the target connected
 
     def on_connected(self) -> None:
         cfg = self.config
@@ -233,7 +234,7 @@ class AgentTunnel(TunnelProtocol):
             sid = event.stream_id  # type: ignore[attr-defined]
             task = self.spawn(self._open(sid, event.host, event.port))  # type: ignore[attr-defined]
             self._opening[sid] = task
-            task.add_done_callback(lambda _t, sid=sid: self._opening.pop(sid, None))
+            task.add_done_callback(lambda _t, sid=sid: (self._opening.pop(sid, None), self._early.pop(sid, None)))
         elif cls is StreamReset:  # the node gave up on an OPEN still connecting
             task = self._opening.pop(event.stream_id, None)  # type: ignore[attr-defined]
             if task is not None:
@@ -247,6 +248,12 @@ class AgentTunnel(TunnelProtocol):
     def on_closed(self) -> None:
         if not self.welcome.done():
             self.welcome.set_exception(ConnectionError("tunnel closed before WELCOME"))
+
+    def hold_early(self, stream_id: int, data: bytes) -> bool:
+        if stream_id not in self._opening:
+            return False
+        self._early.setdefault(stream_id, []).append(data)  # bounded by the early_data we announced
+        return True
 
     def _fail(self, sid: int, rep: int, reason: str, resolved_ip: str = "") -> None:
         self.conn.reject_stream(sid, rep, reason, resolved_ip)
@@ -315,6 +322,12 @@ class AgentTunnel(TunnelProtocol):
                 transport.abort()  # the tunnel or the node gave up meanwhile
                 return
             stream = self.handles[sid] = TunnelStream(self, sid, proto)
+            early = self._early.pop(sid, None)
+            if early:  # after OPEN_OK, so the credit they return follows it
+                for chunk in early:
+                    proto.stream_data(chunk)
+                if proto.sink_ready():
+                    self.conn.acknowledge_received_data(sid, sum(map(len, early)))
             self.output_ready()
             proto.attach(stream)
             return

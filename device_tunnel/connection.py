@@ -50,6 +50,7 @@ from .windows import MemoryBudget, WindowManager, WindowSettings
 MAX_CHUNK = 64 * 1024       # largest DATA payload sent: bounds how long a small frame waits behind one
 PENDING_HIGH = 64 * 1024    # outbound bytes queued beyond the window before the source is paused
 OUT_HIGH = 32 * 1024        # queued output beyond which new DATA waits in its stream's queue
+EARLY_DATA_MAX = 64 * 1024  # most stream bytes a node sends before OPEN_OK (optimistic open)
 
 
 class Role(Enum):
@@ -143,12 +144,16 @@ class TunnelConnection:
         self._ping_rate, self._control_rate = _Rate(c.ping_per_s), _Rate(c.control_per_s)
         self._windows_received = 0
         self.data_bytes_sent = 0
+        # optimistic open: the agent takes DATA on a stream before its OPEN_OK, up to this many bytes
+        # (announced in HELLO as "early_data"; 0 = the peer does not, and the node then waits for OPEN_OK)
+        self.peer_early_data = 0
 
     # == handshake ================================================================================
     def send_hello(self, device_id: str, token: str, meta: dict, features: tuple[str, ...] = ()) -> None:
-        """Agent: introduce the device (first frame on the connection); ``features`` such as "udp"."""
+        """Agent: introduce the device (first frame on the connection); ``features`` such as "udp";
+        ``early_data``: how much DATA may follow an OPEN before OPEN_OK (optimistic open)."""
         body = {"version": frames.PROTOCOL_VERSION, "device_id": device_id, "token": token, "meta": meta,
-                "window": self.config.windows.conn_window}
+                "window": self.config.windows.conn_window, "early_data": self.config.windows.min_window}
         if features:
             body["features"] = list(features)
         self._send_json(FrameType.HELLO, 0, body)
@@ -168,8 +173,12 @@ class TunnelConnection:
         self._terminate(ErrorCode.HANDSHAKE_FAILED, error, remote=False, goaway=False)
 
     # == streams, node side =======================================================================
-    def open_stream(self, host: str, port: int) -> int:
-        """Node: allocate a stream and queue OPEN. Raises LocalUsageError when no stream may open."""
+    def open_stream(self, host: str, port: int, early: bool = False) -> int:
+        """Node: allocate a stream and queue OPEN. Raises LocalUsageError when no stream may open.
+
+        ``early`` (optimistic open): when the agent announced ``early_data``, ``send_data`` may be called
+        before OPEN_OK and up to that many bytes (at most ``EARLY_DATA_MAX``) follow OPEN at once; the
+        rest, and a FIN, wait in the stream's queue for OPEN_OK. Without the announcement everything waits."""
         if self.closed or not self.handshake_done or self.peer_going_away or self.going_away:
             raise LocalUsageError("tunnel is not accepting new streams")
         if not self.windows.can_open:
@@ -177,8 +186,11 @@ class TunnelConnection:
         self._highest_id += 1
         sid = self._highest_id
         rw = self.windows.open(sid, self.now)
-        self.streams[sid] = Stream(sid, rw)
+        stream = self.streams[sid] = Stream(sid, rw)
         self._send_json(FrameType.OPEN, sid, {"host": host, "port": port, "window": rw.window})
+        if early:
+            stream.early = True
+            stream.send_credit = min(self.peer_early_data, EARLY_DATA_MAX)
         return sid
 
     def open_udp_stream(self) -> int:
@@ -254,7 +266,7 @@ class TunnelConnection:
         stream = self.streams.get(stream_id)
         if stream is None or not data or stream.local_closed or self.closed:
             return False
-        if stream.state is StreamState.OPENING or stream.udp:
+        if stream.udp or (stream.state is StreamState.OPENING and not stream.early):
             raise LocalUsageError(f"stream {stream_id} is not open yet or carries datagrams")
         n = len(data)
         if (not stream.pending and n <= stream.send_credit and n <= self.conn_send_credit
@@ -275,7 +287,11 @@ class TunnelConnection:
     def send_eof(self, stream_id: int) -> None:
         """Half-close our direction: FIN after whatever is still queued."""
         stream = self.streams.get(stream_id)
-        if stream is None or stream.local_closed or stream.state is StreamState.OPENING:
+        if stream is None or stream.local_closed:
+            return
+        if stream.state is StreamState.OPENING:
+            if stream.early:  # FIN only after OPEN_OK (the agent's table has no FIN while opening)
+                stream.fin_pending = True
             return
         if stream.pending:
             stream.fin_pending = True
@@ -531,8 +547,9 @@ class TunnelConnection:
             if inc:
                 self._queue(frames.encode_window(0, inc))
             return
+        early = stream.state is StreamState.OPENING and self.role is Role.AGENT
         if stream.udp or (stream.state is not StreamState.OPEN
-                          and stream.state is not StreamState.HALF_CLOSED_LOCAL):
+                          and stream.state is not StreamState.HALF_CLOSED_LOCAL and not early):
             self.windows.on_data(None, n)
             self.windows.discard(n)
             if stream.udp:
@@ -664,9 +681,12 @@ class TunnelConnection:
         if not 0 < window <= 0xFFFFFFFF:
             raise StreamError(sid, "OPEN_OK without a valid window")
         self._transition(stream, Transition.RECV_OPEN_OK)
-        stream.send_credit = window
+        stream.send_credit = window - stream.bytes_sent if stream.early else window  # early DATA counts
         self._events.append(StreamOpened(sid, str(body.get("bound_host", "0.0.0.0")),
                                          _int(body.get("bound_port"), 0), str(body.get("resolved_ip", ""))))
+        if stream.pending or stream.fin_pending:
+            self._waiting.add(stream)
+            self._flush_stream(stream)
 
     def _on_hello(self, frame: Frame) -> None:
         if self._hello_seen:
@@ -674,6 +694,7 @@ class TunnelConnection:
         self._hello_seen = True
         body = frame.json()
         self.conn_send_credit = _window(body)
+        self.peer_early_data = max(0, _int(body.get("early_data"), 0))
         meta = body.get("meta")
         features = body.get("features")
         names = tuple(str(f) for f in features[:32]) if isinstance(features, list) else ()
@@ -741,7 +762,7 @@ class TunnelConnection:
             self._emit_data(stream, head)
         if not pending:
             self._waiting.discard(stream)
-            if stream.fin_pending:
+            if stream.fin_pending and stream.state is not StreamState.OPENING:
                 stream.fin_pending = False
                 self._send_fin(stream)
         if stream.source_paused and stream.pending_bytes <= PENDING_HIGH and stream.id in self.streams:

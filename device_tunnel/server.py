@@ -151,6 +151,30 @@ class NodeTunnel(TunnelProtocol):
         self.output_ready()
         return sid
 
+
+    def open_stream_early(self, host: str, port: int, handler: OpenHandler) -> int:
+        """``open_stream`` for an optimistic open: ``early_write`` / ``early_eof`` may follow before the
+        outcome (the bytes go right behind OPEN when the agent takes early data, else after OPEN_OK)."""
+        try:
+            sid = self.conn.open_stream(host, port, early=True)
+        except LocalUsageError as exc:
+            self._loop.call_soon(handler.open_result, OpenResult(rep=ReplyCode.GENERAL_FAILURE, reason=str(exc)))
+            return 0
+        self._opening[sid] = handler
+        self.output_ready()
+        return sid
+
+    def early_write(self, stream_id: int, data: bytes) -> None:
+        """Client bytes of a stream still opening (``open_stream_early``)."""
+        if stream_id in self._opening:
+            self.conn.send_data(stream_id, data)
+            self.output_ready()
+
+    def early_eof(self, stream_id: int) -> None:
+        """The client half-closed while its stream was still opening: FIN after OPEN_OK."""
+        if stream_id in self._opening:
+            self.conn.send_eof(stream_id)
+
     def cancel_open(self, stream_id: int) -> None:
         """The client gave up while opening: forget it and RST the device's attempt."""
         if self._opening.pop(stream_id, None) is not None:

@@ -64,7 +64,7 @@ class Stream:
     """Core record of one stream: state, send credit and queue, receive window."""
 
     __slots__ = ("id", "state", "send_credit", "pending", "pending_bytes", "fin_pending", "source_paused",
-                 "recv", "bytes_sent", "bytes_received", "udp", "dgrams", "dgram_bytes")
+                 "recv", "bytes_sent", "bytes_received", "udp", "dgrams", "dgram_bytes", "early")
 
     def __init__(self, stream_id: int, recv: ReceiveWindow, send_credit: int = 0, udp: bool = False) -> None:
         self.id = stream_id
@@ -80,6 +80,7 @@ class Stream:
         self.udp = udp                              # a UDP association: DATAGRAM frames, never DATA
         self.dgrams: deque[tuple[bytes, bytes]] = deque()  # DATAGRAMs waiting for room (bounded)
         self.dgram_bytes = 0
+        self.early = False  # node: optimistic open, DATA may follow OPEN before OPEN_OK
 
     @property
     def local_closed(self) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from device_tunnel.registry import DeviceRegistry
 from device_tunnel.replies import ReplyCode, reply_for_errno
-from device_tunnel.server import OpenHandler, OpenResult
+from device_tunnel.server import NodeTunnel, OpenHandler, OpenResult
 from device_tunnel.target_policy import is_forbidden_address, parse_ip_literal
 
 CancelOpen = Callable[[], None]
@@ -48,6 +48,33 @@ class TunnelExit:
             return None
         sid = tunnel.open_udp(handler)
         return lambda: tunnel.cancel_open(sid)
+
+    def open_optimistic(self, device_id: str | None, host: str, port: int, handler: OpenHandler) -> EarlyOpen | None:
+        """``open`` whose client bytes may be written before the outcome (OPTIMISTIC_OPEN)."""
+        if device_id is None:
+            return None
+        tunnel = self.registry.pick(device_id)
+        if tunnel is None:
+            return None
+        return EarlyOpen(tunnel, tunnel.open_stream_early(host, port, handler))
+
+
+class EarlyOpen:
+    """An optimistic open in progress: the client's first bytes go to the device before the outcome."""
+
+    __slots__ = ("tunnel", "sid")
+
+    def __init__(self, tunnel: NodeTunnel, sid: int) -> None:
+        self.tunnel, self.sid = tunnel, sid
+
+    def write(self, data: bytes) -> None:
+        self.tunnel.early_write(self.sid, data)
+
+    def write_eof(self) -> None:
+        self.tunnel.early_eof(self.sid)
+
+    def cancel(self) -> None:
+        self.tunnel.cancel_open(self.sid)
 
 
 class DirectStream(asyncio.Protocol):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 import time
 from datetime import UTC, datetime
 
@@ -33,6 +35,7 @@ from .session_core import (
     Close,
     CloseUpstreamStream,
     DisarmTimer,
+    EarlyData,
     Instant,
     LeaveHandshake,
     LogRow,
@@ -61,6 +64,16 @@ CLIENT_WRITE_HIGH = 256 * 1024
 CLIENT_WRITE_LOW = 64 * 1024
 
 
+def _linger_zero(t: asyncio.BaseTransport) -> None:
+    """Make the next close of ``t`` a TCP RST (SO_LINGER on, 0 s)."""
+    sock = t.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+
+
 def _now() -> Instant:
     return Instant(time.monotonic(), datetime.now(UTC))
 
@@ -80,7 +93,7 @@ class ProxyServer:
 
     def __init__(self, *, auth_cache: AuthCache, exit, sessions: SessionRegistry, node_name: str,  # noqa: ANN001
                  limiter: FailureLimiter, request_log=None, handshake_timeout: float = 15.0,  # noqa: ANN001
-                 open_timeout: float = 15.0, rotate_wait: float = 30.0) -> None:
+                 open_timeout: float = 15.0, rotate_wait: float = 30.0, optimistic_open: bool = False) -> None:
         self.auth_cache = auth_cache
         self.exit = exit
         self.sessions = sessions
@@ -89,6 +102,8 @@ class ProxyServer:
         self.request_log = request_log or NullRequestLog()
         self.handshake_timeout = handshake_timeout
         self.open_timeout = open_timeout
+        # OPTIMISTIC_OPEN, where the exit can carry client bytes before the outcome (the tunnel exit)
+        self.optimistic_open = optimistic_open and hasattr(exit, "open_optimistic")
         self.metrics = ProxyMetrics()
         self.handshaking: set[ClientSession] = set()
         self.authenticator = Authenticator(auth_cache, limiter, self.metrics)
@@ -158,10 +173,12 @@ class ClientSession(asyncio.Protocol):
         self.client_addr = ""
         self.core = SessionCore(metrics=server.metrics, client_addr="",
                                 needs_no_device=getattr(server.exit, "needs_no_device", False),
-                                handshake_timeout=server.handshake_timeout, open_timeout=server.open_timeout)
+                                handshake_timeout=server.handshake_timeout, open_timeout=server.open_timeout,
+                                optimistic=server.optimistic_open)
         self.stream = None  # the device stream once relaying (tunnel stream or DirectStream)
         self._opened = None  # stream of an open_result, until StartRelay takes it
         self.cancel_open = None
+        self.early_open = None  # proxy.exits.EarlyOpen of an optimistic open, until its outcome
         self.upstreams: dict[int, Upstream] = {}  # absolute-form forwarder upstreams
         self.udp: UdpRelay | None = None  # the relay socket of a UDP association
         self._udp_bound = ("0.0.0.0", 0)
@@ -239,6 +256,10 @@ class ClientSession(asyncio.Protocol):
         if self.core.phase is Phase.FORWARD:
             self._run(self.core.client_eof(_now()))
             return True
+        if self.core.early_pending and self.early_open is not None:  # FIN follows the early bytes
+            self.client_eof = True
+            self.early_open.write_eof()
+            return True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -267,7 +288,7 @@ class ClientSession(asyncio.Protocol):
 
     # -- OpenHandler (the device side of the relay) ---------------------------------------------
     def open_result(self, result: OpenResult) -> None:
-        self.cancel_open = None
+        self.cancel_open = self.early_open = None
         self._opened = result.stream
         self._run(self.core.open_result(result.rep, result.reason, result.resolved_ip, result.bound_host,
                                         result.bound_port, result.stream is not None, _now()))
@@ -383,6 +404,8 @@ class ClientSession(asyncio.Protocol):
                     t.write(a.data)
             elif kind is Close:
                 if t is not None:
+                    if a.reset:
+                        _linger_zero(t)
                     t.abort() if a.abort else t.close()
             elif kind is Authenticate:
                 self._authenticate(a.username, a.password)
@@ -405,6 +428,10 @@ class ClientSession(asyncio.Protocol):
             elif kind is StartUdp:
                 if self.udp is not None and self.core.udp is not None:
                     self.udp.start(self.core.udp)
+            elif kind is EarlyData:
+                if self.early_open is not None:
+                    self.bytes_out += len(a.data)
+                    self.early_open.write(a.data)
             elif kind is PauseReading:
                 self.pause_source()
             elif kind is ResumeReading:
@@ -500,6 +527,14 @@ class ClientSession(asyncio.Protocol):
         exit_ = self.server.exit
         if a.udp:
             self._open_udp(a)
+            return
+        if a.optimistic:
+            early = exit_.open_optimistic(device_id, a.host, a.port, self)
+            if early is None:
+                self._run(self.core.open_unavailable(_now()))
+            elif self.core.phase is Phase.OPENING:
+                self.early_open, self.cancel_open = early, early.cancel
+                self._run(self.core.open_sent(_now()))
             return
         if a.upstream is None:
             cancel = exit_.open(device_id, a.host, a.port, self)

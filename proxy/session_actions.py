@@ -27,9 +27,10 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """Close the client connection (``abort``: drop unsent bytes)."""
+    """Close the client connection (``abort``: drop unsent bytes; ``reset``: and send a TCP RST)."""
 
     abort: bool = False
+    reset: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,14 @@ class OpenStream:
     port: int
     upstream: int | None = None
     udp: bool = False
+    optimistic: bool = False  # optimistic open: answer ``open_sent`` once the open is under way
+
+
+@dataclass(frozen=True, slots=True)
+class EarlyData:
+    """Client bytes of an optimistic open: send them on the stream still opening."""
+
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,7 @@ from .session_actions import (
     Close,
     CloseUpstreamStream,
     DisarmTimer,
+    EarlyData,
     Instant,
     LeaveHandshake,
     LogRow,
@@ -90,6 +91,7 @@ __all__ = [
     "Close",
     "CloseUpstreamStream",
     "DisarmTimer",
+    "EarlyData",
     "Instant",
     "LeaveHandshake",
     "LogRow",
@@ -111,6 +113,8 @@ __all__ = [
 
 # Client bytes held by the absolute-form forwarder before reading the client is paused.
 FORWARD_BACKLOG_PAUSE = 256 * 1024
+# Client bytes an optimistic open sends before the device's answer before reading the client is paused.
+OPTIMISTIC_BUFFER = 64 * 1024
 
 
 @dataclass
@@ -147,12 +151,17 @@ class SessionCore:
     """One client connection's decisions. Every method returns the actions to carry out, in order."""
 
     def __init__(self, *, metrics: ProxyMetrics, client_addr: str, needs_no_device: bool = False,
-                 handshake_timeout: float = 15.0, open_timeout: float = 15.0) -> None:
+                 handshake_timeout: float = 15.0, open_timeout: float = 15.0, optimistic: bool = False) -> None:
         self.metrics = metrics
         self.client_addr = client_addr
         self.needs_no_device = needs_no_device
         self.handshake_timeout = handshake_timeout
         self.open_timeout = open_timeout
+        # OPTIMISTIC_OPEN: SOCKS5/CONNECT answered as soon as the open is under way, the client's first
+        # bytes sent behind it; a failure then resets the client (the row keeps the real reply code)
+        self.optimistic = optimistic
+        self.early_pending = False  # answered optimistically, the device's outcome not known yet
+        self._early_sent = 0
         self.phase = Phase.SNIFF
         self.protocol = ""
         self.record: CredentialRecord | None = None
@@ -218,6 +227,11 @@ class SessionCore:
             return self._http_data(data, now)
         if phase is Phase.FORWARD:
             return self._forward_client_data(data, now)
+        if phase is Phase.OPENING and self.early_pending:
+            self._early_sent += len(data)
+            if self._early_sent > OPTIMISTIC_BUFFER:
+                return [EarlyData(data), PauseReading()]
+            return [EarlyData(data)]
         if phase in (Phase.AUTHENTICATING, Phase.OPENING) and self.attempt.protocol != "udp":
             return self._hold(data)
         return []  # UDP: bytes on the control connection mean nothing (RFC 1928 section 7)
@@ -291,6 +305,20 @@ class SessionCore:
         self._waiting_device = False
         return [ArmTimer(self.open_timeout)]
 
+    def open_sent(self, now: Instant) -> list[Action]:
+        """An optimistic OpenStream is under way: answer the client now, pass on what it sent ahead."""
+        if self.phase is not Phase.OPENING or self.early_pending:
+            return []
+        self.early_pending = True
+        if self.protocol == "socks5":
+            assert self._socks is not None
+            reply, early = self._socks.reply(ReplyCode.SUCCEEDED), self._socks.take_remaining()
+        else:
+            assert self._head is not None
+            reply, early = b"HTTP/1.1 200 Connection established\r\n\r\n", self._head.take_remaining()
+        self._early_sent = len(early)
+        return [Send(reply), *([EarlyData(early)] if early else [])]
+
     def open_result(self, rep: int, reason: str, resolved_ip: str, bound_host: str, bound_port: int,
                     opened: bool, now: Instant) -> list[Action]:
         """The device's answer to OpenStream (``opened``: a stream came with it)."""
@@ -306,6 +334,9 @@ class SessionCore:
             return actions + self._udp_started(bound_host, bound_port)
         self.phase = Phase.RELAY
         actions += [LeaveHandshake(), Register()]
+        if self.early_pending:  # the client has its answer and its first bytes are on the stream
+            self.early_pending = False
+            return [*actions, StartRelay(b""), ResumeReading()]
         if self.protocol == "socks5":
             assert self._socks is not None
             actions.append(Send(self._socks.reply(ReplyCode.SUCCEEDED, bound_host, bound_port)))
@@ -540,6 +571,8 @@ class SessionCore:
         att.action = "allowed"
         self.phase = Phase.OPENING
         # the timer first: opening may defer (device rotating) and re-arm it for the wait
+        if self.optimistic:  # the adapter answers with open_sent (or open_unavailable)
+            return [ArmTimer(self.open_timeout), OpenStream(record.device_id, att.host, att.port, optimistic=True)]
         return [PauseReading(), ArmTimer(self.open_timeout), OpenStream(record.device_id, att.host, att.port)]
 
     def _fail(self, refusal: Refusal) -> list[Action]:
@@ -551,6 +584,9 @@ class SessionCore:
         else:
             self.metrics.sessions_failed += 1
         self.phase = Phase.CLOSED
+        if self.early_pending:  # the client was told "succeeded": reset it; the row has the real code
+            self.early_pending = False
+            return [Close(abort=True, reset=True)]
         if self.protocol == "socks5":
             assert self._socks is not None
             return [Send(self._socks.reply(refusal.rep)), Close()]

@@ -82,6 +82,7 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("TUNNEL_MEMORY_BUDGET", "tunnel_memory_budget", int, 256 * 1024 * 1024,
      "Receive windows of all tunnels of the node together; windows shrink under pressure"),
     ("DRAIN_TIMEOUT_S", "drain_timeout_s", float, 10.0, "Graceful shutdown: how long sessions may drain"),
+    ("OPTIMISTIC_OPEN", "optimistic_open", bool, False, "SOCKS5/CONNECT through a device tunnel: answer the client at once and send its first bytes with the open (one mobile round trip less per session); a target that then fails resets the client, the request log keeps the real reply code"),
     ("DIRECT_EXIT", "direct_exit", bool, False, "Node connects to targets itself instead of via devices (server-side exit)"),
     ("DIRECT_EXIT_ALLOW_PRIVATE", "direct_exit_allow_private", bool, False, "Direct exit may reach private addresses"),
     ("REQUEST_LOG", "request_log", bool, True, "Write one ClickHouse row per proxy attempt"),
@@ -181,6 +182,7 @@ class Settings:
     tunnel_tls_key: str
     public_tunnel_addr: str
     drain_timeout_s: float
+    optimistic_open: bool
     direct_exit: bool
     direct_exit_allow_private: bool
     request_log: bool

@@ -104,7 +104,7 @@ class Node:
             auth_cache=cache, exit=exit_, sessions=SessionRegistry(), node_name=s.node_name,
             limiter=FailureLimiter(s.auth_fail_limit, s.auth_fail_window_s), request_log=self.request_log,
             handshake_timeout=s.handshake_timeout_s, open_timeout=s.connect_timeout_s + 5,
-            rotate_wait=s.rotate_wait_s)
+            rotate_wait=s.rotate_wait_s, optimistic_open=s.optimistic_open)
         self.rotations = RotationManager(self)
         await self.bus.start(self.proxy.handle_bus_event)
         # Devices that were online on this node before a crash are offline until they reconnect.

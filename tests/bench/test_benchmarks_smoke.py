@@ -48,13 +48,21 @@ def test_report_renders(tmp_path: Path) -> None:
     raw.write_text("main (a.py:1);f (b.py:2) 3\nmain (a.py:1);g (b.py:9) 1\n")
     top = top_frames(raw)
     assert top["samples"] == 4 and top["self"][0] == ("f (b.py:2)", 0.75)
-    results = {"bulk1": {"direct": {"MBps": 100.0, "errors": 0}, "pxo_tunnel": {"MBps": 60.0, "errors": 0}}}
+    results = {"bulk1": {"direct": {"MBps": 100.0, "errors": 0}, "pxo_tunnel": {"MBps": 60.0, "errors": 0},
+                         "dante": {"MBps": 50.0, "errors": 0}},
+               "rate50": {"pxo_tunnel": {"rate": 900.0, "errors": 0, "cpu_us_per_session": 300.0},
+                          "microsocks": {"rate": 1800.0, "errors": 0}}}
     systems = [{"key": "direct", "label": "direct TCP", "auth": "—", "note": ""},
-               {"key": "pxo_tunnel", "label": "tunnel", "auth": "x", "note": ""}]
+               {"key": "pxo_tunnel", "label": "tunnel", "auth": "x", "note": ""},
+               {"key": "dante", "label": "Dante", "auth": "none", "note": ""},
+               {"key": "microsocks", "label": "microsocks", "auth": "x", "note": ""}]
     meta = {"command": "python -m benchmarks --quick", "date": time.ctime(), "quick": True, "elapsed_s": 1.0,
             "machine": {"CPU": "x"}, "nofile": 1024, "request_log": True}
     text = report.render(meta, results, systems, {}, [], {}, [], "plots")
-    assert "0.60 ×" in text and "**pass**" in text
+    assert "| Bulk, 1 stream ≥ Dante (C, one hop) | 60 / 50 MB/s = 1.20 × | **pass** |" in text
+    assert "| Session rate, 50 clients, target closes ≥ microsocks | 900 / 1800 sessions/s = 0.50 × | **MISS** |" in text
+    assert "300 µs = 1.50 × the goal | **MISS** |" in text
+    assert "## What explains each goal" in text
     assert subprocess.run([sys.executable, "-c", "import benchmarks.__main__"], check=False).returncode == 0
 
 
