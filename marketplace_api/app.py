@@ -155,13 +155,14 @@ async def metrics(request: web.Request) -> web.Response:
 
 def create_app(node: Any) -> web.Application:
     """The whole API of one node."""
-    from . import openapi, routes_logs, routes_proxy
+    from . import openapi, routes_limits, routes_logs, routes_proxy
 
     app = web.Application(client_max_size=node.settings.max_body_bytes, middlewares=[error_middleware])
     app[NODE] = node
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     routes_proxy.setup(app)
+    routes_limits.setup(app)
     routes_logs.setup(app)
     from . import dashboard, routes_live
     routes_live.setup(app)

@@ -10,6 +10,7 @@ from rms.service import RmsError
 
 from .app import NODE, json_response, read_json, require_admin, require_user
 from .errors import ApiError
+from .routes_limits import add_summaries
 
 
 def _rms(request: web.Request):  # noqa: ANN202
@@ -22,7 +23,9 @@ def _fail(exc: RmsError) -> ApiError:
 
 async def list_connections(request: web.Request) -> web.Response:
     user = await require_user(request)
-    return json_response({"success": True, "connections": await _rms(request).list_for_user(user)})
+    connections = await _rms(request).list_for_user(user)
+    await add_summaries(request, connections, "connectionId")  # limits, access, usage
+    return json_response({"success": True, "connections": connections})
 
 
 async def create_connection(request: web.Request) -> web.Response:
@@ -118,6 +121,7 @@ async def admin_proxies(request: web.Request) -> web.Response:
     counts = await _bandwidth_by_connection(node, [p["connection_id"] for p in proxies])
     for p in proxies:
         p["bytes_last_24h"], p["bytes_lifetime"] = counts.get(p["connection_id"], (0, 0))
+    await add_summaries(request, proxies, "connection_id")  # limits, access, usage
     return json_response({"total": len(proxies), "proxies": proxies})
 
 

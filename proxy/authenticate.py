@@ -11,6 +11,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from proxyorch.limits_model import address_allowed
+
 from .auth_cache.cache import MISSING, AuthCache, CredentialRecord, normalize_connection_id
 from .ratelimit import FailureLimiter
 from .session_core import ProxyMetrics
@@ -25,6 +27,7 @@ class AuthOutcome:
     record: CredentialRecord | None
     reason: str = ""
     unavailable: bool = False
+    refused: CredentialRecord | None = None  # right password, address outside password_and_ip's list
 
 
 class Authenticator:
@@ -37,8 +40,11 @@ class Authenticator:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def authenticate(self, client_addr: str, username: str, password: str,
-                     done: Callable[[AuthOutcome], None]) -> bool:
-        """Call ``done`` now and return False, or return True and call it after a store lookup."""
+                     done: Callable[[AuthOutcome], None], by_address: bool = False) -> bool:
+        """Call ``done`` now and return False, or return True and call it after a store lookup.
+
+        ``by_address``: no password; ``username`` is the connection the node's ``ip_only`` index
+        found for ``client_addr``, confirmed here against the (fresh) record."""
         conn_id = normalize_connection_id(username)
         if not self.limiter.allowed(client_addr, conn_id):
             self.metrics.auth_rate_limited += 1
@@ -49,9 +55,9 @@ class Authenticator:
             return False
         cached = self.cache.get_cached(conn_id)
         if cached is not MISSING:
-            done(self._check(cached, client_addr, conn_id, password))  # type: ignore[arg-type]
+            done(self._check(cached, client_addr, conn_id, password, by_address))  # type: ignore[arg-type]
             return False
-        task = asyncio.get_running_loop().create_task(self._lookup(client_addr, conn_id, password, done))
+        task = asyncio.get_running_loop().create_task(self._lookup(client_addr, conn_id, password, done, by_address))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return True
@@ -62,18 +68,29 @@ class Authenticator:
             task.cancel()
 
     async def _lookup(self, client_addr: str, conn_id: str, password: str,
-                      done: Callable[[AuthOutcome], None]) -> None:
+                      done: Callable[[AuthOutcome], None], by_address: bool = False) -> None:
         try:
             record = await self.cache.lookup(conn_id)
         except Exception as exc:  # store unreachable: a clear refusal, not a crash
             log.warning("credential lookup failed: %s", exc)
             done(AuthOutcome(None, "credential store unavailable", unavailable=True))
             return
-        done(self._check(record, client_addr, conn_id, password))
+        done(self._check(record, client_addr, conn_id, password, by_address))
 
-    def _check(self, record: CredentialRecord | None, client_addr: str, conn_id: str, password: str) -> AuthOutcome:
+    def _check(self, record: CredentialRecord | None, client_addr: str, conn_id: str, password: str,
+               by_address: bool = False) -> AuthOutcome:
+        if by_address:
+            lim = record.limits if record is not None else None
+            if record is None or lim is None or lim.access_mode != "ip_only" or not address_allowed(
+                    client_addr, lim.allowed_ips):
+                return AuthOutcome(None, "proxy authentication required")
+            return AuthOutcome(record)
         if record is None or not password or not record.check_password(password):
             return self._failed(client_addr, conn_id, "invalid credentials")
+        lim = record.limits
+        if lim.access_mode == "password_and_ip" and not address_allowed(client_addr, lim.allowed_ips):
+            out = self._failed(client_addr, conn_id, "invalid credentials")  # like a wrong password
+            return AuthOutcome(None, out.reason, refused=record)
         self.limiter.record_success(client_addr, record.connection_id)
         return AuthOutcome(record)
 

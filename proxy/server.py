@@ -15,11 +15,13 @@ import time
 from datetime import UTC, datetime
 
 from device_tunnel.server import OpenResult
-from proxyorch.bus_events import KILL, decode
+from proxyorch.bus_events import CONN, KILL, decode
 
+from .access import AccessIndex
 from .auth_cache.cache import AuthCache
 from .authenticate import Authenticator, AuthOutcome
 from .http_forward import Upstream
+from .limits import ConnState, LimitBook
 from .ratelimit import FailureLimiter
 from .request_log.writer import SessionRecord
 from .session_core import (
@@ -86,6 +88,9 @@ class ProxyServer:
         self.metrics = ProxyMetrics()
         self.handshaking: set[ClientSession] = set()
         self.authenticator = Authenticator(auth_cache, limiter, self.metrics)
+        self.limits = LimitBook()     # per-connection limits and usage counts of this node
+        self.access = AccessIndex()   # ip_only ranges (kept fresh by proxy/usage_flush.py)
+        self.on_connection_changed = None  # callback(connection_id | None) set by the usage keeper
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -116,6 +121,8 @@ class ProxyServer:
         """Invalidate the cache; on a kill event terminate that connection's sessions."""
         self.auth_cache.handle_event(event)
         ev = decode(event)
+        if self.on_connection_changed is not None:
+            self.on_connection_changed(ev.ident if ev.kind is CONN or ev.kind is KILL else None)
         if ev.kind is KILL and ev.ident:
             n = self.sessions.terminate_connection(ev.ident, "connection deleted or dissociated")
             if n:
@@ -142,7 +149,8 @@ class ClientSession(asyncio.Protocol):
         self.client_addr = ""
         self.core = SessionCore(metrics=server.metrics, client_addr="",
                                 needs_no_device=getattr(server.exit, "needs_no_device", False),
-                                handshake_timeout=server.handshake_timeout, open_timeout=server.open_timeout)
+                                handshake_timeout=server.handshake_timeout, open_timeout=server.open_timeout,
+                                gate=server.limits, access=server.access)
         self.stream = None  # the device stream once relaying (tunnel stream or DirectStream)
         self._opened = None  # stream of an open_result, until StartRelay takes it
         self.cancel_open = None
@@ -157,6 +165,11 @@ class ClientSession(asyncio.Protocol):
         self.reported_out = 0
         self.client_eof = False
         self.upstream_eof = False
+        # limits: the connection's shared state while relaying, and the throttles of both directions
+        self.lim: ConnState | None = None
+        self.up_throttle: asyncio.TimerHandle | None = None    # client reading paused by the upload bucket
+        self.down_throttle: asyncio.TimerHandle | None = None  # stream paused by the download bucket
+        self.source_paused = False  # the stream asked us to stop reading the client (back-pressure)
 
     @property
     def connection_id(self) -> str | None:
@@ -177,6 +190,10 @@ class ClientSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.relaying:
+            lim = self.lim
+            if lim is not None:
+                self._relay_up(lim, data)
+                return
             self.bytes_out += len(data)
             self.stream.write(data)
             return
@@ -197,6 +214,7 @@ class ClientSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.handshaking.discard(self)
         self.relaying = False
+        self._leave_limits()
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.close_quietly()
@@ -208,7 +226,8 @@ class ClientSession(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.stream is not None:
-            self.stream.sink_drained()
+            if self.down_throttle is None:
+                self.stream.sink_drained()
         else:
             for up in list(self.upstreams.values()):
                 if up.stream is not None:
@@ -225,6 +244,10 @@ class ClientSession(asyncio.Protocol):
             stream.close_quietly()
 
     def stream_data(self, data: bytes) -> None:
+        lim = self.lim
+        if lim is not None:
+            self._relay_down(lim, data)
+            return
         self.bytes_in += len(data)
         self.transport.write(data)
 
@@ -247,19 +270,23 @@ class ClientSession(asyncio.Protocol):
             t.close()
 
     def pause_source(self) -> None:
+        self.source_paused = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
 
     def resume_source(self) -> None:
+        self.source_paused = False
         if self.relaying:
             self.resume_reading()
 
     def resume_reading(self) -> None:
+        if self.up_throttle is not None:  # the upload bucket's timer resumes
+            return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def sink_ready(self) -> bool:
-        return not self.write_paused
+        return not self.write_paused and self.down_throttle is None
 
     def terminate(self, reason: str) -> None:
         """Close this session now (connection deleted/dissociated, node shutdown)."""
@@ -269,6 +296,98 @@ class ClientSession(asyncio.Protocol):
             stream.reset(reason)
         if self.transport is not None:
             self.transport.abort()
+
+    # -- limits: quota, speed (see proxy/limits.py) -------------------------------------------------
+    def _join_limits(self) -> None:
+        record = self.core.record
+        if record is None:
+            return
+        lim = self.server.limits.states.get(record.connection_id)
+        if lim is not None:
+            self.lim = lim
+            lim.members.add(self)
+
+    def _leave_limits(self) -> None:
+        for timer in (self.up_throttle, self.down_throttle):
+            if timer is not None:
+                timer.cancel()
+        self.up_throttle = self.down_throttle = None
+        lim, self.lim = self.lim, None
+        if lim is not None:
+            lim.members.discard(self)
+
+    def _relay_up(self, lim: ConnState, data: bytes) -> None:
+        """Client -> target: at most what the quota leaves, paced by the upload bucket."""
+        n = lim.allow(len(data))
+        if n:
+            chunk = data if n == len(data) else data[:n]
+            lim.count(n)
+            self.bytes_out += n
+            self.stream.write(chunk)
+        if n < len(data) or lim.exhausted():
+            self._quota_reached()
+            return
+        if lim.up is not None:
+            delay = lim.up.consume(n, time.monotonic())
+            if delay > 0 and self.up_throttle is None and self.transport is not None:
+                self.transport.pause_reading()
+                self.up_throttle = asyncio.get_running_loop().call_later(delay, self._up_unthrottle)
+
+    def _relay_down(self, lim: ConnState, data: bytes) -> None:
+        """Target -> client: at most what the quota leaves, paced by the download bucket."""
+        n = lim.allow(len(data))
+        if n:
+            lim.count(n)
+            self.bytes_in += n
+            self.transport.write(data if n == len(data) else data[:n])
+        if n < len(data) or lim.exhausted():
+            self._quota_reached()
+            return
+        if lim.down is not None:
+            delay = lim.down.consume(n, time.monotonic())
+            if delay > 0 and self.down_throttle is None:
+                self.down_throttle = asyncio.get_running_loop().call_later(delay, self._down_unthrottle)
+
+    def _up_unthrottle(self) -> None:
+        self.up_throttle = None
+        lim = self.lim
+        if lim is not None and lim.up is not None:
+            delay = lim.up.wait(time.monotonic())
+            if delay > 0:  # other sessions of the connection spent the budget meanwhile
+                self.up_throttle = asyncio.get_running_loop().call_later(delay, self._up_unthrottle)
+                return
+        if self.relaying and not self.source_paused:
+            self.resume_reading()
+
+    def _down_unthrottle(self) -> None:
+        self.down_throttle = None
+        lim = self.lim
+        if lim is not None and lim.down is not None:
+            delay = lim.down.wait(time.monotonic())
+            if delay > 0:
+                self.down_throttle = asyncio.get_running_loop().call_later(delay, self._down_unthrottle)
+                return
+        if self.stream is not None and not self.write_paused:
+            self.stream.sink_drained()
+
+    def limits_changed(self) -> None:
+        """The connection's rates changed: re-time the throttles now (a lowered or lifted limit)."""
+        for name, fire in (("up_throttle", self._up_unthrottle), ("down_throttle", self._down_unthrottle)):
+            timer = getattr(self, name)
+            if timer is not None:
+                timer.cancel()
+                fire()
+
+    def _quota_reached(self) -> None:
+        """The quota is used up: nothing more is relayed and the session closes (what was written flushes)."""
+        self.relaying = False
+        self.core.terminate("traffic quota exhausted")
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.reset("traffic quota exhausted")
+        self._leave_limits()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
 
     # -- forwarder upstreams (UpstreamOwner) ------------------------------------------------------
     def upstream_open_result(self, up: Upstream, result: OpenResult) -> None:
@@ -281,7 +400,21 @@ class ClientSession(asyncio.Protocol):
                                                  result.stream is not None, _now()))
 
     def upstream_data(self, uid: int, data: bytes) -> None:
-        self._run(self.core.upstream_data(uid, data, _now()))
+        data, reached = self._forward_quota(data)
+        if data:
+            self._run(self.core.upstream_data(uid, data, _now()))
+        if reached:
+            self._quota_reached()
+
+    def _forward_quota(self, data: bytes) -> tuple[bytes, bool]:
+        """Absolute-form forwarding: count ``data`` against the quota; (what may pass, quota reached)."""
+        record = self.core.record
+        lim = self.server.limits.states.get(record.connection_id) if record is not None else None
+        if lim is None:
+            return data, False
+        n = lim.allow(len(data))
+        lim.count(n)
+        return (data if n == len(data) else data[:n]), n < len(data) or lim.exhausted()
 
     def upstream_eof(self, uid: int) -> None:
         self._run(self.core.upstream_eof(uid, _now()))
@@ -301,7 +434,7 @@ class ClientSession(asyncio.Protocol):
                 if t is not None:
                     t.abort() if a.abort else t.close()
             elif kind is Authenticate:
-                self._authenticate(a.username, a.password)
+                self._authenticate(a.username, a.password, a.by_address)
             elif kind is OpenStream:
                 self._open(a)
             elif kind is ArmTimer:
@@ -315,9 +448,13 @@ class ClientSession(asyncio.Protocol):
             elif kind is StartRelay:
                 self.stream, self._opened = self._opened, None
                 self.relaying = True
+                self._join_limits()
                 if a.early:
-                    self.bytes_out += len(a.early)
-                    self.stream.write(a.early)
+                    if self.lim is not None:
+                        self._relay_up(self.lim, a.early)
+                    else:
+                        self.bytes_out += len(a.early)
+                        self.stream.write(a.early)
             elif kind is PauseReading:
                 self.pause_source()
             elif kind is ResumeReading:
@@ -325,7 +462,11 @@ class ClientSession(asyncio.Protocol):
             elif kind is UpstreamWrite:
                 up = self.upstreams.get(a.upstream)
                 if up is not None:
-                    up.write(a.data)
+                    data, reached = self._forward_quota(a.data)
+                    if data:
+                        up.write(data)
+                    if reached:
+                        self._quota_reached()
             elif kind is CloseUpstreamStream:
                 up = self.upstreams.pop(a.upstream, None)
                 if up is not None:
@@ -363,8 +504,9 @@ class ClientSession(asyncio.Protocol):
         elif up.stream is None and self.upstreams.get(a.upstream) is up:
             up.cancel = cancel
 
-    def _authenticate(self, username: str, password: str) -> None:
-        if self.server.authenticator.authenticate(self.client_addr, username, password, self._auth_done):
+    def _authenticate(self, username: str, password: str, by_address: bool = False) -> None:
+        if self.server.authenticator.authenticate(self.client_addr, username, password, self._auth_done,
+                                                  by_address):
             self.auth_paused = True
             self.pause_source()  # until the store answers
 
@@ -378,7 +520,7 @@ class ClientSession(asyncio.Protocol):
         if self.auth_paused:
             self.auth_paused = False
             self.resume_reading()
-        self._run(self.core.auth_result(outcome.record, outcome.reason, _now()))
+        self._run(self.core.auth_result(outcome.record, outcome.reason, _now(), outcome.refused))
 
     # -- request log ------------------------------------------------------------------------------
     def report_traffic(self) -> None:

@@ -48,6 +48,8 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("LOG_BATCH_ROWS", "log_batch_rows", int, 10000, "Request-log batch size (rows)"),
     ("LOG_BATCH_S", "log_batch_s", float, 1.0, "Request-log batch interval (seconds)"),
     ("BANDWIDTH_FLUSH_S", "bandwidth_flush_s", float, 60.0, "Interim byte deltas of long sessions"),
+    ("USAGE_FLUSH_S", "usage_flush_s", float, 1.0,
+     "Per-connection usage counters (quotas) are written to PostgreSQL this often; a SIGKILL loses at most this"),
     ("LOG_RETENTION_DAYS", "log_retention_days", int, 90, "Request-log TTL"),
     ("CLICKHOUSE_FAULT_FILE", "clickhouse_fault_file", str, "", "Test hook: request-log inserts fail while this file exists"),
     ("MAX_BODY_BYTES", "max_body_bytes", int, 1024 * 1024, "Largest JSON request body the API accepts"),
@@ -106,6 +108,7 @@ class Settings:
     log_batch_rows: int = 10000
     log_batch_s: float = 1.0
     bandwidth_flush_s: float = 60.0
+    usage_flush_s: float = 1.0
     log_retention_days: int = 90
     clickhouse_fault_file: str = ""
     max_body_bytes: int = 1024 * 1024

@@ -17,6 +17,7 @@ from proxy.exits import DirectExit, TunnelExit
 from proxy.ratelimit import FailureLimiter
 from proxy.server import ProxyServer
 from proxy.sessions import SessionRegistry
+from proxy.usage_flush import UsageKeeper
 from rms.crypto import PasswordBox, load_or_create_key
 from rms.service import Rms
 
@@ -74,6 +75,7 @@ class Node:
         self.tunnels: TunnelServer | None = None
         self.proxy: ProxyServer | None = None
         self.rms: Rms | None = None
+        self.usage: UsageKeeper | None = None
         self.request_log = None
         self.clickhouse = None
         self.api_runner = None
@@ -117,6 +119,8 @@ class Node:
             auth_cache=cache, exit=exit_, sessions=SessionRegistry(), node_name=s.node_name,
             limiter=FailureLimiter(s.auth_fail_limit, s.auth_fail_window_s), request_log=self.request_log,
             handshake_timeout=s.handshake_timeout_s, open_timeout=s.connect_timeout_s + 5)
+        self.usage = UsageKeeper(self.pool, self.proxy, store, s.usage_flush_s)
+        await self.usage.start()
         await self.bus.start(self.proxy.handle_bus_event)
         # Devices that were online on this node before a crash are offline until they reconnect.
         await self.pool.execute("UPDATE devices SET online = false, node = NULL WHERE node = $1", s.node_name)
@@ -194,6 +198,8 @@ class Node:
             await asyncio.sleep(0)
         for t in self._tasks:
             t.cancel()
+        if self.usage is not None:
+            await self.usage.close()  # after the sessions ended: their last bytes are written
         if self.tunnels is not None:
             for device_id in self.tunnels.registry.device_ids():
                 await accounts.set_presence(self.pool, device_id, False, s.node_name, {})

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from proxyorch.blacklist import Blacklist
 from proxyorch.bus_events import CONN, DEVICE, KILL, decode
+from proxyorch.limits_model import NO_LIMITS, Limits
 from proxyorch.tokens import verify_password
 
 
@@ -29,6 +30,8 @@ class CredentialRecord:
     password_hash: bytes
     device_id: str | None
     blacklists: tuple[tuple[str, Blacklist], ...]   # (scope, list): global, device, connection
+    limits: Limits = NO_LIMITS   # speed, sessions, quota, access mode
+    used_bytes: int = 0          # the quota period's usage in the store when the record was read
 
     def check_password(self, password: str) -> bool:
         return verify_password(self.password_hash, self.connection_id, password)
@@ -44,6 +47,8 @@ class StoredCredential:
     connection_entries: list[str]
     device_entries: list[str]
     global_entries: list[str]
+    limits: Limits = NO_LIMITS
+    used_bytes: int = 0
 
 
 CredentialFetcher = Callable[[str], Awaitable[StoredCredential | None]]
@@ -140,7 +145,7 @@ class AuthCache:
                                ("connection", s.connection_entries)):
             if entries:
                 lists.append((scope, self._compile(entries)))
-        return CredentialRecord(s.connection_id, s.password_hash, s.device_id, tuple(lists))
+        return CredentialRecord(s.connection_id, s.password_hash, s.device_id, tuple(lists), s.limits, s.used_bytes)
 
     # -- invalidation -------------------------------------------------------------------------
     def invalidate(self, connection_id: str) -> None:
