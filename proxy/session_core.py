@@ -230,6 +230,7 @@ class SessionCore:
                 self.metrics.sessions_blocked += 1
                 att = self.attempt
                 att.started = att.started or now
+                att.protocol = att.protocol or self.protocol
                 att.action, att.block_reason, att.error, att.logged = "blocked", "ip", "address not allowed", True
                 actions.append(LogRow(att.row(refused.connection_id, refused.device_id, self.client_addr, now)))
             if self.protocol == "socks5":

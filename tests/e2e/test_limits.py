@@ -19,7 +19,7 @@ needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not i
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def world(pg_root, tmp_path_factory):
     dep = await fresh_deployment(pg_root, tmp_path_factory.mktemp("limits"), DIRECT_EXIT="1",
-                                 DIRECT_EXIT_ALLOW_PRIVATE="1", REQUEST_LOG="0")
+                                 DIRECT_EXIT_ALLOW_PRIVATE="1")
     _uid, token = await dep.user("owner")
     device = await dep.device(token)
     _uid2, other = await dep.user("other")
@@ -254,3 +254,21 @@ async def test_download_through_1mb_limit_for_10s_within_10_percent(world, targe
     w.close()
     print(f"measured over 10 s at a {rate} B/s limit: {got / 10:.0f} B/s")
     assert 0.9 * rate * 10 <= got <= 1.1 * rate * 10
+
+
+async def test_refusals_are_blocked_rows_with_their_reason(world):
+    """Runs after the tests above: their quota, session and address refusals are request-log rows."""
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC)
+    params = {"from": (now - timedelta(hours=1)).isoformat(), "to": (now + timedelta(hours=1)).isoformat(),
+              "limit": "10000"}
+    deadline = time.monotonic() + 20
+    while True:
+        status, body = await world["dep"].call("GET", "/api/v2/proxy/logs", world["token"], params=params)
+        assert status == 200, body
+        reasons = {e["blockReason"] for e in body["entries"] if e["action"] == "blocked"}
+        if {"quota", "sessions", "ip"} <= reasons or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.3)
+    assert {"quota", "sessions", "ip"} <= reasons, reasons
