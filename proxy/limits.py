@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .auth_cache.cache import CredentialRecord
 
 BURST_S = 0.5  # a bucket holds at most this many seconds of its rate
+SLICE_S = 0.1  # cluster mode: the rate budget is leased per connection per 100 ms slice
 
 QUOTA_EXHAUSTED = Refusal(ReplyCode.NOT_ALLOWED, "traffic quota exhausted", 403, blocked=True,
                           block_reason="quota")
@@ -32,17 +33,32 @@ SESSIONS_FULL = Refusal(ReplyCode.NOT_ALLOWED, "too many concurrent sessions", 4
 
 
 class TokenBucket:
-    """``rate`` bytes/s with a burst of ``BURST_S`` seconds; the level may go below zero (a debt)."""
+    """``rate`` bytes/s with a burst of ``BURST_S`` seconds; the level may go below zero (a debt).
 
-    __slots__ = ("rate", "burst", "tokens", "stamp")
+    ``leased`` (several nodes share the rate): the bucket does not refill with time; it holds at
+    most one slice of the rate and only :meth:`grant` (a lease from the cluster budget) fills it."""
 
-    def __init__(self, rate: int, now: float) -> None:
+    __slots__ = ("rate", "burst", "tokens", "stamp", "leased")
+
+    def __init__(self, rate: int, now: float, leased: bool = False) -> None:
+        self.leased = leased
         self.rate = float(rate)
-        self.burst = self.rate * BURST_S
-        self.tokens = self.burst
+        self.burst = self.rate * (SLICE_S if leased else BURST_S)
+        self.tokens = 0.0 if leased else self.burst
         self.stamp = now
 
+    def grant(self, n: int) -> None:
+        """Add ``n`` leased bytes (capped at the burst)."""
+        self.tokens = min(self.burst, self.tokens + n)
+
+    def want(self) -> int:
+        """Leased mode: the bytes to ask the cluster for now (what would fill the bucket, at most a slice)."""
+        return int(max(0.0, min(self.rate * SLICE_S, self.burst - self.tokens)))
+
     def _refill(self, now: float) -> None:
+        if self.leased:
+            self.stamp = now
+            return
         if now > self.stamp:
             self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
@@ -50,7 +66,7 @@ class TokenBucket:
     def set_rate(self, rate: int, now: float) -> None:
         self._refill(now)
         self.rate = float(rate)
-        self.burst = self.rate * BURST_S
+        self.burst = self.rate * (SLICE_S if self.leased else BURST_S)
         self.tokens = min(self.tokens, self.burst)
 
     def consume(self, n: int, now: float) -> float:
@@ -97,7 +113,7 @@ class ConnState:
     def count(self, n: int) -> None:
         self.pending += n
 
-    def apply(self, limits: Limits, used: int, now: float, wall: datetime) -> None:
+    def apply(self, limits: Limits, used: int, now: float, wall: datetime, leased: bool = False) -> None:
         """New limits (from a fresh credential record whose store read saw ``used`` bytes)."""
         self.limits = limits
         key = period_start(limits.quota_period, limits.quota_start, wall) if limits.quota_bytes else None
@@ -105,32 +121,33 @@ class ConnState:
             self.period, self.db_used = key, used
         else:
             self.db_used = max(self.db_used, used)  # the store's counter only grows within a period
-        self.down = _bucket(self.down, limits.download_bytes_per_s, now)
-        self.up = _bucket(self.up, limits.upload_bytes_per_s, now)
+        self.down = _bucket(self.down, limits.download_bytes_per_s, now, leased)
+        self.up = _bucket(self.up, limits.upload_bytes_per_s, now, leased)
 
 
-def _bucket(old: TokenBucket | None, rate: int | None, now: float) -> TokenBucket | None:
+def _bucket(old: TokenBucket | None, rate: int | None, now: float, leased: bool) -> TokenBucket | None:
     if rate is None:
         return None
     if old is None:
-        return TokenBucket(rate, now)
+        return TokenBucket(rate, now, leased)
     if old.rate != rate:
         old.set_rate(rate, now)
     return old
 
 
 class LimitBook:
-    """Every :class:`ConnState` of this node, by connection id."""
+    """Every :class:`ConnState` of this node, by connection id (``leased``: rates shared by a cluster)."""
 
-    def __init__(self) -> None:
+    def __init__(self, leased: bool = False) -> None:
         self.states: dict[str, ConnState] = {}
+        self.leased = leased
 
     def state(self, record: CredentialRecord, now: float, wall: datetime) -> ConnState:
         """The connection's state, created or refreshed from ``record``."""
         st = self.states.get(record.connection_id)
         if st is None:
             st = self.states[record.connection_id] = ConnState(record.connection_id)
-        st.apply(record.limits, record.used_bytes, now, wall)
+        st.apply(record.limits, record.used_bytes, now, wall, self.leased)
         return st
 
     def admit(self, record: CredentialRecord, now: float, wall: datetime) -> Refusal | None:

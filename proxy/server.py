@@ -21,7 +21,7 @@ from .access import AccessIndex
 from .auth_cache.cache import AuthCache
 from .authenticate import Authenticator, AuthOutcome
 from .http_forward import Upstream
-from .limits import ConnState, LimitBook
+from .limits import SESSIONS_FULL, ConnState, LimitBook
 from .ratelimit import FailureLimiter
 from .request_log.writer import SessionRecord
 from .session_core import (
@@ -91,6 +91,8 @@ class ProxyServer:
         self.limits = LimitBook()     # per-connection limits and usage counts of this node
         self.access = AccessIndex()   # ip_only ranges (kept fresh by proxy/usage_flush.py)
         self.on_connection_changed = None  # callback(connection_id | None) set by the usage keeper
+        self.on_quota_reached = None  # callback() set by the usage keeper (flush soon)
+        self.cluster = None  # proxy.cluster_limits.ClusterLimits with REDIS_URL: limits shared by the nodes
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -170,6 +172,7 @@ class ClientSession(asyncio.Protocol):
         self.up_throttle: asyncio.TimerHandle | None = None    # client reading paused by the upload bucket
         self.down_throttle: asyncio.TimerHandle | None = None  # stream paused by the download bucket
         self.source_paused = False  # the stream asked us to stop reading the client (back-pressure)
+        self.cluster_slot: str | None = None  # the session's slot in the cluster-wide session count
 
     @property
     def connection_id(self) -> str | None:
@@ -215,6 +218,9 @@ class ClientSession(asyncio.Protocol):
         self.server.handshaking.discard(self)
         self.relaying = False
         self._leave_limits()
+        slot, self.cluster_slot = self.cluster_slot, None
+        if slot is not None and self.server.cluster is not None:
+            self.server.cluster.release(slot)
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.close_quietly()
@@ -382,6 +388,8 @@ class ClientSession(asyncio.Protocol):
         """The quota is used up: nothing more is relayed and the session closes (what was written flushes)."""
         self.relaying = False
         self.core.terminate("traffic quota exhausted")
+        if self.server.on_quota_reached is not None:
+            self.server.on_quota_reached()  # flush now: the other nodes see the quota used up at once
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.reset("traffic quota exhausted")
@@ -491,11 +499,13 @@ class ClientSession(asyncio.Protocol):
     def _open(self, a: OpenStream) -> None:
         exit_ = self.server.exit
         if a.upstream is None:
-            cancel = exit_.open(a.device_id, a.host, a.port, self)
-            if cancel is None:
-                self._run(self.core.open_unavailable(_now()))
-            elif self.core.phase is Phase.OPENING:
-                self.cancel_open = cancel
+            cluster, record = self.server.cluster, self.core.record
+            if cluster is not None and record is not None and record.limits.max_concurrent_sessions is not None:
+                task = asyncio.get_running_loop().create_task(self._cluster_open(cluster, a, record))
+                cluster.own(task)
+                self.cancel_open = task.cancel
+                return
+            self._open_own(a)
             return
         up = self.upstreams[a.upstream] = Upstream(self, a.upstream)
         cancel = exit_.open(a.device_id, a.host, a.port, up)
@@ -503,6 +513,31 @@ class ClientSession(asyncio.Protocol):
             self._run(self.core.upstream_unavailable(a.upstream, _now()))
         elif up.stream is None and self.upstreams.get(a.upstream) is up:
             up.cancel = cancel
+
+    async def _cluster_open(self, cluster, a: OpenStream, record) -> None:  # noqa: ANN001
+        """Take a slot of the cluster-wide session count first (Redis), then open."""
+        try:
+            slot = await cluster.acquire(record.connection_id, record.limits.max_concurrent_sessions)
+        except Exception as exc:  # Redis unreachable: this node's own count still holds
+            log.warning("cluster session slot unavailable, using the node's count: %s", exc)
+            slot = ""
+        if self.core.phase is not Phase.OPENING or self.transport is None or self.transport.is_closing():
+            if slot:
+                cluster.release(slot)
+            return
+        self.cancel_open = None
+        if slot is None:
+            self._run(self.core.admission_refused(SESSIONS_FULL, _now()))
+            return
+        self.cluster_slot = slot or None
+        self._open_own(a)
+
+    def _open_own(self, a: OpenStream) -> None:
+        cancel = self.server.exit.open(a.device_id, a.host, a.port, self)
+        if cancel is None:
+            self._run(self.core.open_unavailable(_now()))
+        elif self.core.phase is Phase.OPENING:
+            self.cancel_open = cancel
 
     def _authenticate(self, username: str, password: str, by_address: bool = False) -> None:
         if self.server.authenticator.authenticate(self.client_addr, username, password, self._auth_done,

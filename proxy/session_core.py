@@ -270,6 +270,13 @@ class SessionCore:
             return []
         return self._fail(DEVICE_OFFLINE)
 
+    def admission_refused(self, refusal: Refusal, now: Instant) -> list[Action]:
+        """The cluster-wide session count (Redis) had no free slot: refuse like the node's own limit."""
+        if self.phase is not Phase.OPENING:
+            return []
+        self.attempt.action = ""
+        return [DisarmTimer(), *self._fail(refusal)]
+
     def open_result(self, rep: int, reason: str, resolved_ip: str, bound_host: str, bound_port: int,
                     opened: bool, now: Instant) -> list[Action]:
         """The device's answer to OpenStream (``opened``: a stream came with it)."""

@@ -49,17 +49,20 @@ class UsageKeeper:
         self._wake = asyncio.Event()
         self._changed: set[str] = set()
         self._reload_access = True
+        self._flush_now = False
         self.flushes = 0
         self.errors = 0
 
     async def start(self) -> None:
         await self._load_access()
         self.proxy.on_connection_changed = self._connection_changed
+        self.proxy.on_quota_reached = self._flush_soon
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
         """Stop the task and write what is left (a clean shutdown loses nothing)."""
         self.proxy.on_connection_changed = None
+        self.proxy.on_quota_reached = None
         if self._task is not None:
             self._task.cancel()
             try:
@@ -80,6 +83,11 @@ class UsageKeeper:
         self._reload_access = True
         self._wake.set()
 
+    def _flush_soon(self) -> None:
+        """A quota was used up here: write the counts now rather than at the next interval."""
+        self._flush_now = True
+        self._wake.set()
+
     async def _run(self) -> None:
         next_flush = time.monotonic() + self.interval
         while True:
@@ -96,6 +104,9 @@ class UsageKeeper:
                 changed, self._changed = self._changed, set()
                 if changed:
                     await self._refresh(changed)
+                if self._flush_now:
+                    self._flush_now = False
+                    await self.flush()
                 if time.monotonic() >= next_flush:
                     next_flush = time.monotonic() + self.interval
                     await self.flush()

@@ -119,6 +119,13 @@ class Node:
             auth_cache=cache, exit=exit_, sessions=SessionRegistry(), node_name=s.node_name,
             limiter=FailureLimiter(s.auth_fail_limit, s.auth_fail_window_s), request_log=self.request_log,
             handshake_timeout=s.handshake_timeout_s, open_timeout=s.connect_timeout_s + 5)
+        if s.redis_url:  # several nodes: session slots and rate budget shared through Redis
+            from proxy.cluster_limits import ClusterLimits
+            from proxy.limits import LimitBook
+
+            self.proxy.limits = LimitBook(leased=True)
+            self.proxy.cluster = ClusterLimits(s.redis_url, s.node_name, self.proxy.limits)
+            self.proxy.cluster.start()
         self.usage = UsageKeeper(self.pool, self.proxy, store, s.usage_flush_s)
         await self.usage.start()
         await self.bus.start(self.proxy.handle_bus_event)
@@ -200,6 +207,8 @@ class Node:
             t.cancel()
         if self.usage is not None:
             await self.usage.close()  # after the sessions ended: their last bytes are written
+        if self.proxy is not None and self.proxy.cluster is not None:
+            await self.proxy.cluster.close()
         if self.tunnels is not None:
             for device_id in self.tunnels.registry.device_ids():
                 await accounts.set_presence(self.pool, device_id, False, s.node_name, {})

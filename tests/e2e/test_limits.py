@@ -10,7 +10,7 @@ import time
 import pytest
 import pytest_asyncio
 from conftest import fresh_deployment
-from socks_client import SocksReplyError, socks5_code, socks5_open
+from socks_client import socks5_code, socks5_open
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
