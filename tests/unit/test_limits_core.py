@@ -6,16 +6,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from test_session_core import CID, at, only, sent, socks_connect, socks_creds
 
 from proxy.access import AccessIndex
 from proxy.auth_cache.cache import CredentialRecord
 from proxy.limits import LimitBook, TokenBucket
-from proxy.session_core import Authenticate, Close, LogRow, OpenStream, Phase, ProxyMetrics, Send, SessionCore
+from proxy.session_core import Authenticate, Close, LogRow, OpenStream, Phase, ProxyMetrics, SessionCore
 from proxyorch.limits_model import EPOCH, Limits, address_allowed, parse_network, period_start, usage_rows
 from rms.limits import validate_access, validate_limits
 from rms.service import RmsError
-
-from test_session_core import CID, at, only, sent, socks_connect, socks_creds
 
 T0 = datetime(2026, 3, 15, 13, 30, tzinfo=UTC)
 
