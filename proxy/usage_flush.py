@@ -138,27 +138,34 @@ class UsageKeeper:
                     member.limits_changed()
 
     async def flush(self) -> None:
-        """Write every connection's counted bytes as increments (one transaction per connection)."""
+        """Write every connection's counted bytes as increments, all in one transaction."""
         book = self.proxy.limits
         now = datetime.now(UTC)
-        for st, delta in book.take_increments():
-            try:
-                value = await self._write(st, delta, now)
-            except BaseException:
+        batch = book.take_increments()
+        if not batch:
+            return
+        values: list[int | None] = []
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                for st, delta in batch:
+                    values.append(await self._write(conn, st, delta, now))
+        except BaseException:
+            for st, delta in batch:
                 book.flush_failed(st, delta)
-                raise
+            raise
+        for (st, delta), value in zip(batch, values, strict=True):
             book.flushed(st, delta, value)
         self.flushes += 1
 
-    async def _write(self, st: ConnState, delta: int, now: datetime) -> int | None:
+    @staticmethod
+    async def _write(conn: asyncpg.Connection, st: ConnState, delta: int, now: datetime) -> int | None:
         quota_row = st.period
-        async with self.pool.acquire() as conn, conn.transaction():
-            value = None
-            if delta:
-                for period, start in usage_rows(st.limits, now):
-                    v = await conn.fetchval(_INCREMENT, st.connection_id, period, start, delta)
-                    if (period, start) == quota_row:
-                        value = v
-            if quota_row is not None and value is None:
-                value = await conn.fetchval(_READ, st.connection_id, quota_row[0], quota_row[1]) or 0
-            return value
+        value = None
+        if delta:
+            for period, start in usage_rows(st.limits, now):
+                v = await conn.fetchval(_INCREMENT, st.connection_id, period, start, delta)
+                if (period, start) == quota_row:
+                    value = v
+        if quota_row is not None and value is None:
+            value = await conn.fetchval(_READ, st.connection_id, quota_row[0], quota_row[1]) or 0
+        return value

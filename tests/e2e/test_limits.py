@@ -145,6 +145,25 @@ async def test_quota_closes_crossing_session_refuses_next_and_survives_restart(w
     assert await socks5_code(node.proxy_port, cid, pw, "127.0.0.1", targets.http_port) == 0
 
 
+async def test_usage_is_exact_and_survives_sigkill_after_a_flush(world, targets):
+    conn = await new_connection(world)
+    cid, pw = conn["connectionId"], conn["password"]
+    node = world["dep"].node
+    r, w, _ = await socks5_open(node.proxy_port, cid, pw, "127.0.0.1", targets.http_port)
+    request = b"GET /bytes/500000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    w.write(request)
+    received = 0
+    while chunk := await asyncio.wait_for(r.read(65536), 20):
+        received += len(chunk)
+    w.close()
+    await asyncio.sleep(1.5)  # longer than USAGE_FLUSH_S (1 s)
+    await node.stop(sig=9)
+    await node.start()
+    status, usage = await get(world, conn, "usage")
+    assert status == 200 and usage["used_bytes"] == received + len(request), (usage, received)
+    assert usage["quota_bytes"] is None and usage["remaining_bytes"] is None
+
+
 async def test_session_limit_refuses_next_and_closing_one_admits_one(world, targets):
     conn = await new_connection(world)
     cid, pw = conn["connectionId"], conn["password"]
