@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .auth_cache.cache import CredentialRecord
 
 BURST_S = 0.5  # a bucket holds at most this many seconds of its rate
+MIN_PAUSE_S = 0.005  # a debt pauses the source at least this long (no timer storms for tiny debts)
 SLICE_S = 0.1  # cluster mode: the rate budget is leased per connection per 100 ms slice
 
 QUOTA_EXHAUSTED = Refusal(ReplyCode.NOT_ALLOWED, "traffic quota exhausted", 403, blocked=True,
@@ -73,12 +74,12 @@ class TokenBucket:
         """Take ``n`` bytes; the seconds the source must pause until the level is back at zero."""
         self._refill(now)
         self.tokens -= n
-        return -self.tokens / self.rate if self.tokens < 0 else 0.0
+        return max(MIN_PAUSE_S, -self.tokens / self.rate) if self.tokens < 0 else 0.0
 
     def wait(self, now: float) -> float:
         """Seconds until the level is back at zero (0 when it is)."""
         self._refill(now)
-        return -self.tokens / self.rate if self.tokens < 0 else 0.0
+        return max(MIN_PAUSE_S, -self.tokens / self.rate) if self.tokens < 0 else 0.0
 
 
 @dataclass(slots=True)
