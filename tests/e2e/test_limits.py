@@ -291,3 +291,25 @@ async def test_refusals_are_blocked_rows_with_their_reason(world):
             break
         await asyncio.sleep(0.3)
     assert {"quota", "sessions", "ip"} <= reasons, reasons
+
+
+@pytest.mark.slow
+async def test_download_through_a_real_agent_at_1mb_for_10s(deployment, targets):
+    """The same limit with the traffic leaving through a device agent's tunnel (credit withheld while paused)."""
+    _uid, token = await deployment.user("limited")
+    device = await deployment.device(token)
+    await deployment.agent(device, "--allow-private")
+    conn = await deployment.connection(token, device["remote_device_id"])
+    rate = 1_000_000
+    status, _ = await deployment.call("PUT", f"/api/v2/proxy/connections/{conn['connectionId']}/limits", token,
+                                      json={"download_bytes_per_s": rate})
+    assert status == 200
+    await asyncio.sleep(0.15)
+    r, w, _ = await socks5_open(deployment.node.proxy_port, conn["connectionId"], conn["password"], "127.0.0.1",
+                                targets.source_port)
+    await read_for(r, 1.0)
+    windows = [await read_for(r, 5.0) for _ in range(2)]
+    w.close()
+    print(f"through the agent at a {rate} B/s limit, two 5 s windows: {[x / 5 for x in windows]} B/s")
+    for got in windows:
+        assert 0.9 * rate * 5 <= got <= 1.1 * rate * 5
