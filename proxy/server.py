@@ -276,7 +276,11 @@ class ClientSession(asyncio.Protocol):
             t.close()
 
     def pause_source(self) -> None:
+        """The stream is full (back-pressure): stop reading the client until ``resume_source``."""
         self.source_paused = True
+        self._pause_client()
+
+    def _pause_client(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
 
@@ -464,7 +468,7 @@ class ClientSession(asyncio.Protocol):
                         self.bytes_out += len(a.early)
                         self.stream.write(a.early)
             elif kind is PauseReading:
-                self.pause_source()
+                self._pause_client()
             elif kind is ResumeReading:
                 self.resume_reading()
             elif kind is UpstreamWrite:
@@ -543,7 +547,7 @@ class ClientSession(asyncio.Protocol):
         if self.server.authenticator.authenticate(self.client_addr, username, password, self._auth_done,
                                                   by_address):
             self.auth_paused = True
-            self.pause_source()  # until the store answers
+            self._pause_client()  # until the store answers
 
     def _auth_done(self, outcome: AuthOutcome) -> None:
         t = self.transport

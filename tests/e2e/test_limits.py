@@ -260,6 +260,32 @@ async def test_download_speed_limit_and_live_lowering(world, targets):
     w.close()
 
 
+async def test_upload_speed_limit_paces_the_client(world, targets):
+    conn = await new_connection(world)
+    rate = 300_000
+    assert (await put(world, conn, "limits", {"upload_bytes_per_s": rate}))[0] == 200
+    await asyncio.sleep(0.15)
+    r, w, _ = await socks5_open(world["dep"].node.proxy_port, conn["connectionId"], conn["password"], "127.0.0.1",
+                                targets.echo_port)
+    block = b"u" * 65536
+
+    async def pump() -> None:
+        try:
+            while True:
+                w.write(block)
+                await w.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+
+    task = asyncio.create_task(pump())
+    await read_for(r, 1.0)
+    got = await read_for(r, 4.0)  # what the echo target received (and sent back) in 4 s
+    task.cancel()
+    w.close()
+    print(f"measured upload rate at a {rate} B/s limit: {got / 4:.0f} B/s")
+    assert 0.8 * rate * 4 <= got <= 1.1 * rate * 4 + 200_000
+
+
 @pytest.mark.slow
 async def test_download_through_1mb_limit_for_10s_within_10_percent(world, targets):
     conn = await new_connection(world)
