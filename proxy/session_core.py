@@ -605,7 +605,8 @@ class SessionCore:
         actions: list[Action] = []
         if uid == self._current and self._fsm is not None:
             self._current = None
-            actions += self._forward(self._fsm.upstream_failed(refusal.http_status, refusal.reason), now)
+            extra = (("Retry-After", str(refusal.retry_after)),) if refusal.retry_after else ()
+            actions += self._forward(self._fsm.upstream_failed(refusal.http_status, refusal.reason, extra), now)
         return actions + self._finish_upstream(uid, now)
 
     def _finish_upstream(self, uid: int, now: Instant) -> list[Action]:

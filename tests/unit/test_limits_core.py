@@ -168,3 +168,20 @@ def test_http_session_limit_is_429_with_retry_after() -> None:
     c.receive_data(connect_head(), at(0))
     out = sent(c.auth_result(r, "", at(0)))
     assert out.startswith(b"HTTP/1.1 429") and b"Retry-After: 1" in out
+
+
+def test_absolute_form_session_limit_is_429_with_retry_after() -> None:
+    book = LimitBook()
+    r = rec(max_concurrent_sessions=1)
+    book.admit(r, 0, T0)
+    c = SessionCore(metrics=ProxyMetrics(), client_addr="192.0.2.7", gate=book)
+    import base64
+    auth = base64.b64encode(f"{CID}:pw".encode()).decode()
+    acts = c.receive_data(f"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n"
+                          f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode(), at(0))
+    assert only(acts, Authenticate)
+    acts = c.auth_result(r, "", at(0))
+    out = sent(acts)
+    assert out.startswith(b"HTTP/1.1 429") and b"Retry-After: 1" in out
+    [row] = [a for a in acts + c.client_lost(at(1)) if isinstance(a, LogRow)]
+    assert (row.row.action, row.row.block_reason) == ("blocked", "sessions")
