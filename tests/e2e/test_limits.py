@@ -107,6 +107,23 @@ async def test_limits_defaults_bad_bodies_and_tenants(world):
         assert f"/api/v2/proxy/connections/{{connection_id}}/{p}" in paths
 
 
+async def test_device_owner_of_a_routed_through_connection_may_read_not_write(world):
+    conn = await new_connection(world)
+    other_dev = await world["dep"].device(world["other"])
+    # route the owner's connection through the other user's device (as a rented device would be)
+    await world["dep"].pool.execute("UPDATE proxy_credentials SET device_id = $2 WHERE connection_id = $1",
+                                    conn["connectionId"], other_dev["remote_device_id"])
+    assert (await put(world, conn, "limits", {"quota_bytes": 10}))[0] == 200
+    for what in ("limits", "access", "usage"):
+        status, body = await get(world, conn, what, world["other"])
+        assert status == 200, (what, body)
+    assert (await get(world, conn, "limits", world["other"]))[1]["quota_bytes"] == 10
+    for what, body in (("limits", {"quota_bytes": 99}), ("access", {"mode": "password"})):
+        status, _ = await put(world, conn, what, body, world["other"])
+        assert status == 403
+    assert (await get(world, conn, "limits"))[1]["quota_bytes"] == 10
+
+
 async def test_quota_closes_crossing_session_refuses_next_and_survives_restart(world, targets):
     conn = await new_connection(world)
     cid, pw = conn["connectionId"], conn["password"]
