@@ -322,6 +322,9 @@ class ClientSession(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self.up_throttle = self.down_throttle = None
+        self._leave_members()
+
+    def _leave_members(self) -> None:
         lim, self.lim = self.lim, None
         if lim is not None:
             lim.members.discard(self)
@@ -337,11 +340,7 @@ class ClientSession(asyncio.Protocol):
         if n < len(data) or lim.exhausted():
             self._quota_reached()
             return
-        if lim.up is not None:
-            delay = lim.up.consume(n, time.monotonic())
-            if delay > 0 and self.up_throttle is None and self.transport is not None:
-                self.transport.pause_reading()
-                self.up_throttle = asyncio.get_running_loop().call_later(delay, self._up_unthrottle)
+        self._pace(lim, n, down=False)
 
     def _relay_down(self, lim: ConnState, data: bytes) -> None:
         """Target -> client: at most what the quota leaves, paced by the download bucket."""
@@ -353,10 +352,24 @@ class ClientSession(asyncio.Protocol):
         if n < len(data) or lim.exhausted():
             self._quota_reached()
             return
-        if lim.down is not None:
-            delay = lim.down.consume(n, time.monotonic())
-            if delay > 0 and self.down_throttle is None:
-                self.down_throttle = asyncio.get_running_loop().call_later(delay, self._down_unthrottle)
+        self._pace(lim, n, down=True)
+
+    def _pace(self, lim: ConnState, n: int, down: bool) -> None:
+        """Charge ``n`` relayed bytes to the direction's bucket; in debt, pause that direction's source
+        (download: the stream, via ``sink_ready``; upload: reading the client) until a loop timer."""
+        bucket = lim.down if down else lim.up
+        if bucket is None:
+            return
+        delay = bucket.consume(n, time.monotonic())
+        if delay <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        if down:
+            if self.down_throttle is None:
+                self.down_throttle = loop.call_later(delay, self._down_unthrottle)
+        elif self.up_throttle is None and self.transport is not None:
+            self.transport.pause_reading()
+            self.up_throttle = loop.call_later(delay, self._up_unthrottle)
 
     def _up_unthrottle(self) -> None:
         self.up_throttle = None
@@ -366,7 +379,7 @@ class ClientSession(asyncio.Protocol):
             if delay > 0:  # other sessions of the connection spent the budget meanwhile
                 self.up_throttle = asyncio.get_running_loop().call_later(delay, self._up_unthrottle)
                 return
-        if self.relaying and not self.source_paused:
+        if (self.relaying or self.core.phase is Phase.FORWARD) and not self.source_paused:
             self.resume_reading()
 
     def _down_unthrottle(self) -> None:
@@ -377,8 +390,14 @@ class ClientSession(asyncio.Protocol):
             if delay > 0:
                 self.down_throttle = asyncio.get_running_loop().call_later(delay, self._down_unthrottle)
                 return
-        if self.stream is not None and not self.write_paused:
+        if self.write_paused:
+            return
+        if self.stream is not None:
             self.stream.sink_drained()
+        else:  # absolute-form forwarding: its upstream streams
+            for up in list(self.upstreams.values()):
+                if up.stream is not None:
+                    up.stream.sink_drained()
 
     def limits_changed(self) -> None:
         """The connection's rates changed: re-time the throttles now (a lowered or lifted limit)."""
@@ -412,21 +431,29 @@ class ClientSession(asyncio.Protocol):
                                                  result.stream is not None, _now()))
 
     def upstream_data(self, uid: int, data: bytes) -> None:
-        data, reached = self._forward_quota(data)
+        data, reached = self._forward_quota(data, down=True)
         if data:
             self._run(self.core.upstream_data(uid, data, _now()))
         if reached:
             self._quota_reached()
 
-    def _forward_quota(self, data: bytes) -> tuple[bytes, bool]:
-        """Absolute-form forwarding: count ``data`` against the quota; (what may pass, quota reached)."""
+    def _forward_quota(self, data: bytes, down: bool) -> tuple[bytes, bool]:
+        """Absolute-form forwarding: count ``data`` against the quota and pace it by the direction's
+        bucket; (what may pass, quota reached)."""
         record = self.core.record
         lim = self.server.limits.states.get(record.connection_id) if record is not None else None
         if lim is None:
             return data, False
+        if self.lim is not lim:  # join the connection's state (limit changes re-time our throttles)
+            self._leave_members()
+            self.lim = lim
+            lim.members.add(self)
         n = lim.allow(len(data))
         lim.count(n)
-        return (data if n == len(data) else data[:n]), n < len(data) or lim.exhausted()
+        reached = n < len(data) or lim.exhausted()
+        if not reached:
+            self._pace(lim, n, down)
+        return (data if n == len(data) else data[:n]), reached
 
     def upstream_eof(self, uid: int) -> None:
         self._run(self.core.upstream_eof(uid, _now()))
@@ -474,7 +501,7 @@ class ClientSession(asyncio.Protocol):
             elif kind is UpstreamWrite:
                 up = self.upstreams.get(a.upstream)
                 if up is not None:
-                    data, reached = self._forward_quota(a.data)
+                    data, reached = self._forward_quota(a.data, down=False)
                     if data:
                         up.write(data)
                     if reached:

@@ -277,6 +277,23 @@ async def test_download_speed_limit_and_live_lowering(world, targets):
     w.close()
 
 
+@needs_curl
+async def test_absolute_form_http_download_is_paced_too(world, targets):
+    conn = await new_connection(world)
+    rate = 500_000
+    assert (await put(world, conn, "limits", {"download_bytes_per_s": rate}))[0] == 200
+    await asyncio.sleep(0.15)
+    proxy = f"http://{conn['connectionId']}:{conn['password']}@127.0.0.1:{world['dep'].node.proxy_port}"
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "-o", "/dev/null", "-w", "%{size_download}", "--max-time", "4", "--proxy", proxy,
+        f"http://127.0.0.1:{targets.http_port}/bytes/100000000", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, _err = await proc.communicate()
+    got = int(out or b"0")
+    print(f"absolute-form download at a {rate} B/s limit: {got / 4:.0f} B/s over 4 s (incl. the 0.5 s burst)")
+    assert 0.7 * rate * 4 <= got <= 1.1 * rate * 4.5 + 300_000
+
+
 async def test_upload_speed_limit_paces_the_client(world, targets):
     conn = await new_connection(world)
     rate = 300_000
