@@ -39,6 +39,7 @@ from . import (
     routes_agent,
     routes_escrow,
     routes_health,
+    routes_limits,
     routes_live,
     routes_logs,
     routes_marketplace,
@@ -58,6 +59,7 @@ ROUTE_MODULES: tuple[ModuleType, ...] = (
     routes_taskmarket,  # seed 003 at /v1
     routes_escrow,      # seed 002 at /jobs, /owner, /tester
     routes_rotation,    # IP rotation of devices
+    routes_limits,      # per-connection limits, usage, access modes
     openapi,  # last: documents every route added before it
 )
 

@@ -14,6 +14,7 @@ from .bodies import json_response, read_json
 from .context import POOL, REQUEST_LOG_READER, RMS, SETTINGS, TUNNEL_FINGERPRINT, TUNNELS
 from .errors import ApiError
 from .paging import limit_offset, list_route
+from .routes_limits import add_summaries
 
 
 def _rms(request: web.Request):  # noqa: ANN202
@@ -28,7 +29,9 @@ def _fail(exc: RmsError) -> ApiError:
 async def list_connections(request: web.Request) -> web.Response:
     user = await require_user(request)
     limit, offset = limit_offset(request, list_connections)
-    return json_response({"success": True, "connections": await _rms(request).list_for_user(user, limit, offset)})
+    connections = await _rms(request).list_for_user(user, limit, offset)
+    await add_summaries(request, connections, "connectionId")  # limits, access, usage
+    return json_response({"success": True, "connections": connections})
 
 
 async def create_connection(request: web.Request) -> web.Response:
@@ -130,6 +133,7 @@ async def admin_proxies(request: web.Request) -> web.Response:
     counts = await _bandwidth_by_connection(request.app[REQUEST_LOG_READER], [p["connection_id"] for p in proxies])
     for p in proxies:
         p["bytes_last_24h"], p["bytes_lifetime"] = counts.get(p["connection_id"], (0, 0))
+    await add_summaries(request, proxies, "connection_id")  # limits, access, usage
     return json_response({"total": len(proxies), "proxies": proxies})
 
 

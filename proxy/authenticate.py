@@ -2,6 +2,8 @@
 
 One :class:`Authenticator` per node. It owns the store lookups it starts (cancelled by
 :meth:`Authenticator.close`). The session core decides what an outcome means for the client.
+The username may carry routing parameters (``proxy.username_params``); access modes
+(``password_and_ip``, ``ip_only``) come from the record's limits (``proxyorch.limits_model``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from proxyorch.limits_model import address_allowed
 
 from .auth_cache.cache import MISSING, AuthCache, CredentialRecord
 from .ratelimit import FailureLimiter
@@ -27,6 +31,7 @@ class AuthOutcome:
     reason: str = ""
     unavailable: bool = False
     params: RouteParams | None = None  # routing parameters of the username (sticky session, country)
+    refused: CredentialRecord | None = None  # right password, address outside password_and_ip's list
 
 
 class Authenticator:
@@ -39,8 +44,11 @@ class Authenticator:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def authenticate(self, client_addr: str, username: str, password: str,
-                     done: Callable[[AuthOutcome], None]) -> bool:
-        """Call ``done`` now and return False, or return True and call it after a store lookup."""
+                     done: Callable[[AuthOutcome], None], by_address: bool = False) -> bool:
+        """Call ``done`` now and return False, or return True and call it after a store lookup.
+
+        ``by_address``: no password; ``username`` is the connection the node's ``ip_only`` index
+        found for ``client_addr``, confirmed here against the (fresh) record."""
         params = parse_username(username)
         conn_id = params.connection_id if isinstance(params, RouteParams) else None
         if not self.limiter.allowed(client_addr, conn_id):
@@ -57,9 +65,10 @@ class Authenticator:
         assert conn_id is not None
         cached = self.cache.get_cached(conn_id)
         if cached is not MISSING:
-            done(self._check(cached, client_addr, params, password))  # type: ignore[arg-type]
+            done(self._check(cached, client_addr, params, password, by_address))  # type: ignore[arg-type]
             return False
-        task = asyncio.get_running_loop().create_task(self._lookup(client_addr, params, password, done))
+        task = asyncio.get_running_loop().create_task(
+            self._lookup(client_addr, params, password, done, by_address))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return True
@@ -70,19 +79,30 @@ class Authenticator:
             task.cancel()
 
     async def _lookup(self, client_addr: str, params: RouteParams, password: str,
-                      done: Callable[[AuthOutcome], None]) -> None:
+                      done: Callable[[AuthOutcome], None], by_address: bool = False) -> None:
         try:
             record = await self.cache.lookup(params.connection_id)
         except Exception as exc:  # store unreachable: a clear refusal, not a crash
             log.warning("credential lookup failed: %s", exc)
             done(AuthOutcome(None, "credential store unavailable", unavailable=True))
             return
-        done(self._check(record, client_addr, params, password))
+        done(self._check(record, client_addr, params, password, by_address))
 
     def _check(self, record: CredentialRecord | None, client_addr: str, params: RouteParams,
-               password: str) -> AuthOutcome:
+               password: str, by_address: bool = False) -> AuthOutcome:
+        conn_id = params.connection_id
+        if by_address:
+            lim = record.limits if record is not None else None
+            if record is None or lim is None or lim.access_mode != "ip_only" or not address_allowed(
+                    client_addr, lim.allowed_ips):
+                return AuthOutcome(None, "proxy authentication required")
+            return AuthOutcome(record, params=params)
         if record is None or not password or not record.check_password(password):
-            return self._failed(client_addr, params.connection_id, "invalid credentials")
+            return self._failed(client_addr, conn_id, "invalid credentials")
+        lim = record.limits
+        if lim.access_mode == "password_and_ip" and not address_allowed(client_addr, lim.allowed_ips):
+            out = self._failed(client_addr, conn_id, "invalid credentials")  # like a wrong password
+            return AuthOutcome(None, out.reason, refused=record)
         self.limiter.record_success(client_addr, record.connection_id)
         return AuthOutcome(record, params=params)
 

@@ -17,6 +17,7 @@ from device_tunnel.server import NodeTunnel, OpenHandler, OpenResult
 from device_tunnel.target_policy import is_forbidden_address, parse_ip_literal
 
 CancelOpen = Callable[[], None]
+EARLY_LIMIT = 256 * 1024  # target bytes a DirectStream reads before the session takes it
 
 
 class TunnelExit:
@@ -95,6 +96,8 @@ class DirectStream(asyncio.Protocol):
         h = self.handler
         if h is None:
             self.early += data
+            if len(self.early) >= EARLY_LIMIT:  # the session has not taken the stream yet: hold the target
+                self.transport.pause_reading()  # type: ignore[union-attr]
             return
         h.stream_data(data)
         if not h.sink_ready():
@@ -191,3 +194,5 @@ class DirectExit:
         if proto.early:
             early, proto.early = bytes(proto.early), bytearray()
             handler.stream_data(early)
+            if proto.handler is handler and not proto.closed and handler.sink_ready():
+                transport.resume_reading()

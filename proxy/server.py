@@ -18,11 +18,13 @@ from datetime import UTC, datetime
 
 from device_tunnel.replies import ReplyCode
 from device_tunnel.server import OpenResult
-from proxyorch.bus_events import KILL, decode
+from proxyorch.bus_events import CONN, KILL, decode
 
+from .access import AccessIndex
 from .auth_cache.cache import AuthCache
 from .authenticate import Authenticator, AuthOutcome
 from .http_forward import Upstream
+from .limits import SESSIONS_FULL, ConnState, LimitBook
 from .pool_routing import Lease, PoolRouter
 from .ratelimit import FailureLimiter
 from .request_log.writer import SessionRecord
@@ -110,6 +112,11 @@ class ProxyServer:
         self.router = PoolRouter()  # pool members and sticky sessions
         self.gate = RotationGate()  # devices rotating their IP: their new sessions wait
         self.rotate_wait = rotate_wait
+        self.limits = LimitBook()     # per-connection limits and usage counts of this node
+        self.access = AccessIndex()   # ip_only ranges (kept fresh by proxy/usage_flush.py)
+        self.on_connection_changed = None  # callback(connection_id | None) set by the usage keeper
+        self.on_quota_reached = None  # callback() set by the usage keeper (flush soon)
+        self.cluster = None  # proxy.cluster_limits.ClusterLimits with REDIS_URL: limits shared by the nodes
         self._server: asyncio.AbstractServer | None = None
         self.bind_host = "0.0.0.0"  # UDP relay sockets bind here (see proxy/udp_relay.py)
 
@@ -142,6 +149,8 @@ class ProxyServer:
         """Invalidate the cache; on a kill event terminate that connection's sessions."""
         self.auth_cache.handle_event(event)
         ev = decode(event)
+        if self.on_connection_changed is not None:
+            self.on_connection_changed(ev.ident if ev.kind is CONN or ev.kind is KILL else None)
         if ev.kind is KILL and ev.ident:
             n = self.sessions.terminate_connection(ev.ident, "connection deleted or dissociated")
             if n:
@@ -174,7 +183,7 @@ class ClientSession(asyncio.Protocol):
         self.core = SessionCore(metrics=server.metrics, client_addr="",
                                 needs_no_device=getattr(server.exit, "needs_no_device", False),
                                 handshake_timeout=server.handshake_timeout, open_timeout=server.open_timeout,
-                                optimistic=server.optimistic_open)
+                                optimistic=server.optimistic_open, gate=server.limits, access=server.access)
         self.stream = None  # the device stream once relaying (tunnel stream or DirectStream)
         self._opened = None  # stream of an open_result, until StartRelay takes it
         self.cancel_open = None
@@ -194,6 +203,12 @@ class ClientSession(asyncio.Protocol):
         self.reported_out = 0
         self.client_eof = False
         self.upstream_eof = False
+        # limits: the connection's shared state while relaying, and the throttles of both directions
+        self.lim: ConnState | None = None
+        self.up_throttle: asyncio.TimerHandle | None = None    # client reading paused by the upload bucket
+        self.down_throttle: asyncio.TimerHandle | None = None  # stream paused by the download bucket
+        self.source_paused = False  # the stream asked us to stop reading the client (back-pressure)
+        self.cluster_slot: str | None = None  # the session's slot in the cluster-wide session count
 
     @property
     def connection_id(self) -> str | None:
@@ -241,6 +256,10 @@ class ClientSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.relaying:
+            lim = self.lim
+            if lim is not None:
+                self._relay_up(lim, data)
+                return
             self.bytes_out += len(data)
             self.stream.write(data)
             return
@@ -265,6 +284,10 @@ class ClientSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.handshaking.discard(self)
         self.relaying = False
+        self._leave_limits()
+        slot, self.cluster_slot = self.cluster_slot, None
+        if slot is not None and self.server.cluster is not None:
+            self.server.cluster.release(slot)
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.close_quietly()
@@ -280,7 +303,8 @@ class ClientSession(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.stream is not None:
-            self.stream.sink_drained()
+            if self.down_throttle is None:
+                self.stream.sink_drained()
         else:
             for up in list(self.upstreams.values()):
                 if up.stream is not None:
@@ -297,6 +321,10 @@ class ClientSession(asyncio.Protocol):
             stream.close_quietly()
 
     def stream_data(self, data: bytes) -> None:
+        lim = self.lim
+        if lim is not None:
+            self._relay_down(lim, data)
+            return
         self.bytes_in += len(data)
         self.transport.write(data)
 
@@ -319,19 +347,27 @@ class ClientSession(asyncio.Protocol):
             t.close()
 
     def pause_source(self) -> None:
+        """The stream is full (back-pressure): stop reading the client until ``resume_source``."""
+        self.source_paused = True
+        self._pause_client()
+
+    def _pause_client(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
 
     def resume_source(self) -> None:
+        self.source_paused = False
         if self.relaying:
             self.resume_reading()
 
     def resume_reading(self) -> None:
+        if self.up_throttle is not None:  # the upload bucket's timer resumes
+            return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def sink_ready(self) -> bool:
-        return not self.write_paused
+        return not self.write_paused and self.down_throttle is None
 
     def terminate(self, reason: str) -> None:
         """Close this session now (connection deleted/dissociated, node shutdown)."""
@@ -375,6 +411,119 @@ class ClientSession(asyncio.Protocol):
         elif self.core.phase is Phase.OPENING:
             self.cancel_open = cancel
 
+    # -- limits: quota, speed (see proxy/limits.py) -------------------------------------------------
+    def _join_limits(self) -> None:
+        record = self.core.record
+        if record is None:
+            return
+        lim = self.server.limits.states.get(record.connection_id)
+        if lim is not None:
+            self.lim = lim
+            lim.members.add(self)
+
+    def _leave_limits(self) -> None:
+        for timer in (self.up_throttle, self.down_throttle):
+            if timer is not None:
+                timer.cancel()
+        self.up_throttle = self.down_throttle = None
+        self._leave_members()
+
+    def _leave_members(self) -> None:
+        lim, self.lim = self.lim, None
+        if lim is not None:
+            lim.members.discard(self)
+
+    def _relay_up(self, lim: ConnState, data: bytes) -> None:
+        """Client -> target: at most what the quota leaves, paced by the upload bucket."""
+        n = lim.allow(len(data))
+        if n:
+            chunk = data if n == len(data) else data[:n]
+            lim.count(n)
+            self.bytes_out += n
+            self.stream.write(chunk)
+        if n < len(data) or lim.exhausted():
+            self._quota_reached()
+            return
+        self._pace(lim, n, down=False)
+
+    def _relay_down(self, lim: ConnState, data: bytes) -> None:
+        """Target -> client: at most what the quota leaves, paced by the download bucket."""
+        n = lim.allow(len(data))
+        if n:
+            lim.count(n)
+            self.bytes_in += n
+            self.transport.write(data if n == len(data) else data[:n])
+        if n < len(data) or lim.exhausted():
+            self._quota_reached()
+            return
+        self._pace(lim, n, down=True)
+
+    def _pace(self, lim: ConnState, n: int, down: bool) -> None:
+        """Charge ``n`` relayed bytes to the direction's bucket; in debt, pause that direction's source
+        (download: the stream, via ``sink_ready``; upload: reading the client) until a loop timer."""
+        bucket = lim.down if down else lim.up
+        if bucket is None:
+            return
+        delay = bucket.consume(n, time.monotonic())
+        if delay <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        if down:
+            if self.down_throttle is None:
+                self.down_throttle = loop.call_later(delay, self._down_unthrottle)
+        elif self.up_throttle is None and self.transport is not None:
+            self.transport.pause_reading()
+            self.up_throttle = loop.call_later(delay, self._up_unthrottle)
+
+    def _up_unthrottle(self) -> None:
+        self.up_throttle = None
+        lim = self.lim
+        if lim is not None and lim.up is not None:
+            delay = lim.up.wait(time.monotonic())
+            if delay > 0:  # other sessions of the connection spent the budget meanwhile
+                self.up_throttle = asyncio.get_running_loop().call_later(delay, self._up_unthrottle)
+                return
+        if (self.relaying or self.core.phase is Phase.FORWARD) and not self.source_paused:
+            self.resume_reading()
+
+    def _down_unthrottle(self) -> None:
+        self.down_throttle = None
+        lim = self.lim
+        if lim is not None and lim.down is not None:
+            delay = lim.down.wait(time.monotonic())
+            if delay > 0:
+                self.down_throttle = asyncio.get_running_loop().call_later(delay, self._down_unthrottle)
+                return
+        if self.write_paused:
+            return
+        if self.stream is not None:
+            self.stream.sink_drained()
+        else:  # absolute-form forwarding: its upstream streams
+            for up in list(self.upstreams.values()):
+                if up.stream is not None:
+                    up.stream.sink_drained()
+
+    def limits_changed(self) -> None:
+        """The connection's rates changed: re-time the throttles now (a lowered or lifted limit)."""
+        for name, fire in (("up_throttle", self._up_unthrottle), ("down_throttle", self._down_unthrottle)):
+            timer = getattr(self, name)
+            if timer is not None:
+                timer.cancel()
+                fire()
+
+    def _quota_reached(self) -> None:
+        """The quota is used up: nothing more is relayed and the session closes (what was written flushes)."""
+        self.relaying = False
+        self.core.terminate("traffic quota exhausted")
+        if self.server.on_quota_reached is not None:
+            self.server.on_quota_reached()  # flush now: the other nodes see the quota used up at once
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.reset("traffic quota exhausted")
+        self._leave_limits()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
     # -- forwarder upstreams (UpstreamOwner) ------------------------------------------------------
     def upstream_open_result(self, up: Upstream, result: OpenResult) -> None:
         if self.upstreams.get(up.uid) is not up:  # closed while opening
@@ -386,7 +535,29 @@ class ClientSession(asyncio.Protocol):
                                                  result.stream is not None, _now()))
 
     def upstream_data(self, uid: int, data: bytes) -> None:
-        self._run(self.core.upstream_data(uid, data, _now()))
+        data, reached = self._forward_quota(data, down=True)
+        if data:
+            self._run(self.core.upstream_data(uid, data, _now()))
+        if reached:
+            self._quota_reached()
+
+    def _forward_quota(self, data: bytes, down: bool) -> tuple[bytes, bool]:
+        """Absolute-form forwarding: count ``data`` against the quota and pace it by the direction's
+        bucket; (what may pass, quota reached)."""
+        record = self.core.record
+        lim = self.server.limits.states.get(record.connection_id) if record is not None else None
+        if lim is None:
+            return data, False
+        if self.lim is not lim:  # join the connection's state (limit changes re-time our throttles)
+            self._leave_members()
+            self.lim = lim
+            lim.members.add(self)
+        n = lim.allow(len(data))
+        lim.count(n)
+        reached = n < len(data) or lim.exhausted()
+        if not reached:
+            self._pace(lim, n, down)
+        return (data if n == len(data) else data[:n]), reached
 
     def upstream_eof(self, uid: int) -> None:
         self._run(self.core.upstream_eof(uid, _now()))
@@ -408,7 +579,7 @@ class ClientSession(asyncio.Protocol):
                         _linger_zero(t)
                     t.abort() if a.abort else t.close()
             elif kind is Authenticate:
-                self._authenticate(a.username, a.password)
+                self._authenticate(a.username, a.password, a.by_address)
             elif kind is OpenStream:
                 self._open(a)
             elif kind is ArmTimer:
@@ -422,9 +593,13 @@ class ClientSession(asyncio.Protocol):
             elif kind is StartRelay:
                 self.stream, self._opened = self._opened, None
                 self.relaying = True
+                self._join_limits()
                 if a.early:
-                    self.bytes_out += len(a.early)
-                    self.stream.write(a.early)
+                    if self.lim is not None:
+                        self._relay_up(self.lim, a.early)
+                    else:
+                        self.bytes_out += len(a.early)
+                        self.stream.write(a.early)
             elif kind is StartUdp:
                 if self.udp is not None and self.core.udp is not None:
                     self.udp.start(self.core.udp)
@@ -433,13 +608,17 @@ class ClientSession(asyncio.Protocol):
                     self.bytes_out += len(a.data)
                     self.early_open.write(a.data)
             elif kind is PauseReading:
-                self.pause_source()
+                self._pause_client()
             elif kind is ResumeReading:
                 self.resume_reading()
             elif kind is UpstreamWrite:
                 up = self.upstreams.get(a.upstream)
                 if up is not None:
-                    up.write(a.data)
+                    data, reached = self._forward_quota(a.data, down=False)
+                    if data:
+                        up.write(data)
+                    if reached:
+                        self._quota_reached()
             elif kind is CloseUpstreamStream:
                 up = self.upstreams.pop(a.upstream, None)
                 if up is not None:
@@ -537,11 +716,13 @@ class ClientSession(asyncio.Protocol):
                 self._run(self.core.open_sent(_now()))
             return
         if a.upstream is None:
-            cancel = exit_.open(device_id, a.host, a.port, self)
-            if cancel is None:
-                self._run(self.core.open_unavailable(_now()))
-            elif self.core.phase is Phase.OPENING:
-                self.cancel_open = cancel
+            cluster, record = self.server.cluster, self.core.record
+            if cluster is not None and record is not None and record.limits.max_concurrent_sessions is not None:
+                task = asyncio.get_running_loop().create_task(self._cluster_open(cluster, a, record, device_id))
+                cluster.own(task)
+                self.cancel_open = task.cancel
+                return
+            self._open_own(a, device_id)
             return
         up = self.upstreams[a.upstream] = Upstream(self, a.upstream)
         cancel = exit_.open(device_id, a.host, a.port, up)
@@ -550,10 +731,36 @@ class ClientSession(asyncio.Protocol):
         elif up.stream is None and self.upstreams.get(a.upstream) is up:
             up.cancel = cancel
 
-    def _authenticate(self, username: str, password: str) -> None:
-        if self.server.authenticator.authenticate(self.client_addr, username, password, self._auth_done):
+    async def _cluster_open(self, cluster, a: OpenStream, record, device_id: str | None) -> None:  # noqa: ANN001
+        """Take a slot of the cluster-wide session count first (Redis), then open."""
+        try:
+            slot = await cluster.acquire(record.connection_id, record.limits.max_concurrent_sessions)
+        except Exception as exc:  # Redis unreachable: this node's own count still holds
+            log.warning("cluster session slot unavailable, using the node's count: %s", exc)
+            slot = ""
+        if self.core.phase is not Phase.OPENING or self.transport is None or self.transport.is_closing():
+            if slot:
+                cluster.release(slot)
+            return
+        self.cancel_open = None
+        if slot is None:
+            self._run(self.core.admission_refused(SESSIONS_FULL, _now()))
+            return
+        self.cluster_slot = slot or None
+        self._open_own(a, device_id)
+
+    def _open_own(self, a: OpenStream, device_id: str | None) -> None:
+        cancel = self.server.exit.open(device_id, a.host, a.port, self)
+        if cancel is None:
+            self._run(self.core.open_unavailable(_now()))
+        elif self.core.phase is Phase.OPENING:
+            self.cancel_open = cancel
+
+    def _authenticate(self, username: str, password: str, by_address: bool = False) -> None:
+        if self.server.authenticator.authenticate(self.client_addr, username, password, self._auth_done,
+                                                  by_address):
             self.auth_paused = True
-            self.pause_source()  # until the store answers
+            self._pause_client()  # until the store answers
 
     def _auth_done(self, outcome: AuthOutcome) -> None:
         t = self.transport
@@ -567,7 +774,7 @@ class ClientSession(asyncio.Protocol):
             self.resume_reading()
         if outcome.record is not None:
             self.route_params = outcome.params
-        self._run(self.core.auth_result(outcome.record, outcome.reason, _now()))
+        self._run(self.core.auth_result(outcome.record, outcome.reason, _now(), outcome.refused))
 
     # -- request log ------------------------------------------------------------------------------
     def report_traffic(self) -> None:

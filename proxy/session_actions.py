@@ -61,6 +61,7 @@ class Authenticate:
 
     username: str
     password: str
+    by_address: bool = False  # ip_only: ``username`` is the connection whose ranges hold the client address
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,8 +62,10 @@ from .session_policy import (
     DEVICE_POLICY,
     NO_DEVICE,
     ROTATION_TIMED_OUT,
+    Admission,
     Attempt,
     Refusal,
+    check_admission,
     check_target,
     open_failure,
 )
@@ -79,6 +81,7 @@ from .socks5.protocol import (
 from .udp_association import UdpAssociation, UdpMetrics
 
 if TYPE_CHECKING:
+    from .access import AccessIndex
     from .auth_cache.cache import CredentialRecord
 
 __all__ = [
@@ -151,8 +154,15 @@ class SessionCore:
     """One client connection's decisions. Every method returns the actions to carry out, in order."""
 
     def __init__(self, *, metrics: ProxyMetrics, client_addr: str, needs_no_device: bool = False,
-                 handshake_timeout: float = 15.0, open_timeout: float = 15.0, optimistic: bool = False) -> None:
+                 handshake_timeout: float = 15.0, open_timeout: float = 15.0, optimistic: bool = False,
+                 gate: Admission | None = None, access: AccessIndex | None = None) -> None:
         self.metrics = metrics
+        self.gate = gate      # the connection's limits (session slots, quota); None = none enforced
+        self.access = access  # ip_only ranges: which addresses need no password
+        self._slot: str | None = None  # connection id whose session slot this session holds
+        self._upstream_slots: set[int] = set()
+        self._by_address = False  # authenticated by an ip_only range (SOCKS5 method 0x00)
+        self._held: list = []  # SOCKS5 events parsed while authenticating
         self.client_addr = client_addr
         self.needs_no_device = needs_no_device
         self.handshake_timeout = handshake_timeout
@@ -242,8 +252,10 @@ class SessionCore:
             return self._forward(self._fsm.client_eof(), now)
         return []
 
-    def auth_result(self, record: CredentialRecord | None, reason: str, now: Instant) -> list[Action]:
-        """The answer to Authenticate: the credential record, or None and why."""
+    def auth_result(self, record: CredentialRecord | None, reason: str, now: Instant,
+                    refused: CredentialRecord | None = None) -> list[Action]:
+        """The answer to Authenticate: the credential record, or None and why (``refused``: the right
+        password from an address outside a ``password_and_ip`` list, logged ``blocked``/``ip``)."""
         if self.phase is Phase.CLOSED:
             return []
         if self.phase is Phase.AUTHENTICATING:
@@ -251,10 +263,20 @@ class SessionCore:
         if record is None:
             self.metrics.auth_failures += 1
             self.phase = Phase.CLOSED
+            actions: list[Action] = []
+            if refused is not None:
+                self.metrics.sessions_blocked += 1
+                att = self.attempt
+                att.started = att.started or now
+                att.protocol = att.protocol or self.protocol
+                att.action, att.block_reason, att.error, att.logged = "blocked", "ip", "address not allowed", True
+                actions.append(LogRow(att.row(refused.connection_id, refused.device_id, self.client_addr, now)))
             if self.protocol == "socks5":
                 assert self._socks is not None
-                return [Send(self._socks.auth_reply(False)), Close()]
-            return [Send(http.proxy_auth_required(reason)), Close()]
+                if self._by_address:  # method 0x00 was chosen: the client waits for a request reply
+                    return [*actions, Send(self._socks.reply(ReplyCode.NOT_ALLOWED)), Close()]
+                return [*actions, Send(self._socks.auth_reply(False)), Close()]
+            return [*actions, Send(http.proxy_auth_required(reason)), Close()]
         self.record = record
         if self.phase is Phase.FORWARD:
             actions: list[Action] = []
@@ -266,8 +288,9 @@ class SessionCore:
             return actions + self._forward(self._fsm.auth_ok(), now)
         if self.protocol == "socks5":
             assert self._socks is not None
-            actions = [Send(self._socks.auth_reply(True))]
-            return actions + self._socks_events(self._socks.receive_data(b""), now)
+            actions = [] if self._by_address else [Send(self._socks.auth_reply(True))]
+            held, self._held = self._held, []
+            return actions + self._socks_events(held + self._socks.receive_data(b""), now)
         return self._connect(now)
 
     def auth_unavailable(self) -> list[Action]:
@@ -318,6 +341,13 @@ class SessionCore:
             reply, early = b"HTTP/1.1 200 Connection established\r\n\r\n", self._head.take_remaining()
         self._early_sent = len(early)
         return [Send(reply), *([EarlyData(early)] if early else [])]
+
+    def admission_refused(self, refusal: Refusal, now: Instant) -> list[Action]:
+        """The cluster-wide session count (Redis) had no free slot: refuse like the node's own limit."""
+        if self.phase is not Phase.OPENING:
+            return []
+        self.attempt.action = ""
+        return [DisarmTimer(), *self._fail(refusal)]
 
     def open_result(self, rep: int, reason: str, resolved_ip: str, bound_host: str, bound_port: int,
                     opened: bool, now: Instant) -> list[Action]:
@@ -375,6 +405,7 @@ class SessionCore:
         for uid in list(self._upstreams):
             actions += self._finish_upstream(uid, now)
         self._current = None
+        self._release()
         if prev in (Phase.RELAY, Phase.FORWARD, Phase.UDP) or self._registered:
             actions.append(Unregister())
         att = self.attempt
@@ -443,11 +474,15 @@ class SessionCore:
         actions: list[Action] = []
         for ev in events:
             if isinstance(ev, Greeting):
-                answer = socks.select_method(ev)
+                by_address = self.access.match(self.client_addr) if self.access is not None else None
+                answer = socks.select_method(ev, no_auth=by_address is not None)
                 actions.append(Send(answer))
                 if answer[1] == 0xFF:
                     self.phase = Phase.CLOSED
                     return [*actions, Close()]
+                if answer[1] == 0x00 and by_address is not None:  # ip_only: the address is the credential
+                    self._by_address = True
+                    return actions + self._authenticate(by_address, "", by_address=True)
                 events.extend(socks.receive_data(b""))  # credentials the client sent ahead
             elif isinstance(ev, Credentials):
                 return actions + self._authenticate(ev.username, ev.password)
@@ -527,22 +562,41 @@ class SessionCore:
         except http.HttpParseError as exc:
             return self._http_refuse(http.error_response(exc.status, exc.reason))
         creds = http.parse_proxy_authorization(head.get("Proxy-Authorization"))
-        if creds is None:
+        by_address = self._ip_only_connection() if creds is None else None
+        if creds is None and by_address is None:
             return self._http_refuse(http.proxy_auth_required("proxy authentication required"))
         self.attempt = Attempt(host, port, "http")
         self.metrics.sessions_total += 1
+        if by_address is not None:
+            return self._authenticate(by_address, "", by_address=True)
+        assert creds is not None
         return self._authenticate(*creds)
+
+    def _ip_only_connection(self) -> str | None:
+        """The ``ip_only`` connection whose ranges hold the client's address (no password needed)."""
+        return self.access.match(self.client_addr) if self.access is not None else None
 
     def _http_refuse(self, response: bytes) -> list[Action]:
         self.phase = Phase.CLOSED
         return [Send(response), Close()]
 
     # -- shared steps -----------------------------------------------------------------------------
-    def _authenticate(self, username: str, password: str) -> list[Action]:
+    def _authenticate(self, username: str, password: str, by_address: bool = False) -> list[Action]:
         if self.phase is not Phase.FORWARD:  # the forwarder keeps taking (and holding) client bytes
             self._resume_after_auth = self.phase
             self.phase = Phase.AUTHENTICATING
-        return [Authenticate(username, password)]
+        return [Authenticate(username, password, by_address)]
+
+    def _release(self) -> None:
+        """Give back the session slot(s) this session holds."""
+        if self.gate is not None:
+            if self._slot is not None:
+                self.gate.release(self._slot)
+            for _ in self._upstream_slots:
+                assert self.record is not None
+                self.gate.release(self.record.connection_id)
+        self._slot = None
+        self._upstream_slots.clear()
 
     def _hold(self, data: bytes) -> list[Action]:
         """Bytes that arrive before the session can use them stay in the parser (bounded there)."""
@@ -550,6 +604,7 @@ class SessionCore:
             events = self._socks.receive_data(data)
             if any(isinstance(ev, ProtocolError) for ev in events):
                 return self._abort_handshake()
+            self._held += events  # a request sent ahead while the address is checked (method 0x00)
         elif self._head is not None:
             self._head.receive_data(data)
         return []
@@ -565,9 +620,11 @@ class SessionCore:
         assert record is not None
         att = self.attempt
         att.started = now
-        refusal = check_target(record, att.host, self.needs_no_device)
+        refusal = check_target(record, att.host, self.needs_no_device) or check_admission(record, self.gate, now)
         if refusal is not None:
             return self._fail(refusal)
+        if self.gate is not None:
+            self._slot = record.connection_id
         att.action = "allowed"
         self.phase = Phase.OPENING
         # the timer first: opening may defer (device rotating) and re-arm it for the wait
@@ -584,13 +641,15 @@ class SessionCore:
         else:
             self.metrics.sessions_failed += 1
         self.phase = Phase.CLOSED
+        self._release()
         if self.early_pending:  # the client was told "succeeded": reset it; the row has the real code
             self.early_pending = False
             return [Close(abort=True, reset=True)]
         if self.protocol == "socks5":
             assert self._socks is not None
             return [Send(self._socks.reply(refusal.rep)), Close()]
-        return [Send(http.error_response(refusal.http_status, refusal.reason)), Close()]
+        extra = [("Retry-After", str(refusal.retry_after))] if refusal.retry_after else []
+        return [Send(http.error_response(refusal.http_status, refusal.reason, extra)), Close()]
 
     # -- absolute-form forwarding ---------------------------------------------------------------
     def _start_forward(self, now: Instant) -> list[Action]:
@@ -634,7 +693,16 @@ class SessionCore:
     def _forward_auth(self, head: http.RequestHead, now: Instant) -> list[Action]:
         creds = http.parse_proxy_authorization(head.get("Proxy-Authorization"))
         if creds is None:
-            return self._http_refuse(http.proxy_auth_required("proxy authentication required"))
+            by_address = self._ip_only_connection()
+            if by_address is None:
+                return self._http_refuse(http.proxy_auth_required("proxy authentication required"))
+            creds = (by_address, "")
+            if creds == self._authed and self.record is not None:
+                assert self._fsm is not None
+                return self._forward(self._fsm.auth_ok(), now)
+            self.metrics.sessions_total += 1
+            self._pending_creds = creds
+            return self._authenticate(by_address, "", by_address=True)
         if creds == self._authed and self.record is not None:
             assert self._fsm is not None
             return self._forward(self._fsm.auth_ok(), now)
@@ -648,11 +716,13 @@ class SessionCore:
         self._upstream_seq += 1
         uid = self._current = self._upstream_seq
         self._upstreams[uid] = Attempt(host, port, "http", started=now, action="allowed")
-        refusal = check_target(record, host, self.needs_no_device)
+        refusal = check_target(record, host, self.needs_no_device) or check_admission(record, self.gate, now)
         if refusal is not None:
             if refusal.blocked:
                 self.metrics.sessions_blocked += 1
             return self._upstream_refused(uid, refusal, now)
+        if self.gate is not None:
+            self._upstream_slots.add(uid)
         return [OpenStream(record.device_id, host, port, uid)]
 
     def _upstream_refused(self, uid: int, refusal: Refusal, now: Instant, record: bool = True) -> list[Action]:
@@ -664,7 +734,8 @@ class SessionCore:
         actions: list[Action] = []
         if uid == self._current and self._fsm is not None:
             self._current = None
-            actions += self._forward(self._fsm.upstream_failed(refusal.http_status, refusal.reason), now)
+            extra = (("Retry-After", str(refusal.retry_after)),) if refusal.retry_after else ()
+            actions += self._forward(self._fsm.upstream_failed(refusal.http_status, refusal.reason, extra), now)
         return actions + self._finish_upstream(uid, now)
 
     def _finish_upstream(self, uid: int, now: Instant) -> list[Action]:
@@ -672,6 +743,9 @@ class SessionCore:
         att = self._upstreams.pop(uid, None)
         if att is None:
             return []
+        if uid in self._upstream_slots and self.gate is not None and self.record is not None:
+            self._upstream_slots.discard(uid)
+            self.gate.release(self.record.connection_id)
         actions: list[Action] = [CloseUpstreamStream(uid)]
         if self.record is not None:
             actions.append(LogRow(att.row(self.record.connection_id, self.record.device_id, self.client_addr, now),

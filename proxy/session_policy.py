@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from device_tunnel.replies import ReplyCode, http_status
 from proxyorch.blacklist import first_match, normalize_host, parse_ip
@@ -32,7 +32,17 @@ class Refusal:
     rep: ReplyCode
     reason: str
     http_status: int
-    blocked: bool = False  # action=blocked with block_reason = reason
+    blocked: bool = False  # action=blocked with block_reason = reason (or ``block_reason``)
+    block_reason: str | None = None
+    retry_after: int | None = None  # HTTP Retry-After seconds
+
+
+class Admission(Protocol):
+    """The node's per-connection limits (:class:`proxy.limits.LimitBook`): takes a session slot or refuses."""
+
+    def admit(self, record: CredentialRecord, now: float, wall: datetime) -> Refusal | None: ...
+
+    def release(self, connection_id: str) -> None: ...
 
 
 INVALID_HOST = Refusal(ReplyCode.HOST_UNREACHABLE, "invalid target host", 400)
@@ -54,6 +64,13 @@ def check_target(record: CredentialRecord, host: str, needs_no_device: bool) -> 
     if record.device_id is None and not record.is_pool and not needs_no_device:
         return NO_DEVICE
     return None
+
+
+def check_admission(record: CredentialRecord, gate: Admission | None, now: Instant) -> Refusal | None:
+    """The connection's limits: quota left and a free session slot (taken when None is returned)."""
+    if gate is None:
+        return None
+    return gate.admit(record, now.mono, now.wall)
 
 
 def open_failure(rep: int, reason: str) -> Refusal:
@@ -95,7 +112,7 @@ class Attempt:
         self.reply_code = int(refusal.rep)
         self.error = refusal.reason
         if refusal.blocked:
-            self.action, self.block_reason = "blocked", detail or refusal.reason
+            self.action, self.block_reason = "blocked", detail or refusal.block_reason or refusal.reason
         elif not self.action:
             self.action = "allowed"
 

@@ -89,6 +89,8 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("LOG_BATCH_ROWS", "log_batch_rows", int, 10000, "Request-log batch size (rows)"),
     ("LOG_BATCH_S", "log_batch_s", float, 1.0, "Request-log batch interval (seconds)"),
     ("BANDWIDTH_FLUSH_S", "bandwidth_flush_s", float, 60.0, "Interim byte deltas of long sessions"),
+    ("USAGE_FLUSH_S", "usage_flush_s", float, 1.0,
+     "Per-connection usage counters (quotas) are written to PostgreSQL this often; a SIGKILL loses at most this"),
     ("LOG_RETENTION_DAYS", "log_retention_days", int, 90, "Request-log TTL"),
     ("MAX_BODY_BYTES", "max_body_bytes", int, 1024 * 1024, "Largest JSON request body the API accepts (larger: 413)"),
     ("API_BODY_TIMEOUT_S", "api_body_timeout_s", float, 30.0, "A request body not complete this long after its headers: 408, connection closed"),
@@ -209,6 +211,7 @@ class Settings:
     rotate_min_interval_s: float
     rotate_wait_s: float
     rotation_min_timer_s: int
+    usage_flush_s: float
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -17,6 +17,7 @@ from proxy.exits import DirectExit, TunnelExit
 from proxy.ratelimit import FailureLimiter
 from proxy.server import ProxyServer
 from proxy.sessions import SessionRegistry
+from proxy.usage_flush import UsageKeeper
 from rms.crypto import PasswordBox, load_or_create_key
 from rms.service import Rms
 
@@ -60,6 +61,7 @@ class Node:
         self.tunnels: TunnelServer | None = None
         self.proxy: ProxyServer | None = None
         self.rms: Rms | None = None
+        self.usage: UsageKeeper | None = None
         self.request_log = None
         self.rotations: RotationManager | None = None
         self.clickhouse = None
@@ -106,6 +108,15 @@ class Node:
             handshake_timeout=s.handshake_timeout_s, open_timeout=s.connect_timeout_s + 5,
             rotate_wait=s.rotate_wait_s, optimistic_open=s.optimistic_open)
         self.rotations = RotationManager(self)
+        if s.redis_url:  # several nodes: session slots and rate budget shared through Redis
+            from proxy.cluster_limits import ClusterLimits
+            from proxy.limits import LimitBook
+
+            self.proxy.limits = LimitBook(leased=True)
+            self.proxy.cluster = ClusterLimits(s.redis_url, s.node_name, self.proxy.limits)
+            self.proxy.cluster.start()
+        self.usage = UsageKeeper(self.pool, self.proxy, store, s.usage_flush_s)
+        await self.usage.start()
         await self.bus.start(self.proxy.handle_bus_event)
         # Devices that were online on this node before a crash are offline until they reconnect.
         await self.pool.execute("UPDATE devices SET online = false, node = NULL WHERE node = $1", s.node_name)
@@ -187,6 +198,10 @@ class Node:
         await self._tasks.close()
         if self.rotations is not None:
             await self.rotations.stop()
+        if self.usage is not None:
+            await self.usage.close()  # after the sessions ended: their last bytes are written
+        if self.proxy is not None and self.proxy.cluster is not None:
+            await self.proxy.cluster.close()
         if self.tunnels is not None:
             for device_id in self.tunnels.registry.device_ids():
                 await accounts.set_presence(self.pool, device_id, False, s.node_name, {})

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from proxyorch.blacklist import Blacklist
 from proxyorch.bus_events import CONN, DEVICE, KILL, decode
+from proxyorch.limits_model import NO_LIMITS, Limits
 from proxyorch.tokens import verify_password
 
 
@@ -32,6 +33,8 @@ class CredentialRecord:
     # A pool connection's members as (device id, country); a one-device connection has its device here.
     pool: tuple[tuple[str, str | None], ...] = ()
     is_pool: bool = False
+    limits: Limits = NO_LIMITS   # speed, sessions, quota, access mode
+    used_bytes: int = 0          # the quota period's usage in the store when the record was read
 
     def check_password(self, password: str) -> bool:
         return verify_password(self.password_hash, self.connection_id, password)
@@ -49,6 +52,8 @@ class StoredCredential:
     global_entries: list[str]
     pool: list[tuple[str, str | None]] = field(default_factory=list)
     is_pool: bool = False
+    limits: Limits = NO_LIMITS
+    used_bytes: int = 0
 
 
 CredentialFetcher = Callable[[str], Awaitable[StoredCredential | None]]
@@ -145,7 +150,8 @@ class AuthCache:
                                ("connection", s.connection_entries)):
             if entries:
                 lists.append((scope, self._compile(entries)))
-        return CredentialRecord(s.connection_id, s.password_hash, s.device_id, tuple(lists), tuple(s.pool), s.is_pool)
+        return CredentialRecord(s.connection_id, s.password_hash, s.device_id, tuple(lists), tuple(s.pool), s.is_pool,
+                                s.limits, s.used_bytes)
 
     # -- invalidation -------------------------------------------------------------------------
     def invalidate(self, connection_id: str) -> None:

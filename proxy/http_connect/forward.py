@@ -175,13 +175,14 @@ class ForwardSession:
         self._upstream = h11.Connection(h11.CLIENT)
         return self._start_exchange()
 
-    def upstream_failed(self, status: int, reason: str) -> list[Action]:
-        """The upstream could not be opened (or the target is refused): answer ``status`` and close."""
+    def upstream_failed(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> list[Action]:
+        """The upstream could not be opened (or the target is refused): answer ``status`` (with
+        ``headers``, e.g. ``Retry-After``) and close."""
         if self._state is _State.CLOSED:
             return []
         self._upstream = None
         self._upstream_key = None
-        return self._fail(status, reason)
+        return self._fail(status, reason, headers)
 
     def upstream_data(self, data: bytes) -> list[Action]:
         """Bytes from the upstream."""
@@ -352,10 +353,10 @@ class ForwardSession:
         self._upstream_key = None
         return [CloseUpstream()]
 
-    def _fail(self, status: int, reason: str) -> list[Action]:
+    def _fail(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> list[Action]:
         actions: list[Action] = []
         if not self._response_started:
-            actions.append(SendClient(error_response(status, reason)))
+            actions.append(SendClient(error_response(status, reason, headers)))
         return actions + self._close_all()
 
     def _close_all(self) -> list[Action]:

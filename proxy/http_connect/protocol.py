@@ -273,9 +273,9 @@ def _json_error(reason: str) -> bytes:
     return json.dumps({"error": reason}).encode()
 
 
-def error_response(status: int, reason: str) -> bytes:
-    """A ``Connection: close`` response with the JSON body ``{"error": reason}``."""
-    headers = [("Content-Type", "application/json"), ("Connection", "close")]
+def error_response(status: int, reason: str, extra: Iterable[tuple[str, str]] = ()) -> bytes:
+    """A ``Connection: close`` response with the JSON body ``{"error": reason}`` (plus ``extra`` headers)."""
+    headers = [("Content-Type", "application/json"), ("Connection", "close"), *extra]
     return build_response(status, _phrase(status), headers, _json_error(reason))
 
 

@@ -36,6 +36,7 @@ __all__ = [
 
 SOCKS_VERSION = 5
 AUTH_VERSION = 1
+METHOD_NO_AUTH = 0x00
 METHOD_USERNAME_PASSWORD = 0x02
 METHOD_NO_ACCEPTABLE = 0xFF
 
@@ -167,14 +168,19 @@ class Socks5ServerConnection:
             events.append(ProtocolError(f"client sent more than {limit} bytes ahead of the server", b""))
         return events
 
-    def select_method(self, greeting: Greeting) -> bytes:
-        """Answer a greeting: accept username/password (0x02) if offered, else 0xFF and ERROR."""
+    def select_method(self, greeting: Greeting, no_auth: bool = False) -> bytes:
+        """Answer a greeting: accept username/password (0x02) if offered; else, only when the caller
+        allows it (``no_auth``: the client's address is on an ``ip_only`` list), no authentication
+        (0x00, straight to the request); else 0xFF and ERROR."""
         if self.state is State.ERROR:
             return bytes((SOCKS_VERSION, METHOD_NO_ACCEPTABLE))
         self._expect(State.AWAIT_METHOD, "select_method")
         if METHOD_USERNAME_PASSWORD in greeting.methods:
             self.state = State.AUTH
             return bytes((SOCKS_VERSION, METHOD_USERNAME_PASSWORD))
+        if no_auth and METHOD_NO_AUTH in greeting.methods:
+            self.state = State.REQUEST
+            return bytes((SOCKS_VERSION, METHOD_NO_AUTH))
         self._fail()
         return bytes((SOCKS_VERSION, METHOD_NO_ACCEPTABLE))
 

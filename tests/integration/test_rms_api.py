@@ -214,7 +214,7 @@ async def test_admin_proxies_lists_every_connection_with_device_metadata(tenants
     assert s == 200 and body["total"] == len(body["proxies"]) >= 1
     entry = {p["connection_id"]: p for p in body["proxies"]}[tenants["conn_a"]["connectionId"]]
     assert set(entry) == {"connection_id", "name", "password", "created_at", "bytes_last_24h", "bytes_lifetime",
-                          "device"}
+                          "device", "limits", "access", "usage"}  # the last three: issue 16
     assert set(entry["device"]) == {"remote_device_id", "user_id", "name", "brand", "model", "country", "online",
                                     "is_rented", "is_onMarket"}
     assert isinstance(entry["bytes_last_24h"], int) and isinstance(entry["bytes_lifetime"], int)

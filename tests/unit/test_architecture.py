@@ -178,7 +178,8 @@ def test_http_forwarder_does_not_import_the_listener() -> None:
 
 SANS_IO = ["proxy.session_core", "proxy.session_policy", "proxy.session_actions", "proxy.socks5.protocol",
            "proxy.http_connect.forward", "device_tunnel.connection", "proxy.socks5.udp", "proxy.udp_association",
-           "proxy.username_params", "proxy.pool_routing", "proxy.rotation_gate"]
+           "proxy.username_params", "proxy.pool_routing", "proxy.rotation_gate", "proxy.limits", "proxy.access",
+           "proxyorch.limits_model"]
 CLOCK_CALLS = {"time", "monotonic", "monotonic_ns", "perf_counter", "time_ns", "now", "utcnow", "today", "sleep"}
 
 
