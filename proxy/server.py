@@ -14,6 +14,7 @@ import logging
 import time
 from datetime import UTC, datetime
 
+from device_tunnel.listener import Listener
 from device_tunnel.server import OpenResult
 from proxyorch.bus_events import KILL, decode
 
@@ -74,7 +75,7 @@ class ProxyServer:
 
     def __init__(self, *, auth_cache: AuthCache, exit, sessions: SessionRegistry, node_name: str,  # noqa: ANN001
                  limiter: FailureLimiter, request_log=None, handshake_timeout: float = 15.0,  # noqa: ANN001
-                 open_timeout: float = 15.0) -> None:
+                 open_timeout: float = 15.0, max_unauth_per_ip: int = 64) -> None:
         self.auth_cache = auth_cache
         self.exit = exit
         self.sessions = sessions
@@ -86,22 +87,38 @@ class ProxyServer:
         self.metrics = ProxyMetrics()
         self.handshaking: set[ClientSession] = set()
         self.authenticator = Authenticator(auth_cache, limiter, self.metrics)
-        self._server: asyncio.AbstractServer | None = None
+        self.max_unauth_per_ip = max_unauth_per_ip
+        self.unauth: dict[str, int] = {}  # client address -> connections not authenticated yet
+        self.unauth_refused = 0  # connections closed at once: their address had max_unauth_per_ip
+        self.listener = Listener(lambda: ClientSession(self))  # pauses accepting at EMFILE
 
     async def start(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: ClientSession(self), host, port, reuse_address=True,
-                                                backlog=4096)
+        await self.listener.start(host, port, backlog=4096)
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        return self.listener.port
 
     def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        self.listener.close()
         self.authenticator.close()
+
+    def admit_unauthenticated(self, addr: str) -> bool:
+        """Count a new connection from ``addr``; False (refuse it) when the address has its maximum."""
+        n = self.unauth.get(addr, 0)
+        if n >= self.max_unauth_per_ip:
+            self.unauth_refused += 1
+            return False
+        self.unauth[addr] = n + 1
+        return True
+
+    def authenticated_or_gone(self, addr: str) -> None:
+        """A connection counted by ``admit_unauthenticated`` authenticated, left the handshake or closed."""
+        n = self.unauth.get(addr, 0) - 1
+        if n > 0:
+            self.unauth[addr] = n
+        else:
+            self.unauth.pop(addr, None)
 
     def client_buffered_bytes(self) -> int:
         """Bytes waiting in client sockets' write buffers on this node (what slow readers cost)."""
@@ -157,6 +174,7 @@ class ClientSession(asyncio.Protocol):
         self.reported_out = 0
         self.client_eof = False
         self.upstream_eof = False
+        self.unauth_counted = False  # counted in server.unauth until authenticated or gone
 
     @property
     def connection_id(self) -> str | None:
@@ -172,6 +190,11 @@ class ClientSession(asyncio.Protocol):
         transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH, low=CLIENT_WRITE_LOW)
         peer = transport.get_extra_info("peername")
         self.client_addr = self.core.client_addr = peer[0] if peer else ""
+        if not self.server.admit_unauthenticated(self.client_addr):
+            self.core.phase = Phase.CLOSED
+            transport.abort()
+            return
+        self.unauth_counted = True
         self.server.handshaking.add(self)
         self._run(self.core.start())
 
@@ -195,6 +218,7 @@ class ClientSession(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._uncount()
         self.server.handshaking.discard(self)
         self.relaying = False
         stream, self.stream = self.stream, None
@@ -338,6 +362,7 @@ class ClientSession(asyncio.Protocol):
                     cancel()
             elif kind is LeaveHandshake:
                 self.server.handshaking.discard(self)
+                self._uncount()
             elif kind is Register:
                 self.server.sessions.add(self)
             elif kind is Unregister:
@@ -378,7 +403,15 @@ class ClientSession(asyncio.Protocol):
         if self.auth_paused:
             self.auth_paused = False
             self.resume_reading()
+        if outcome.record is not None:
+            self._uncount()
         self._run(self.core.auth_result(outcome.record, outcome.reason, _now()))
+
+    def _uncount(self) -> None:
+        """No longer an unauthenticated connection of its address (MAX_UNAUTH_PER_IP)."""
+        if self.unauth_counted:
+            self.unauth_counted = False
+            self.server.authenticated_or_gone(self.client_addr)
 
     # -- request log ------------------------------------------------------------------------------
     def report_traffic(self) -> None:

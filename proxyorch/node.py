@@ -107,7 +107,8 @@ class Node:
             presence=lambda did, online, meta: accounts.set_presence(self.pool, did, online, s.node_name, meta),
             ping_interval=s.tunnel_ping_s, dead_after=s.tunnel_dead_after, window=s.tunnel_window,
             max_window=s.tunnel_max_window, conn_window=s.tunnel_conn_window,
-            memory_budget=s.tunnel_memory_budget)
+            memory_budget=s.tunnel_memory_budget, limiter=FailureLimiter(s.auth_fail_limit, s.auth_fail_window_s),
+            open_timeout=s.connect_timeout_s + 5)
         if s.direct_exit:
             exit_ = DirectExit(s.connect_timeout_s, s.direct_exit_allow_private)
         else:
@@ -116,7 +117,8 @@ class Node:
         self.proxy = ProxyServer(
             auth_cache=cache, exit=exit_, sessions=SessionRegistry(), node_name=s.node_name,
             limiter=FailureLimiter(s.auth_fail_limit, s.auth_fail_window_s), request_log=self.request_log,
-            handshake_timeout=s.handshake_timeout_s, open_timeout=s.connect_timeout_s + 5)
+            handshake_timeout=s.handshake_timeout_s, open_timeout=s.connect_timeout_s + 5,
+            max_unauth_per_ip=s.max_unauth_per_ip)
         await self.bus.start(self.proxy.handle_bus_event)
         # Devices that were online on this node before a crash are offline until they reconnect.
         await self.pool.execute("UPDATE devices SET online = false, node = NULL WHERE node = $1", s.node_name)
