@@ -15,6 +15,7 @@ from aiohttp import web
 
 from .abuse_metrics import abuse_metrics
 from .errors import ApiError
+from .exhaustion import is_exhausted, unavailable
 
 log = logging.getLogger(__name__)
 NODE = web.AppKey("node", Any)
@@ -41,7 +42,9 @@ async def error_middleware(request: web.Request, handler):  # noqa: ANN001, ANN2
         if exc.status < 400:
             raise
         return json_response({"success": False, "error": exc.reason}, exc.status)
-    except Exception:
+    except Exception as exc:
+        if is_exhausted(exc):  # out of descriptors: a retryable 503, not a 500
+            return unavailable({"success": False, "error": "server temporarily out of resources, retry later"})
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_response({"success": False, "message": "Internal Server Error"}, 500)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import asyncpg
 
+from device_tunnel.listener import Listener
 from device_tunnel.server import TunnelServer
 from proxy.auth_cache.cache import AuthCache
 from proxy.auth_cache.store import PostgresCredentialStore
@@ -77,6 +78,7 @@ class Node:
         self.request_log = None
         self.clickhouse = None
         self.api_runner = None
+        self.api_listener: Listener | None = None
         self.admin_token = ""
         self.tunnel_fingerprint: str | None = None  # None = plaintext tunnel (TUNNEL_TLS=0)
         self._tasks: list[asyncio.Task[None]] = []
@@ -174,8 +176,9 @@ class Node:
         app = create_app(self)
         self.api_runner = web.AppRunner(app, access_log=None)
         await self.api_runner.setup()
-        site = web.TCPSite(self.api_runner, self.settings.bind_host, self.settings.api_port, reuse_address=True)
-        await site.start()
+        # accepted by the EMFILE-safe listener (aiohttp's TCPSite would spin at the descriptor limit)
+        self.api_listener = Listener(self.api_runner.server)  # type: ignore[arg-type]
+        await self.api_listener.start(self.settings.bind_host, self.settings.api_port, backlog=1024)
 
     async def stop(self) -> None:
         """Graceful: stop accepting, tell devices to go away, drain sessions, flush the log."""
@@ -202,6 +205,8 @@ class Node:
             self.tunnels.close_all()
             await asyncio.sleep(0)
             await self.tunnels.wait_tasks()
+        if self.api_listener is not None:
+            self.api_listener.close()
         if self.api_runner is not None:
             await self.api_runner.cleanup()
         if self.request_log is not None:
