@@ -8,9 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 
-def abuse_metrics(node: Any) -> list[str]:
-    """Prometheus lines for the node's tunnel server and proxy listener."""
-    tunnels, proxy = node.tunnels, node.proxy
+def abuse_metrics(proxy: Any, tunnels: Any) -> list[str]:
+    """Prometheus lines for the node's proxy server and tunnel server."""
     lines = [f'proxyorch_tunnel_protocol_errors_total{{code="{code}"}} {n}'
              for code, n in sorted(tunnels.errors.items())]
     lines += [f'proxyorch_device_misbehaviour_total{{kind="{kind}"}} {n}'

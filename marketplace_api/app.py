@@ -145,7 +145,7 @@ async def metrics(request: web.Request) -> web.Response:
         f"proxyorch_auth_cache_stale_served_total {node.proxy.auth_cache.stale_served}",
         f"proxyorch_auth_store_errors_total {node.proxy.auth_cache.store_errors}",
     ]
-    lines += abuse_metrics(node)
+    lines += abuse_metrics(node.proxy, node.tunnels)
     rtts = sorted(t.rtt for t in node.tunnels.connections if t.device_id and t.rtt_samples)
     if rtts:  # aggregated: /metrics is unauthenticated, so no per-device labels
         lines.append(f"proxyorch_tunnel_rtt_seconds_min {rtts[0]:.6f}")

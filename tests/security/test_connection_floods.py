@@ -38,22 +38,12 @@ async def _closed_within(s: socket.socket, seconds: float) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
-def world():
-    return {}
-
-
-async def _world(deployment, world) -> dict:
-    if not world:
-        _uid, token = await deployment.user("flood-owner")
-        device = await deployment.device(token)
-        await deployment.agent(device, "--allow-private")
-        world["conn"] = await deployment.connection(token, device["remote_device_id"])
-    return world["conn"]
-
-
-async def test_the_65th_unauthenticated_connection_of_an_address_is_closed_at_once(deployment, targets, world):
-    conn = await _world(deployment, world)
+async def test_the_65th_unauthenticated_connection_of_an_address_is_closed_at_once(pg_root, tmp_path, targets):
+    deployment = await fresh_deployment(pg_root, tmp_path)  # MAX_UNAUTH_PER_IP: the default, 64
+    _uid, token = await deployment.user("flood-owner")
+    device = await deployment.device(token)
+    await deployment.agent(device, "--allow-private")
+    conn = await deployment.connection(token, device["remote_device_id"])
     port, src = deployment.node.proxy_port, "127.0.0.66"
     # authenticated, relaying sessions from the address do not count
     sessions = [await socks5_open(port, conn["connectionId"], conn["password"], "127.0.0.1", targets.echo_port,
@@ -85,6 +75,8 @@ async def test_the_65th_unauthenticated_connection_of_an_address_is_closed_at_on
             s.close()
         for _r, writer, _ in sessions:
             writer.close()
+        await deployment.close()
+        await deployment.node.stop()
 
 
 SLOW_CLIENTS = 2000
