@@ -225,6 +225,7 @@ def node_env(data_dir: Path, database_url: str, name: str, extra: dict[str, str]
         "PROXY_PORT": str(free_port()), "TUNNEL_PORT": str(free_port()), "API_PORT": str(free_port()),
         "ADMIN_TOKEN": uuid.uuid4().hex, "NODE_NAME": name, "LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT),
         "DRAIN_TIMEOUT_S": "1",
+        "MAX_UNAUTH_PER_IP": "100000",  # every benchmark client connects from the one loopback address
     })
     env.update(extra)
     return env

@@ -9,6 +9,7 @@ local socket (:meth:`acknowledge_received_data`); timers as arguments (:meth:`ge
 
 from __future__ import annotations
 
+import ipaddress
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -46,6 +47,8 @@ from .frames import FLAG_ACK, FLAG_UDP, Frame, FrameDecoder, FrameType
 from .replies import ReplyCode
 from .stream import Stream, StreamState, Transition, next_state
 from .windows import MemoryBudget, WindowManager, WindowSettings
+
+REASON_MAX = 200  # characters of a peer's OPEN_FAIL reason kept
 
 MAX_CHUNK = 64 * 1024       # largest DATA payload sent: bounds how long a small frame waits behind one
 PENDING_HIGH = 64 * 1024    # outbound bytes queued beyond the window before the source is paused
@@ -147,6 +150,8 @@ class TunnelConnection:
         # optimistic open: the agent takes DATA on a stream before its OPEN_OK, up to this many bytes
         # (announced in HELLO as "early_data"; 0 = the peer does not, and the node then waits for OPEN_OK)
         self.peer_early_data = 0
+        self.stream_errors = 0  # streams this side reset for the peer's violation
+        self.malformed_open_replies = 0  # of those: OPEN_OK with a malformed address
 
     # == handshake ================================================================================
     def send_hello(self, device_id: str, token: str, meta: dict, features: tuple[str, ...] = ()) -> None:
@@ -674,16 +679,23 @@ class TunnelConnection:
         if not ok:
             self._transition(stream, Transition.RECV_OPEN_FAIL)
             self._forget(stream)
-            self._events.append(StreamOpenFailed(sid, _int(body.get("rep"), 1) or 1, str(body.get("reason", "")),
-                                                 str(body.get("resolved_ip", ""))))
+            rep = _int(body.get("rep"), 1)
+            if not ReplyCode.GENERAL_FAILURE <= rep <= ReplyCode.TTL_EXPIRED:
+                rep = ReplyCode.GENERAL_FAILURE
+            self._events.append(StreamOpenFailed(sid, rep, str(body.get("reason", ""))[:REASON_MAX],
+                                                 _ip_text(body.get("resolved_ip", "")) or ""))
             return
         window = _int(body.get("window"), -1)
         if not 0 < window <= 0xFFFFFFFF:
             raise StreamError(sid, "OPEN_OK without a valid window")
+        bound_host, resolved = _ip_text(body.get("bound_host", "0.0.0.0")), _ip_text(body.get("resolved_ip", ""))
+        bound_port = _int(body.get("bound_port", 0), -1)
+        if bound_host is None or resolved is None or not 0 <= bound_port <= 0xFFFF:
+            self.malformed_open_replies += 1
+            raise StreamError(sid, "OPEN_OK with a malformed bound or resolved address")
         self._transition(stream, Transition.RECV_OPEN_OK)
         stream.send_credit = window - stream.bytes_sent if stream.early else window  # early DATA counts
-        self._events.append(StreamOpened(sid, str(body.get("bound_host", "0.0.0.0")),
-                                         _int(body.get("bound_port"), 0), str(body.get("resolved_ip", ""))))
+        self._events.append(StreamOpened(sid, bound_host or "0.0.0.0", bound_port, resolved))
         if stream.pending or stream.fin_pending:
             self._waiting.add(stream)
             self._flush_stream(stream)
@@ -827,6 +839,7 @@ class TunnelConnection:
                 self._queue(frames.encode_window(0, inc))
 
     def _stream_error(self, exc: StreamError) -> None:
+        self.stream_errors += 1
         stream = self.streams.get(exc.stream_id)
         self._queue(frames.encode_rst(exc.stream_id, exc.code, str(exc)))
         if stream is not None:
@@ -858,6 +871,19 @@ class TunnelConnection:
     def _take_events(self) -> list[Event]:
         events, self._events = self._events, []
         return events
+
+
+def _ip_text(value: object) -> str | None:
+    """An address a device reported (OPEN_OK / OPEN_FAIL): its canonical text, "" for none, None if
+    malformed (not an IPv4/IPv6 literal). Private addresses are well-formed: they are reported."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    if not value:
+        return ""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
 
 
 def _int(value: object, default: int) -> int:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from .adapter import StreamHandler, TunnelProtocol, TunnelStream
 from .connection import Role, TunnelConfig
-from .errors import LocalUsageError
+from .errors import ErrorCode, LocalUsageError
 from .events import (
     ConnectionTerminated,
     ControlReplyReceived,
@@ -26,6 +26,7 @@ from .events import (
     StreamOpenFailed,
 )
 from .frames import FEATURE_UDP, PROTOCOL_VERSION
+from .listener import Listener
 from .registry import DeviceRegistry
 from .replies import ReplyCode
 from .windows import MemoryBudget, WindowSettings
@@ -39,6 +40,21 @@ PresenceHook = Callable[[str, bool, dict], Awaitable[None]]
 
 HELLO_TIMEOUT = 10.0
 DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024
+MAX_ID_KEY = 64  # longer device ids (never valid) are not used as rate-limit keys
+RATE_LIMITED = "too many failed logins, try again later"
+# tunnel closes for the peer's fault (misbehaviour); DEAD_PEER and NO_ERROR are not
+VIOLATIONS = frozenset({ErrorCode.PROTOCOL_ERROR, ErrorCode.FLOW_CONTROL_ERROR, ErrorCode.STREAM_CLOSED,
+                        ErrorCode.FRAME_SIZE_ERROR, ErrorCode.ENHANCE_YOUR_CALM, ErrorCode.HANDSHAKE_FAILED})
+MARKED_DEVICES_MAX = 10_000
+
+
+class LoginLimiter(Protocol):
+    """Failed-login limiter (the node passes ``proxy.ratelimit.FailureLimiter``): per address, and per
+    device id except from addresses that recently logged in as that device."""
+
+    def allowed(self, address: str, connection_id: str | None) -> bool: ...
+    def record_success(self, address: str, connection_id: str) -> None: ...
+    def record_failure(self, key: str) -> None: ...
 
 
 class OpenHandler(StreamHandler, Protocol):
@@ -73,12 +89,37 @@ class NodeTunnel(TunnelProtocol):
         self._opening: dict[int, OpenHandler] = {}
         self._control: dict[str, asyncio.Future[dict]] = {}
         self.peer = ""
+        self.peer_ip = ""
+        self.accepted_at = self._loop.time()  # made at accept, before the TLS handshake
+        self._refused = False
+        self.device_id_claimed = ""  # the id in HELLO (device_id once accepted)
+        self._stream_errors_seen = 0
+        self._malformed_seen = 0
 
     def on_connected(self) -> None:
         assert self.transport is not None
         peer = self.transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.peer_ip = peer[0] if peer else ""
+        self.conn.connected_at = self.accepted_at  # HELLO is due HELLO_TIMEOUT after accept, TLS included
         self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        conn = self.conn
+        if conn.stream_errors != self._stream_errors_seen:
+            malformed = conn.malformed_open_replies - self._malformed_seen
+            other = conn.stream_errors - self._stream_errors_seen - malformed
+            self._stream_errors_seen, self._malformed_seen = conn.stream_errors, conn.malformed_open_replies
+            if malformed:
+                self.server.misbehaved(self, "malformed_open_ok", malformed)
+            if other:
+                self.server.misbehaved(self, "stream_violation", other)
+
+    @property
+    def opening(self) -> int:
+        """OPENs sent and not answered yet."""
+        return len(self._opening)
 
     def describe(self) -> str:
         return f"{self.device_id or 'unauthenticated'} from {self.peer}"
@@ -99,23 +140,53 @@ class NodeTunnel(TunnelProtocol):
         elif cls is HelloReceived:
             self.spawn(self._handle_hello(event))  # type: ignore[arg-type]
         elif cls is ConnectionTerminated:
-            self.server.errors[event.code.name] += 1  # type: ignore[attr-defined]
+            code = event.code  # type: ignore[attr-defined]
+            if not event.remote and code is not ErrorCode.NO_ERROR:  # type: ignore[attr-defined]
+                self.server.errors[code.name] += 1
+                if code in VIOLATIONS and not self._refused:
+                    self.server.misbehaved(self, code.name.lower())
+
+    def _refuse(self, error: str, kind: str | None) -> None:
+        log.info("device %s from %s refused: %s", self.server.printable(self.device_id_claimed), self.peer, error)
+        self._refused = True
+        if kind is not None:
+            self.server.misbehaved(self, kind)
+        self.conn.refuse(error)  # WELCOME is flushed before the close (adapter: close, not abort)
+        self.output_ready()
 
     async def _handle_hello(self, hello: HelloReceived) -> None:
+        self.device_id_claimed = hello.device_id
+        limiter = self.server.limiter
+        id_key = hello.device_id if 0 < len(hello.device_id) <= MAX_ID_KEY else None
+        if hello.version != PROTOCOL_VERSION:
+            self._refuse("unsupported protocol version", None)
+            return
+        if limiter is not None and not limiter.allowed(self.peer_ip, id_key):
+            limiter.record_failure(self.peer_ip)
+            self._refuse(RATE_LIMITED, "login_rate_limited")
+            return
         ok = False
-        if hello.version == PROTOCOL_VERSION and hello.device_id and hello.token:
+        if hello.device_id and hello.token:
             try:
                 ok = await self.server.authenticate(hello.device_id, hello.token, hello.meta)
             except Exception:  # store down: refuse, the agent retries with back-off
-                log.exception("device authentication failed for %s", hello.device_id)
+                log.exception("device authentication failed for %s", self.server.printable(hello.device_id))
+                if not self.closed:
+                    self._refuse("authentication unavailable, try again later", None)
+                return
         if self.closed:
             return
-        if not ok or self.server.closing:
-            error = "node shutting down" if ok else (
-                "authentication failed" if hello.version == PROTOCOL_VERSION else "unsupported protocol version")
-            log.info("device %s from %s refused: %s", hello.device_id, self.peer, error)
-            self.conn.refuse(error)  # WELCOME is flushed before the close
-            self.output_ready()
+        if not ok:
+            if limiter is not None:
+                limiter.record_failure(self.peer_ip)
+                if id_key is not None:
+                    limiter.record_failure(id_key)
+            self._refuse("authentication failed", "login_failed")
+            return
+        if limiter is not None and id_key is not None:
+            limiter.record_success(self.peer_ip, id_key)
+        if self.server.closing:
+            self._refuse("node shutting down", None)
             return
         self.device_id = hello.device_id
         self.meta = hello.meta
@@ -176,8 +247,12 @@ class NodeTunnel(TunnelProtocol):
             self.conn.send_eof(stream_id)
 
     def cancel_open(self, stream_id: int) -> None:
-        """The client gave up while opening: forget it and RST the device's attempt."""
+        """The client gave up while opening: forget it and RST the device's attempt. An OPEN unanswered
+        for ``open_timeout`` (the session's own limit) counts as the device's misbehaviour."""
         if self._opening.pop(stream_id, None) is not None:
+            stream = self.conn.streams.get(stream_id)
+            if stream is not None and self.now() - stream.recv.last_update >= self.server.open_timeout * 0.99:
+                self.server.misbehaved(self, "open_unanswered")
             self.conn.reset_stream(stream_id, reason="cancelled")
             self.output_ready()
 
@@ -225,8 +300,11 @@ class TunnelServer:
                  registry: DeviceRegistry | None = None, ping_interval: float = 5.0,
                  dead_after: float = 15.0, window: int = 256 * 1024, max_window: int = 8 * 1024 * 1024,
                  conn_window: int = 64 * 1024 * 1024, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 config: TunnelConfig | None = None) -> None:
+                 config: TunnelConfig | None = None, limiter: LoginLimiter | None = None,
+                 open_timeout: float = 15.0) -> None:
         self.node_name = node_name
+        self.limiter = limiter
+        self.open_timeout = open_timeout  # the proxy's wait for an OPEN answer (CONNECT_TIMEOUT_S + 5)
         self.authenticate = authenticate
         self.presence = presence
         self.registry = registry or DeviceRegistry()
@@ -235,16 +313,41 @@ class TunnelServer:
             windows=WindowSettings(initial_window=window, max_window=max_window, conn_window=conn_window))
         self.budget = MemoryBudget(memory_budget)
         self.connections: set[NodeTunnel] = set()
-        self.errors: Counter[str] = Counter()  # tunnels closed by this side, by error code
+        self.errors: Counter[str] = Counter()  # tunnels closed by this side, by error code (not NO_ERROR)
+        self.misbehaviour: Counter[str] = Counter()  # what devices did wrong, by kind (PROTOCOL.md)
+        self.marked: dict[str, Counter[str]] = {}  # device id -> its misbehaviour (bounded, newest kept)
         self.closing = False
         self.tasks: set[asyncio.Task[Any]] = set()
-        self._server: asyncio.AbstractServer | None = None
+        self.listener: Listener | None = None
 
     async def start(self, host: str, port: int, ssl: ssl_module.SSLContext | None = None) -> None:
-        """Listen for devices (``ssl``: terminate TLS here; None = plain TCP)."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: NodeTunnel(self), host, port, reuse_address=True,
-                                                backlog=1024, ssl=ssl)
+        """Listen for devices (``ssl``: terminate TLS here; None = plain TCP). Accepting pauses while the
+        process is out of descriptors; the TLS handshake counts against the HELLO timeout."""
+        self.listener = Listener(lambda: NodeTunnel(self), ssl=ssl,
+                                 ssl_handshake_timeout=self.config.handshake_timeout if ssl else None)
+        await self.listener.start(host, port, backlog=1024)
+
+    def misbehaved(self, tunnel: NodeTunnel, kind: str, n: int = 1) -> None:
+        """Count a device's misbehaviour (``/metrics``) and mark the device it claimed to be."""
+        self.misbehaviour[kind] += n
+        who = tunnel.device_id or tunnel.device_id_claimed
+        if who and len(who) <= MAX_ID_KEY:
+            marks = self.marked.pop(who, None) or Counter()
+            marks[kind] += n
+            self.marked[who] = marks
+            if len(self.marked) > MARKED_DEVICES_MAX:
+                self.marked.pop(next(iter(self.marked)))
+            seen = marks[kind]
+        else:
+            seen = self.misbehaviour[kind]
+        if seen & (seen - 1) == 0:  # 1st, 2nd, 4th, 8th, ... time: a flood does not flood the log
+            log.warning("device %s from %s misbehaved: %s (%d times)", self.printable(who), tunnel.peer, kind, seen)
+
+    @staticmethod
+    def printable(device_id: str) -> str:
+        """A device id as it may appear in a log line (what a hostile device claims is arbitrary text)."""
+        return repr(device_id[:MAX_ID_KEY]) if not device_id.isprintable() or len(device_id) > MAX_ID_KEY \
+            else device_id or "-"
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -254,8 +357,8 @@ class TunnelServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        assert self.listener is not None
+        return self.listener.port
 
     async def _tunnel_up(self, tunnel: NodeTunnel) -> None:
         assert tunnel.device_id is not None
@@ -279,8 +382,8 @@ class TunnelServer:
             log.exception("could not record presence of %s", device_id)
 
     def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self.listener is not None:
+            self.listener.close()
 
     def go_away(self, reason: str = "node shutting down") -> None:
         """Tell every device to open no new streams here and reconnect (after a while) elsewhere."""

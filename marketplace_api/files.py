@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -16,6 +17,7 @@ from .auth import require_user
 from .bodies import json_response
 from .common import iso, pool_of
 from .errors import ApiError, with_message
+from .exhaustion import is_exhausted, unavailable
 from .storage import files_dir, public_url, safe_name
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,16 @@ async def _drain(request: web.Request, limit: int = 2 * MAX_UPLOAD_BYTES) -> Non
 
 async def upload(request: web.Request) -> web.Response:
     """Upload a temporary file (multipart field ``file``; 50 MB; deleted after 15 minutes)."""
+    try:
+        return await _upload(request)
+    except OSError as exc:
+        if not is_exhausted(exc):
+            raise
+        await _drain(request)
+        return unavailable()
+
+
+async def _upload(request: web.Request) -> web.Response:
     user = await require_user(request)
     if request.content_length is not None and request.content_length > MAX_UPLOAD_BYTES + 64 * 1024:
         await _drain(request)
@@ -107,10 +119,29 @@ async def fetch_temp(request: web.Request) -> web.StreamResponse:
     row = await pool_of(request).fetchrow(
         "SELECT * FROM temp_files WHERE filename = $1 AND user_id = $2 AND expires_at > now()", filename, user)
     path = files_dir(request, "temp") / safe_name(filename, 400)
-    if row is None or safe_name(filename, 400) != filename or not path.is_file():
+    if row is None or safe_name(filename, 400) != filename:
         raise with_message(404, "File not found or expired")
-    return web.FileResponse(path, headers={
-        "Content-Disposition": f'attachment; filename="{safe_name(row["original_name"])}"'})
+    try:  # opened here, not in FileResponse, which answers 404 for any OSError (EMFILE included)
+        handle = await asyncio.to_thread(open, path, "rb")
+    except FileNotFoundError:
+        raise with_message(404, "File not found or expired") from None
+    except OSError as exc:
+        if is_exhausted(exc):
+            return unavailable()
+        raise
+    try:
+        size = os.fstat(handle.fileno()).st_size
+        response = web.StreamResponse(headers={
+            "Content-Disposition": f'attachment; filename="{safe_name(row["original_name"])}"',
+            "Content-Type": row["content_type"] or "application/octet-stream"})
+        response.content_length = size
+        await response.prepare(request)
+        while chunk := await asyncio.to_thread(handle.read, CHUNK):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        handle.close()
 
 
 async def sweep_expired(pool: asyncpg.Pool, directory: Path) -> int:

@@ -28,6 +28,7 @@ from proxyorch.config import Settings
 from . import store_errors
 from .bodies import json_response
 from .errors import ApiError, surface_error
+from .exhaustion import is_exhausted, unavailable
 from .ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ async def store_outages(request: web.Request, handler: Handler) -> web.StreamRes
     except (web.HTTPException, asyncio.CancelledError, ApiError):
         raise
     except Exception as exc:
+        if is_exhausted(exc):  # out of descriptors (EMFILE) or kernel memory: retry shortly
+            return unavailable(surface_error(request.path, 503, "server temporarily out of resources, "
+                                             "retry later").body)
         if not store_errors.is_store_unavailable(exc):
             raise
         body = store_errors.ESCROW_BODY if request.path.startswith(_OK_SHAPED) else store_errors.API_V2_BODY

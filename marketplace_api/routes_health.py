@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import web
 
+from .abuse_metrics import abuse_metrics
 from .bodies import json_response
 from .context import AUTH_CACHE, BUS, POOL, PROXY, REQUEST_LOG_WRITER, SETTINGS, TUNNELS
 
@@ -57,6 +58,7 @@ async def metrics(request: web.Request) -> web.Response:
         f"proxyorch_auth_cache_stale_served_total {auth_cache.stale_served}",
         f"proxyorch_auth_store_errors_total {auth_cache.store_errors}",
         *m.udp.lines(),
+        *abuse_metrics(proxy, tunnels),
     ]
     rtts = sorted(t.rtt for t in tunnels.connections if t.device_id and t.rtt_samples)
     if rtts:  # aggregated: /metrics is unauthenticated, so no per-device labels

@@ -16,6 +16,7 @@ import struct
 import time
 from datetime import UTC, datetime
 
+from device_tunnel.listener import Listener
 from device_tunnel.replies import ReplyCode
 from device_tunnel.server import OpenResult
 from proxyorch.bus_events import CONN, KILL, decode
@@ -95,7 +96,8 @@ class ProxyServer:
 
     def __init__(self, *, auth_cache: AuthCache, exit, sessions: SessionRegistry, node_name: str,  # noqa: ANN001
                  limiter: FailureLimiter, request_log=None, handshake_timeout: float = 15.0,  # noqa: ANN001
-                 open_timeout: float = 15.0, rotate_wait: float = 30.0, optimistic_open: bool = False) -> None:
+                 open_timeout: float = 15.0, rotate_wait: float = 30.0, optimistic_open: bool = False,
+                 max_unauth_per_ip: int = 64) -> None:
         self.auth_cache = auth_cache
         self.exit = exit
         self.sessions = sessions
@@ -117,24 +119,40 @@ class ProxyServer:
         self.on_connection_changed = None  # callback(connection_id | None) set by the usage keeper
         self.on_quota_reached = None  # callback() set by the usage keeper (flush soon)
         self.cluster = None  # proxy.cluster_limits.ClusterLimits with REDIS_URL: limits shared by the nodes
-        self._server: asyncio.AbstractServer | None = None
         self.bind_host = "0.0.0.0"  # UDP relay sockets bind here (see proxy/udp_relay.py)
+        self.max_unauth_per_ip = max_unauth_per_ip
+        self.unauth: dict[str, int] = {}  # client address -> connections not authenticated yet
+        self.unauth_refused = 0  # connections closed at once: their address had max_unauth_per_ip
+        self.listener = Listener(lambda: ClientSession(self))  # pauses accepting at EMFILE
 
     async def start(self, host: str, port: int) -> None:
         self.bind_host = host
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: ClientSession(self), host, port, reuse_address=True,
-                                                backlog=4096)
+        await self.listener.start(host, port, backlog=4096)
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        return self.listener.port
 
     def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        self.listener.close()
         self.authenticator.close()
+
+    def admit_unauthenticated(self, addr: str) -> bool:
+        """Count a new connection from ``addr``; False (refuse it) when the address has its maximum."""
+        n = self.unauth.get(addr, 0)
+        if n >= self.max_unauth_per_ip:
+            self.unauth_refused += 1
+            return False
+        self.unauth[addr] = n + 1
+        return True
+
+    def authenticated_or_gone(self, addr: str) -> None:
+        """A connection counted by ``admit_unauthenticated`` authenticated, left the handshake or closed."""
+        n = self.unauth.get(addr, 0) - 1
+        if n > 0:
+            self.unauth[addr] = n
+        else:
+            self.unauth.pop(addr, None)
 
     def client_buffered_bytes(self) -> int:
         """Bytes waiting in client sockets' write buffers on this node (what slow readers cost)."""
@@ -209,6 +227,7 @@ class ClientSession(asyncio.Protocol):
         self.down_throttle: asyncio.TimerHandle | None = None  # stream paused by the download bucket
         self.source_paused = False  # the stream asked us to stop reading the client (back-pressure)
         self.cluster_slot: str | None = None  # the session's slot in the cluster-wide session count
+        self.unauth_counted = False  # counted in server.unauth until authenticated or gone
 
     @property
     def connection_id(self) -> str | None:
@@ -251,6 +270,11 @@ class ClientSession(asyncio.Protocol):
         transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH, low=CLIENT_WRITE_LOW)
         peer = transport.get_extra_info("peername")
         self.client_addr = self.core.client_addr = peer[0] if peer else ""
+        if not self.server.admit_unauthenticated(self.client_addr):
+            self.core.phase = Phase.CLOSED
+            transport.abort()
+            return
+        self.unauth_counted = True
         self.server.handshaking.add(self)
         self._run(self.core.start())
 
@@ -282,6 +306,7 @@ class ClientSession(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._uncount()
         self.server.handshaking.discard(self)
         self.relaying = False
         self._leave_limits()
@@ -632,6 +657,7 @@ class ClientSession(asyncio.Protocol):
                     cancel()
             elif kind is LeaveHandshake:
                 self.server.handshaking.discard(self)
+                self._uncount()
             elif kind is Register:
                 self.server.sessions.add(self)
             elif kind is Unregister:
@@ -774,7 +800,14 @@ class ClientSession(asyncio.Protocol):
             self.resume_reading()
         if outcome.record is not None:
             self.route_params = outcome.params
+            self._uncount()
         self._run(self.core.auth_result(outcome.record, outcome.reason, _now(), outcome.refused))
+
+    def _uncount(self) -> None:
+        """No longer an unauthenticated connection of its address (MAX_UNAUTH_PER_IP)."""
+        if self.unauth_counted:
+            self.unauth_counted = False
+            self.server.authenticated_or_gone(self.client_addr)
 
     # -- request log ------------------------------------------------------------------------------
     def report_traffic(self) -> None:

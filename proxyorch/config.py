@@ -65,10 +65,13 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("ADMIN_TOKEN", "admin_token", str, "", "Admin API token; empty = generated once under DATA_DIR"),
     ("RMS_KEY", "rms_key", str, "", "Base64 AES-256 key for passwords at rest; empty = key file under DATA_DIR"),
     ("AUTH_CACHE_TTL_MS", "auth_cache_ttl_ms", int, 100, "Longest time a credential record is served after a change"),
-    ("AUTH_FAIL_LIMIT", "auth_fail_limit", int, 20, "Failed proxy logins per client address (and per id) per window"),
+    ("AUTH_FAIL_LIMIT", "auth_fail_limit", int, 20,
+     "Failed proxy / device logins per client address (and per id) per window"),
     ("AUTH_FAIL_WINDOW_S", "auth_fail_window_s", float, 60.0, "Window of the failed-login limit"),
     ("CONNECT_TIMEOUT_S", "connect_timeout_s", float, 10.0, "Device-side timeout to connect to a target"),
     ("HANDSHAKE_TIMEOUT_S", "handshake_timeout_s", float, 15.0, "Time a client has to finish the proxy handshake"),
+    ("MAX_UNAUTH_PER_IP", "max_unauth_per_ip", int, 64,
+     "Concurrent not-yet-authenticated proxy connections per client address (more are closed at once)"),
     ("TUNNEL_PING_S", "tunnel_ping_s", float, 5.0, "Interval of tunnel keep-alive pings"),
     ("TUNNEL_DEAD_AFTER", "tunnel_dead_after", float, 15.0, "Tunnel declared dead after this long without traffic"),
     ("TUNNEL_WINDOW", "tunnel_window", int, 256 * 1024, "Initial per-stream flow-control window (bytes)"),
@@ -212,6 +215,7 @@ class Settings:
     rotate_wait_s: float
     rotation_min_timer_s: int
     usage_flush_s: float
+    max_unauth_per_ip: int
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import asyncpg
 
+from device_tunnel.listener import Listener
 from device_tunnel.server import TunnelServer
 from proxy.auth_cache.cache import AuthCache
 from proxy.auth_cache.store import PostgresCredentialStore
@@ -66,6 +67,7 @@ class Node:
         self.rotations: RotationManager | None = None
         self.clickhouse = None
         self.api_runner = None
+        self.api_listener: Listener | None = None
         self.admin_token = ""
         self.tunnel_fingerprint: str | None = None  # None = plaintext tunnel (TUNNEL_TLS=0)
         self._tasks = TaskSet("node")
@@ -96,7 +98,8 @@ class Node:
             presence=lambda did, online, meta: accounts.set_presence(self.pool, did, online, s.node_name, meta),
             ping_interval=s.tunnel_ping_s, dead_after=s.tunnel_dead_after, window=s.tunnel_window,
             max_window=s.tunnel_max_window, conn_window=s.tunnel_conn_window,
-            memory_budget=s.tunnel_memory_budget)
+            memory_budget=s.tunnel_memory_budget, limiter=FailureLimiter(s.auth_fail_limit, s.auth_fail_window_s),
+            open_timeout=s.connect_timeout_s + 5)
         if s.direct_exit:
             exit_ = DirectExit(s.connect_timeout_s, s.direct_exit_allow_private)
         else:
@@ -106,7 +109,8 @@ class Node:
             auth_cache=cache, exit=exit_, sessions=SessionRegistry(), node_name=s.node_name,
             limiter=FailureLimiter(s.auth_fail_limit, s.auth_fail_window_s), request_log=self.request_log,
             handshake_timeout=s.handshake_timeout_s, open_timeout=s.connect_timeout_s + 5,
-            rotate_wait=s.rotate_wait_s, optimistic_open=s.optimistic_open)
+            rotate_wait=s.rotate_wait_s, optimistic_open=s.optimistic_open,
+            max_unauth_per_ip=s.max_unauth_per_ip)
         self.rotations = RotationManager(self)
         if s.redis_url:  # several nodes: session slots and rate budget shared through Redis
             from proxy.cluster_limits import ClusterLimits
@@ -175,8 +179,9 @@ class Node:
         app = create_app(self)
         self.api_runner = web.AppRunner(app, access_log=None)
         await self.api_runner.setup()
-        site = web.TCPSite(self.api_runner, self.settings.bind_host, self.settings.api_port, reuse_address=True)
-        await site.start()
+        # accepted by the EMFILE-safe listener (aiohttp's TCPSite would spin at the descriptor limit)
+        self.api_listener = Listener(self.api_runner.server)  # type: ignore[arg-type]
+        await self.api_listener.start(self.settings.bind_host, self.settings.api_port, backlog=1024)
 
     async def stop(self) -> None:
         """Graceful: stop accepting, tell devices to go away, drain sessions, flush the log."""
@@ -208,6 +213,8 @@ class Node:
             self.tunnels.close_all()
             await asyncio.sleep(0)
             await self.tunnels.wait_tasks()
+        if self.api_listener is not None:
+            self.api_listener.close()
         if self.api_runner is not None:
             await self.api_runner.cleanup()
         if self.request_log is not None:
