@@ -157,8 +157,9 @@ class TunnelConnection:
         self._terminate(ErrorCode.HANDSHAKE_FAILED, error, remote=False, goaway=False)
 
     # == streams, node side =======================================================================
-    def open_stream(self, host: str, port: int) -> int:
-        """Node: allocate a stream and queue OPEN. Raises LocalUsageError when no stream may open."""
+    def open_stream(self, host: str, port: int, relay: dict | None = None) -> int:
+        """Node: allocate a stream and queue OPEN. Raises LocalUsageError when no stream may open.
+        ``relay`` (node-to-node links only) rides in the OPEN as ``"relay"``: which device to use."""
         if self.closed or not self.handshake_done or self.peer_going_away or self.going_away:
             raise LocalUsageError("tunnel is not accepting new streams")
         if not self.windows.can_open:
@@ -167,7 +168,10 @@ class TunnelConnection:
         sid = self._highest_id
         rw = self.windows.open(sid, self.now)
         self.streams[sid] = Stream(sid, rw)
-        self._send_json(FrameType.OPEN, sid, {"host": host, "port": port, "window": rw.window})
+        body: dict = {"host": host, "port": port, "window": rw.window}
+        if relay is not None:
+            body["relay"] = relay
+        self._send_json(FrameType.OPEN, sid, body)
         return sid
 
     # == streams, agent side ======================================================================
@@ -554,7 +558,9 @@ class TunnelConnection:
             return
         stream = Stream(sid, self.windows.open(sid, self.now), send_credit=window)
         self.streams[sid] = stream
-        self._events.append(StreamOpenRequested(sid, str(body.get("host", "")), _int(body.get("port"), 0)))
+        relay = body.get("relay")
+        self._events.append(StreamOpenRequested(sid, str(body.get("host", "")), _int(body.get("port"), 0),
+                                                relay if isinstance(relay, dict) else None))
 
     def _on_open_reply(self, frame: Frame) -> None:
         sid = frame.stream_id

@@ -40,6 +40,7 @@ class StreamOpenRequested(Event):
     stream_id: int
     host: str
     port: int
+    relay: dict | None = None  # node-to-node links: {"device", "connection"} (see relay.py)
 
 
 @dataclass(slots=True)

@@ -87,16 +87,37 @@ def cmd_create_connection(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_servers(value: str) -> list[tuple[str, int]]:
+    """``h1:p1,h2:p2`` -> [(h1, p1), (h2, p2)] (IPv6 in brackets; empty host = 127.0.0.1)."""
+    out = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        host, sep, port = part.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{part!r} is not HOST:PORT")
+        out.append((host.strip("[]") or "127.0.0.1", int(port)))
+    if not out:
+        raise ValueError("no server given")
+    return out
+
+
 def cmd_device_agent(args: argparse.Namespace) -> int:
     from device_tunnel.agent import AgentConfig, DeviceAgent, device_metadata
     from device_tunnel.runner import make_runner
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    host, _, port = args.server.rpartition(":")
+    try:
+        servers = parse_servers(args.server)
+    except ValueError as exc:
+        print(f"device-agent: --server: {exc}", file=sys.stderr)
+        return 2
+    host, port = servers[0]
     meta_overrides = {}
     if args.country:
         meta_overrides["country"] = args.country
-    config = AgentConfig(host=host.strip("[]") or "127.0.0.1", port=int(port), device_id=args.device_id,
+    config = AgentConfig(host=host, port=port, servers=servers, device_id=args.device_id,
                          token=args.token, tunnels=args.tunnels, source_address=args.source_address,
                          allow_private=args.allow_private, connect_timeout=args.connect_timeout,
                          ping_interval=args.ping_interval, dead_after=args.dead_after,
@@ -143,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_create_connection)
 
     a = sub.add_parser("device-agent", help="run the device side of the tunnel")
-    a.add_argument("--server", required=True, help="node HOST:PORT (the tunnel port)")
+    a.add_argument("--server", required=True, help="node HOST:PORT (the tunnel port); a comma-separated list = fail over in that order")
     a.add_argument("--device-id", required=True)
     a.add_argument("--token", required=True)
     a.add_argument("--source-address", help="bind outgoing target connections to this local address")
