@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import statistics
 import time
 
@@ -115,7 +114,6 @@ async def test_rotations_through_node_3_reach_node_1_quickly(cluster, targets):
     devices = [(cluster.dev_b, EXIT_B), (cluster.dev_a, EXIT_A)]
     for i in range(20):
         device, exit_ip = devices[i % 2]
-        t0 = time.monotonic()
         status, body = await cluster.dep(3).call("PUT", f"{BASE}/{cid}/device", cluster.token,
                                                  json={"device_id": device["remote_device_id"]})
         assert status == 200, body
@@ -123,7 +121,6 @@ async def test_rotations_through_node_3_reach_node_1_quickly(cluster, targets):
         while await exit_of(port, cid, pw, targets.peer_port) != exit_ip:
             assert time.monotonic() - t_api < 5, "rotation never reached node 1"
         lags.append(time.monotonic() - t_api)
-        del t0
     lags.sort()
     p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
     print(f"\n[rotation via node 3, probed via node 1] median {statistics.median(lags) * 1000:.0f} ms, "
@@ -225,7 +222,6 @@ async def test_relayed_clients_that_never_read_stall_without_growing_x_or_y(clus
 
 async def test_sigkill_of_the_device_node_fails_over_within_5_s(cluster, targets):
     """Runs last in this module: node 2 is killed, the device moves to node 3, node 2 restarts."""
-    _uid, token = cluster.token, None
     dev = await cluster.dep(1).device(cluster.token)
     await cluster.dep(2).agent(dev, "--allow-private", "--source-address", EXIT_A,
                                "--server", cluster.servers(2, 3))
@@ -265,4 +261,3 @@ async def test_sigkill_of_the_device_node_fails_over_within_5_s(cluster, targets
         await asyncio.sleep(0.2)
     else:
         raise AssertionError("restarted node never appeared in /healthz")
-    del os
