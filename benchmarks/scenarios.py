@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,11 +88,17 @@ class Bench:
         rl = "1" if self.cfg.request_log else "0"
         log("starting proxyorch nodes (tunnel and direct exit)")
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
-            f_tun = ex.submit(procs.start_node, self.stack, db_url, "node-tunnel", {"REQUEST_LOG": rl})
+            # node-tunnel holds the device (Y); node-relay (X) serves clients for it through the
+            # node-to-node relay (presence in PostgreSQL: no Redis needed for the benchmark)
+            secret = uuid.uuid4().hex
+            cluster = {"CLUSTER_SECRET": secret, "RELAY_PORT": str(procs.free_port())}
+            f_tun = ex.submit(procs.start_node, self.stack, db_url, "node-tunnel", {"REQUEST_LOG": rl, **cluster})
             f_dir = ex.submit(procs.start_node, self.stack, db_url, "node-direct",
                               {"REQUEST_LOG": rl, "DIRECT_EXIT": "1", "DIRECT_EXIT_ALLOW_PRIVATE": "1"})
             self.node: Node = f_tun.result()
             self.dnode: Node = f_dir.result()
+        self.xnode: Node = procs.start_node(self.stack, db_url, "node-relay", {
+            "REQUEST_LOG": rl, "CLUSTER_SECRET": secret, "RELAY_PORT": str(procs.free_port())})
         user = procs.admin(self.node, "create-user", "--name", "bench")["user_id"]
         with concurrent.futures.ThreadPoolExecutor(3) as ex:
             futs = {k: ex.submit(procs.make_credential, self.node, user, f"bench-{k}")
@@ -110,6 +117,15 @@ class Bench:
             System("pxo_tunnel", "proxyorch via device tunnel", Via(self.node.proxy_port, cred.connection_id,
                    cred.password), [self.node.proc.pid, self.agent.pid], auth, "node + device agent (1 tunnel)"),
         ]
+        try:
+            procs.wait_socks(self.xnode.proxy_port, self.target.echo_port, cred.connection_id, cred.password, 30)
+            self.systems.append(System(
+                "pxo_relay", "proxyorch relayed (client at X, device on Y)",
+                Via(self.xnode.proxy_port, cred.connection_id, cred.password),
+                [self.xnode.proc.pid, self.node.proc.pid, self.agent.pid], auth,
+                "node X -> relay link -> node Y -> device agent"))
+        except Exception as exc:  # noqa: BLE001
+            self.unavailable["pxo_relay"] = f"does not relay: {exc}"
         self._add_peer("microsocks", "microsocks", lambda: procs.start_microsocks(self.stack, "bench", "benchpw1"),
                        "bench", "benchpw1", auth, "C, thread per client")
         self._add_peer("dante", "Dante", lambda: procs.start_dante(self.stack), None, None,

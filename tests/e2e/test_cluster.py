@@ -261,3 +261,48 @@ async def test_sigkill_of_the_device_node_fails_over_within_5_s(cluster, targets
         await asyncio.sleep(0.2)
     else:
         raise AssertionError("restarted node never appeared in /healthz")
+
+
+async def test_sigterm_sends_goaway_and_the_device_moves_to_the_next_server(cluster, targets):
+    """SIGTERM of the node holding the device: GOAWAY, the agent dials the next node of its list."""
+    dev = await cluster.dep(1).device(cluster.token)
+    await cluster.dep(3).agent(dev, "--allow-private", "--source-address", EXIT_B,
+                               "--server", cluster.servers(3, 1))
+    await cluster.wait_device_on(dev["remote_device_id"], 3)
+    conn = await cluster.dep(1).connection(cluster.token, dev["remote_device_id"])
+    cid, pw = conn["connectionId"], conn["password"]
+    assert await exit_of(cluster.nodes[1].proxy_port, cid, pw, targets.peer_port) == EXIT_B
+    stopping = asyncio.create_task(cluster.nodes[3].stop(15))
+    await cluster.wait_device_on(dev["remote_device_id"], 1, timeout=10)
+    assert await exit_of(cluster.nodes[1].proxy_port, cid, pw, targets.peer_port) == EXIT_B
+    assert await stopping == 0
+    # a clean stop frees the name at once: node 3 starts again right away
+    await cluster.nodes[3].start()
+
+
+async def test_without_redis_presence_and_relay_work_through_postgresql(pg_root, redis_url, tmp_path, targets):
+    from cluster_fixtures import Cluster
+    from conftest import create_database
+
+    url = await create_database(pg_root[0])
+    c = Cluster(url, "", tmp_path, "pg")
+    nodes = [c.make_node(i, REDIS_URL="") for i in (1, 2)]
+    await asyncio.gather(*(n.start() for n in nodes))
+    for i, n in enumerate(nodes, 1):
+        await c.attach(i, n)
+    try:
+        _uid, token = await c.dep(1).user("pg-owner")
+        dev = await c.dep(2).device(token)
+        await c.dep(2).agent(dev, "--allow-private", "--source-address", EXIT_A, "--server", c.servers(2))
+        await c.wait_device_on(dev["remote_device_id"], 2)
+        conn = await c.dep(1).connection(token, dev["remote_device_id"])
+        assert await exit_of(c.nodes[1].proxy_port, conn["connectionId"], conn["password"],
+                             targets.peer_port) == EXIT_A
+        _s, health = await c.dep(1).call("GET", "/healthz")
+        assert {n["name"] for n in health["nodes"]} == {c.name(1), c.name(2)}
+        # the name of a live node is refused here too
+        twin = c.make_node(2, REDIS_URL="")
+        with pytest.raises(RuntimeError, match="live presence"):
+            await twin.start()
+    finally:
+        await c.close()
