@@ -185,10 +185,11 @@ class RedisPresence(Presence):
 
     async def _refresh(self) -> None:
         await self.redis.set(self._node_key(self.node_name), self._node_value(), px=self._ttl_ms)
-        if self.local:
-            items = list(self.local.items())
-            keys = [self._device_key(d) for d, _ in items]
-            values = [f"{self.node_name}|{e}" for _, e in items]
+        items = list(self.local.items())
+        for i in range(0, len(items), 1000):  # batches: one script never blocks Redis for long
+            batch = items[i:i + 1000]
+            keys = [self._device_key(d) for d, _ in batch]
+            values = [f"{self.node_name}|{e}" for _, e in batch]
             await self.redis.eval(_REFRESH_DEVICES, len(keys), *keys, self._ttl_ms, *values)
 
     async def _claim(self, device_id: str) -> int:

@@ -14,7 +14,7 @@ from conftest import Deployment, NodeProcess, create_database, free_port
 
 SECRET = "cluster-secret-" + uuid.uuid4().hex
 RMS_KEY = base64.b64encode(os.urandom(32)).decode()
-PRESENCE_TTL_S = 2.0
+PRESENCE_TTL_S = 4.0
 
 
 class Cluster:
