@@ -125,13 +125,19 @@ async def _live_nodes(node: Any) -> list[dict]:
     from datetime import UTC, datetime
 
     presence = getattr(node, "presence", None)
+    me = node.settings.node_name
+    nodes: list[dict] = []
     if presence is not None:
         try:
-            return await asyncio.wait_for(presence.nodes(), 2)
+            nodes = await asyncio.wait_for(presence.nodes(), 2)
         except Exception:
-            pass
-    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return [{"name": node.settings.node_name, "relay": None, "last_seen": now}]
+            nodes = []
+    if not any(n["name"] == me for n in nodes):  # this node answers, so it is alive
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        relay = node.relay_address() or None if hasattr(node, "relay_address") else None
+        nodes.append({"name": me, "relay": relay, "last_seen": now})
+        nodes.sort(key=lambda n: n["name"] or "")
+    return nodes
 
 
 def _cluster_metrics(node: Any) -> list[str]:

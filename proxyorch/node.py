@@ -131,6 +131,9 @@ class Node:
         await self._start_api()
         if self.request_log is not None:
             self._tasks.append(asyncio.create_task(self._traffic_reporter()))
+        if self.presence is not None:
+            await self.presence.refresh_now()  # start-up work may have delayed the first heartbeat
+            self._tasks.append(asyncio.create_task(self._sweep_dead_nodes()))
         log.info("node %s: proxy :%d, tunnels :%d, api :%d", s.node_name, self.proxy.port, self.tunnels.port,
                  s.api_port)
 
@@ -206,6 +209,31 @@ class Node:
                                   batch_rows=s.log_batch_rows, batch_seconds=s.log_batch_s)
         writer.start()
         return writer
+
+    async def _sweep_dead_nodes(self) -> None:
+        """Devices recorded online on a node that is no longer alive (killed, never restarted) are
+        offline: ``devices.online`` / ``node`` follow the presence map (every node sweeps; idempotent)."""
+        ttl = self.settings.presence_ttl_s
+        while True:
+            await asyncio.sleep(ttl)
+            try:
+                me = self.settings.node_name
+                # a device the sweep of another node took for dead while our heartbeat was late
+                await self.pool.execute(  # type: ignore[union-attr]
+                    "UPDATE devices SET online = true, node = $1 WHERE remote_device_id = ANY($2::uuid[]) "
+                    "AND node IS NULL AND last_seen < now() - make_interval(secs => $3)",
+                    me, self.tunnels.registry.device_ids(), ttl)  # type: ignore[union-attr]
+                live = [n["name"] for n in await self.presence.nodes()]  # type: ignore[union-attr]
+                if me not in live:
+                    continue  # our own view is broken (store trouble): change nothing
+                await self.pool.execute(  # type: ignore[union-attr]
+                    "UPDATE devices SET online = false, node = NULL WHERE online AND node IS NOT NULL "
+                    "AND NOT (node = ANY($1::text[])) AND last_seen < now() - make_interval(secs => $2)",
+                    live, ttl)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("dead-node sweep failed: %s", exc)
 
     async def _traffic_reporter(self) -> None:
         while True:

@@ -63,6 +63,13 @@ class Presence:
         except Exception as exc:
             log.warning("could not remove presence of node %s: %s", self.node_name, exc)
 
+    async def refresh_now(self) -> None:
+        """One heartbeat now (after slow start-up work); failures are logged, not raised."""
+        try:
+            await self._refresh()
+        except Exception as exc:
+            log.warning("presence heartbeat failed: %s", exc)
+
     async def _heartbeat(self) -> None:
         interval = max(0.2, self.ttl / 3)
         while True:

@@ -258,6 +258,14 @@ async def test_sigkill_of_the_device_node_fails_over_within_5_s(cluster, targets
         assert time.monotonic() - t0 < 2 * PRESENCE_TTL_S, "dead node still listed in /healthz"
         await asyncio.sleep(0.1)
     print(f"[SIGKILL] node 2 left /healthz {time.monotonic() - t0:.1f} s after the kill (TTL {PRESENCE_TTL_S:g} s)")
+    # device A knew only node 2: it is online nowhere now, and its clients get 0x03 on every node
+    while await cluster.device_node(cluster.dev_a["remote_device_id"]) is not None:
+        assert time.monotonic() - t0 < 4 * PRESENCE_TTL_S, "device of the dead node still shown online"
+        await asyncio.sleep(0.2)
+    conn_a = await cluster.dep(1).connection(cluster.token, cluster.dev_a["remote_device_id"])
+    for i in (1, 3):
+        assert await socks5_code(cluster.nodes[i].proxy_port, conn_a["connectionId"], conn_a["password"],
+                                 "127.0.0.1", targets.peer_port) == 0x03
     # a restart after the TTL succeeds and the node is listed again
     await cluster.nodes[2].start()
     _s, health = await cluster.dep(1).call("GET", "/healthz")

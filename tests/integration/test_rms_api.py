@@ -225,7 +225,7 @@ async def test_devices_list_and_register(tenants):
     ids = {d["remote_device_id"] for d in devices}
     assert tenants["dev_a"]["remote_device_id"] in ids and tenants["dev_b"]["remote_device_id"] not in ids
     keys = {"remote_device_id", "added", "automations", "brand", "country", "isEmulator", "model", "name",
-            "networkType", "numberOfCores", "online", "processor", "ramMb", "sdkVersion", "version"}
+            "networkType", "node", "numberOfCores", "online", "processor", "ramMb", "sdkVersion", "version"}
     assert set(devices[0]) == keys
     s, reg = await dep.call("POST", "/api/v2/devices/register", a, json={"name": "Unique Device Name"})
     assert s == 200 and reg["name"] == "Unique Device Name" and reg["device_token"]
