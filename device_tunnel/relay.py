@@ -336,9 +336,10 @@ class _Bridge:
 
     def terminate(self, reason: str) -> None:
         """End both legs now (connection deleted or dissociated)."""
-        if self.cancel is not None:
+        if self.cancel is not None:  # still opening on the device
             self.cancel()
             self.cancel = None
+            self.peer.opening.pop(self.link_sid, None)
             self.peer.conn.reset_stream(self.link_sid, reason=reason)
             self.peer.output_ready()
         for end in (self.link_end, self.device_end):
