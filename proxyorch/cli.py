@@ -87,25 +87,10 @@ def cmd_create_connection(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_servers(value: str) -> list[tuple[str, int]]:
-    """``h1:p1,h2:p2`` -> [(h1, p1), (h2, p2)] (IPv6 in brackets; empty host = 127.0.0.1)."""
-    out = []
-    for part in value.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        host, sep, port = part.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{part!r} is not HOST:PORT")
-        out.append((host.strip("[]") or "127.0.0.1", int(port)))
-    if not out:
-        raise ValueError("no server given")
-    return out
-
-
 def cmd_device_agent(args: argparse.Namespace) -> int:
     from device_tunnel.agent import AgentConfig, DeviceAgent, device_metadata
     from device_tunnel.runner import make_runner
+    from device_tunnel.servers import parse_servers
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -201,3 +201,50 @@ async def test_a_relayed_client_that_never_reads_stalls_the_whole_path_within_th
     y_tunnels.close_all()
     await y_tunnels.wait_tasks()
     target.close()
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("10.0.0.1:7000", [("10.0.0.1", 7000)]),
+    ("a:1, b:2,", [("a", 1), ("b", 2)]),
+    ("[::1]:7000,:7001", [("::1", 7000), ("127.0.0.1", 7001)]),
+])
+def test_the_server_list_parses_in_order(value, expected):
+    from device_tunnel.servers import parse_servers
+
+    assert parse_servers(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", ",", "host", "host:", "host:0", "host:70000", "a:1,b:x"])
+def test_a_bad_server_list_is_a_clear_error(value):
+    from device_tunnel.servers import parse_servers
+
+    with pytest.raises(ValueError):
+        parse_servers(value)
+
+
+async def test_the_agent_moves_past_a_dead_server_to_the_next_of_its_list():
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    seen: list[str] = []
+
+    async def authenticate(device_id: str, token: str, meta: dict) -> bool:
+        return True
+
+    async def presence(device_id: str, online: bool, meta: dict) -> None:
+        seen.append(f"{device_id}:{online}")
+
+    node = TunnelServer(node_name="n2", authenticate=authenticate, presence=presence, memory_budget=8 << 20)
+    await node.start("127.0.0.1", 0)
+    agent = DeviceAgent(AgentConfig(host="127.0.0.1", port=dead, device_id="dev", token="t",
+                                    servers=[("127.0.0.1", dead), ("127.0.0.1", node.port)]))
+    run = asyncio.create_task(agent.run())
+    await asyncio.wait_for(agent.connected.wait(), 10)
+    assert next(iter(agent.tunnels)).server == ("127.0.0.1", node.port)
+    agent.stop()
+    await asyncio.wait_for(run, 10)
+    node.stop_accepting()
+    node.close_all()
+    await node.wait_tasks()
