@@ -101,6 +101,16 @@ async def test_devices_list_and_healthz_show_the_nodes(cluster):
     assert all(n["relay"] and n["last_seen"] for n in health["nodes"])
 
 
+async def test_metrics_count_tunnels_closed_by_error_code(cluster):
+    reader, writer = await asyncio.open_connection("127.0.0.1", cluster.nodes[1].tunnel_port)
+    writer.write(bytes([0, 0]) + (0).to_bytes(4, "big") + (1 << 30).to_bytes(4, "big"))  # HELLO of 1 GiB
+    with contextlib.suppress(ConnectionError):
+        await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    m = await cluster.dep(1).metrics()
+    assert m['proxyorch_tunnel_errors_total{code="FRAME_SIZE_ERROR"}'] >= 1
+
+
 async def test_rotations_through_node_3_reach_node_1_quickly(cluster, targets):
     conn = await cluster.dep(3).connection(cluster.token, cluster.dev_a["remote_device_id"])
     cid, pw = conn["connectionId"], conn["password"]
