@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import cluster_health
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -114,49 +115,9 @@ async def healthz(request: web.Request) -> web.Response:
         stores["request_log_backlog_rows"] = str(st.get("queue_len", 0))
         stores["request_log_spool_bytes"] = str(st.get("spool_bytes", 0))
     ok = stores["postgres"] == "ok"
-    nodes = await _live_nodes(node)
+    nodes = await cluster_health.live_nodes(node)
     return json_response({"ok": ok, "node": node.settings.node_name, "stores": stores, "nodes": nodes},
                          200 if ok else 503)
-
-
-async def _live_nodes(node: Any) -> list[dict]:
-    """The live nodes of the cluster (presence); a single node lists itself."""
-    import asyncio
-    from datetime import UTC, datetime
-
-    presence = getattr(node, "presence", None)
-    me = node.settings.node_name
-    nodes: list[dict] = []
-    if presence is not None:
-        try:
-            nodes = await asyncio.wait_for(presence.nodes(), 2)
-        except Exception:
-            nodes = []
-    if not any(n["name"] == me for n in nodes):  # this node answers, so it is alive
-        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        relay = node.relay_address() or None if hasattr(node, "relay_address") else None
-        nodes.append({"name": me, "relay": relay, "last_seen": now})
-        nodes.sort(key=lambda n: n["name"] or "")
-    return nodes
-
-
-def _cluster_metrics(node: Any) -> list[str]:
-    """Relay counters per peer node and tunnels closed by this node per error code."""
-    lines = [f'proxyorch_tunnel_errors_total{{code="{code}"}} {n}' for code, n in sorted(node.tunnels.errors.items())]
-    rm = getattr(node, "relay_metrics", None)
-    if rm is None:
-        return lines
-    sent, received = rm.totals()
-    for peer, n in sorted(rm.streams.items()):
-        lines.append(f'proxyorch_relay_streams_total{{peer="{peer}"}} {n}')
-    for peer in sorted(set(sent) | set(received)):
-        lines.append(f'proxyorch_relay_bytes_total{{peer="{peer}",direction="out"}} {sent[peer]}')
-        lines.append(f'proxyorch_relay_bytes_total{{peer="{peer}",direction="in"}} {received[peer]}')
-    for peer, n in sorted(rm.failures.items()):
-        lines.append(f'proxyorch_relay_failures_total{{peer="{peer}"}} {n}')
-    lines.append(f"proxyorch_relay_auth_failures_total {rm.auth_failures}")
-    lines.append(f"proxyorch_relay_links {len(rm.live)}")
-    return lines
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -188,7 +149,7 @@ async def metrics(request: web.Request) -> web.Response:
         lines.append(f"proxyorch_tunnel_rtt_seconds_min {rtts[0]:.6f}")
         lines.append(f"proxyorch_tunnel_rtt_seconds_median {rtts[len(rtts) // 2]:.6f}")
         lines.append(f"proxyorch_tunnel_rtt_seconds_max {rtts[-1]:.6f}")
-    lines += _cluster_metrics(node)
+    lines += cluster_health.metric_lines(node)
     if node.request_log is not None:
         for key, value in node.request_log.stats.items():
             if isinstance(value, int | float):

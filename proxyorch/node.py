@@ -22,6 +22,7 @@ from rms.service import Rms
 
 from . import accounts, db
 from .bus import InvalidationBus, RedisBus, make_bus
+from .cluster import ClusterRouting
 from .config import Settings
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,7 @@ class Node:
         self.request_log = None
         self.clickhouse = None
         self.api_runner = None
-        self.presence = None      # proxyorch.presence.Presence in a cluster (REDIS_URL or RELAY_PORT)
-        self.relay_server = None  # device_tunnel.relay.RelayServer when RELAY_PORT is set
-        self.relay_metrics = None
+        self.cluster: ClusterRouting | None = None  # presence and relay (REDIS_URL or RELAY_PORT)
         self.admin_token = ""
         self._tasks: list[asyncio.Task[None]] = []
         self.stopped = asyncio.Event()
@@ -102,20 +101,23 @@ class Node:
 
         store = PostgresCredentialStore(self.pool)
         cache = AuthCache(store.fetch, ttl=s.auth_cache_ttl_ms / 1000)
-        await self._start_presence()
+        self.cluster = ClusterRouting(s, self.pool, self.bus)
+        try:
+            await self.cluster.start_presence()
+        except SystemExit:
+            await self.pool.close()
+            raise
         self.tunnels = TunnelServer(
             node_name=s.node_name,
             authenticate=lambda did, tok, meta: accounts.check_device_token(self.pool, did, tok),
-            presence=self._device_presence,
+            presence=self.cluster.device_presence,
             ping_interval=s.tunnel_ping_s, dead_after=s.tunnel_dead_after, window=s.tunnel_window,
             max_window=s.tunnel_max_window, conn_window=s.tunnel_conn_window,
             memory_budget=s.tunnel_memory_budget)
         if s.direct_exit:
             exit_ = DirectExit(s.connect_timeout_s, s.direct_exit_allow_private)
-        elif s.relay_port and self.presence is not None:
-            exit_ = self._make_relay()
         else:
-            exit_ = TunnelExit(self.tunnels.registry)
+            exit_ = self.cluster.make_exit(self.tunnels) or TunnelExit(self.tunnels.registry)
         self.request_log = self._make_request_log()
         self.proxy = ProxyServer(
             auth_cache=cache, exit=exit_, sessions=SessionRegistry(), node_name=s.node_name,
@@ -125,73 +127,24 @@ class Node:
         # Devices that were online on this node before a crash are offline until they reconnect.
         await self.pool.execute("UPDATE devices SET online = false, node = NULL WHERE node = $1", s.node_name)
         await self.tunnels.start(s.bind_host, s.tunnel_port)
-        if self.relay_server is not None:
-            await self.relay_server.start(s.bind_host, s.relay_port)
+        await self.cluster.start_listeners(s.bind_host)
         await self.proxy.start(s.bind_host, s.proxy_port)
         await self._start_api()
         if self.request_log is not None:
             self._tasks.append(asyncio.create_task(self._traffic_reporter()))
-        if self.presence is not None:
-            await self.presence.refresh_now()  # start-up work may have delayed the first heartbeat
-            self._tasks.append(asyncio.create_task(self._sweep_dead_nodes()))
+        sweeper = await self.cluster.started(self.tunnels.registry)
+        if sweeper is not None:
+            self._tasks.append(asyncio.create_task(sweeper))
         log.info("node %s: proxy :%d, tunnels :%d, api :%d", s.node_name, self.proxy.port, self.tunnels.port,
                  s.api_port)
 
     def relay_address(self) -> str:
-        s = self.settings
-        return s.relay_advertise or (f"127.0.0.1:{s.relay_port}" if s.relay_port else "")
-
-    async def _start_presence(self) -> None:
-        """In a cluster (REDIS_URL or RELAY_PORT): register this node; refuse a name that is live."""
-        from .presence import NodeNameTaken, PostgresPresence, RedisPresence
-
-        s = self.settings
-        if not (s.redis_url or s.relay_port):
-            return
-        if s.relay_port and not s.cluster_secret:
-            await self.pool.close()
-            raise SystemExit("RELAY_PORT needs CLUSTER_SECRET (the secret every node of the cluster shares)")
-        publish = self.bus.publish
-        if s.redis_url:
-            presence = RedisPresence(s.redis_url, s.node_name, self.relay_address(), s.presence_ttl_s, publish)
-        else:
-            presence = PostgresPresence(self.pool, s.node_name, self.relay_address(), s.presence_ttl_s, publish)
-        try:
-            await presence.start()
-        except NodeNameTaken as exc:
-            await self.pool.close()
-            raise SystemExit(f"refusing to start: {exc}") from None
-        self.presence = presence
-
-    async def _device_presence(self, device_id: str, online: bool, meta: dict) -> None:
-        await accounts.set_presence(self.pool, device_id, online, self.settings.node_name, meta)
-        if self.presence is not None:
-            if online:
-                await self.presence.device_up(device_id)
-            else:
-                await self.presence.device_down(device_id)
-
-    def _make_relay(self):  # noqa: ANN202
-        from device_tunnel.relay import RelayMetrics, RelayPool, RelayServer, relay_config
-        from proxy.cluster_exit import ClusterExit
-
-        s = self.settings
-        assert self.tunnels is not None and self.presence is not None
-        config = relay_config(self.tunnels.config)
-        self.relay_metrics = RelayMetrics()
-        self.relay_server = RelayServer(node_name=s.node_name, secret=s.cluster_secret, registry=self.tunnels.registry,
-                                        config=config, budget=self.tunnels.budget, metrics=self.relay_metrics)
-        pool = RelayPool(node_name=s.node_name, secret=s.cluster_secret, config=config, budget=self.tunnels.budget,
-                         metrics=self.relay_metrics)
-        return ClusterExit(self.tunnels.registry, pool, self.presence.locate, self.presence.forget)
+        return self.cluster.relay_address() if self.cluster is not None else ""
 
     def _bus_event(self, event: str) -> None:
-        """Invalidations for the auth cache and presence; ``kill:`` also ends relayed streams held here."""
         self.proxy.handle_bus_event(event)  # type: ignore[union-attr]
-        if self.presence is not None:
-            self.presence.handle_event(event)
-        if self.relay_server is not None and event.startswith("kill:"):
-            self.relay_server.terminate_connection(event[5:], "connection deleted or dissociated")
+        if self.cluster is not None:
+            self.cluster.bus_event(event)
 
     def _make_request_log(self):  # noqa: ANN202
         s = self.settings
@@ -209,31 +162,6 @@ class Node:
                                   batch_rows=s.log_batch_rows, batch_seconds=s.log_batch_s)
         writer.start()
         return writer
-
-    async def _sweep_dead_nodes(self) -> None:
-        """Devices recorded online on a node that is no longer alive (killed, never restarted) are
-        offline: ``devices.online`` / ``node`` follow the presence map (every node sweeps; idempotent)."""
-        ttl = self.settings.presence_ttl_s
-        while True:
-            await asyncio.sleep(ttl)
-            try:
-                me = self.settings.node_name
-                # a device the sweep of another node took for dead while our heartbeat was late
-                await self.pool.execute(  # type: ignore[union-attr]
-                    "UPDATE devices SET online = true, node = $1 WHERE remote_device_id = ANY($2::uuid[]) "
-                    "AND node IS NULL AND last_seen < now() - make_interval(secs => $3)",
-                    me, self.tunnels.registry.device_ids(), ttl)  # type: ignore[union-attr]
-                live = [n["name"] for n in await self.presence.nodes()]  # type: ignore[union-attr]
-                if me not in live:
-                    continue  # our own view is broken (store trouble): change nothing
-                await self.pool.execute(  # type: ignore[union-attr]
-                    "UPDATE devices SET online = false, node = NULL WHERE online AND node IS NOT NULL "
-                    "AND NOT (node = ANY($1::text[])) AND last_seen < now() - make_interval(secs => $2)",
-                    live, ttl)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("dead-node sweep failed: %s", exc)
 
     async def _traffic_reporter(self) -> None:
         while True:
@@ -257,9 +185,8 @@ class Node:
         s = self.settings
         if self.proxy is not None:
             self.proxy.stop_accepting()
-        if self.relay_server is not None:
-            self.relay_server.stop_accepting()
-            self.relay_server.go_away()
+        if self.cluster is not None:
+            self.cluster.go_away()
         if self.tunnels is not None:
             self.tunnels.stop_accepting()
             self.tunnels.go_away()
@@ -274,13 +201,8 @@ class Node:
             await asyncio.sleep(0)
         for t in self._tasks:
             t.cancel()
-        if self.presence is not None:
-            await self.presence.close()
-        if self.relay_server is not None:
-            self.relay_server.close_all()
-        close_exit = getattr(self.proxy.exit if self.proxy is not None else None, "close", None)
-        if close_exit is not None:
-            close_exit()
+        if self.cluster is not None:
+            await self.cluster.close()
         if self.tunnels is not None:
             for device_id in self.tunnels.registry.device_ids():
                 await accounts.set_presence(self.pool, device_id, False, s.node_name, {})
