@@ -36,7 +36,10 @@ class Cluster:
         node = NodeProcess(self.database_url, self.base / f"n{i}", {
             "NODE_NAME": self.name(i), "REDIS_URL": self.redis_url, "CLUSTER_SECRET": secret,
             "RELAY_PORT": str(free_port()), "PRESENCE_TTL_S": str(PRESENCE_TTL_S), "RMS_KEY": RMS_KEY,
-            "ADMIN_TOKEN": self.admin_token, **env})
+            "ADMIN_TOKEN": self.admin_token,
+            # separate DATA_DIRs mean separate tunnel certificates; the agents here fail over between
+            # nodes, so the tunnel runs plaintext on loopback (a shared TUNNEL_TLS_CERT is the real setup)
+            "TUNNEL_TLS": "0", **env})
         node.admin_token = self.admin_token
         return node
 
