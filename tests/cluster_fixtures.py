@@ -10,11 +10,29 @@ import time
 import uuid
 from pathlib import Path
 
-from conftest import Deployment, NodeProcess, create_database, free_port
+from conftest import Deployment, NodeProcess, PortTaken, create_database, free_port
 
 SECRET = "cluster-secret-" + uuid.uuid4().hex
 RMS_KEY = base64.b64encode(os.urandom(32)).decode()
 PRESENCE_TTL_S = 4.0
+
+
+class ClusterNode(NodeProcess):
+    """A node with a relay port, which is chosen again (like the others) when it was taken meanwhile."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.relay_port = free_port()
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "RELAY_PORT": str(self.relay_port)}
+
+    async def _start_once(self) -> NodeProcess:
+        try:
+            return await super()._start_once()
+        except PortTaken:
+            self.relay_port = free_port()
+            raise
 
 
 class Cluster:
@@ -33,9 +51,9 @@ class Cluster:
         return f"{self.tag}-n{i}"
 
     def make_node(self, i: int, secret: str = SECRET, **env: str) -> NodeProcess:
-        node = NodeProcess(self.database_url, self.base / f"n{i}", {
+        node = ClusterNode(self.database_url, self.base / f"n{i}", {
             "NODE_NAME": self.name(i), "REDIS_URL": self.redis_url, "CLUSTER_SECRET": secret,
-            "RELAY_PORT": str(free_port()), "PRESENCE_TTL_S": str(PRESENCE_TTL_S), "RMS_KEY": RMS_KEY,
+            "PRESENCE_TTL_S": str(PRESENCE_TTL_S), "RMS_KEY": RMS_KEY,
             "ADMIN_TOKEN": self.admin_token,
             # separate DATA_DIRs mean separate tunnel certificates; the agents here fail over between
             # nodes, so the tunnel runs plaintext on loopback (a shared TUNNEL_TLS_CERT is the real setup)
