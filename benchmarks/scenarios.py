@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,11 @@ class Bench:
         rl = "1" if self.cfg.request_log else "0"
         log("starting proxyorch nodes (tunnel with TLS, plaintext tunnel, optimistic open, direct exit)")
         with concurrent.futures.ThreadPoolExecutor(4) as ex:
-            f_tun = ex.submit(procs.start_node, self.stack, db_url, "node-tunnel", {"REQUEST_LOG": rl})
+            # node-tunnel holds the device (Y); node-relay (X) serves clients for it through the
+            # node-to-node relay (presence in PostgreSQL: no Redis needed for the benchmark)
+            secret = uuid.uuid4().hex
+            cluster = {"CLUSTER_SECRET": secret, "RELAY_PORT": str(procs.free_port())}
+            f_tun = ex.submit(procs.start_node, self.stack, db_url, "node-tunnel", {"REQUEST_LOG": rl, **cluster})
             f_plain = ex.submit(procs.start_node, self.stack, db_url, "node-plain",
                                 {"REQUEST_LOG": rl, "TUNNEL_TLS": "0"})
             f_opt = ex.submit(procs.start_node, self.stack, db_url, "node-optimistic",
@@ -99,6 +104,8 @@ class Bench:
             self.pnode: Node = f_plain.result()
             self.onode: Node = f_opt.result()
             self.dnode: Node = f_dir.result()
+        self.xnode: Node = procs.start_node(self.stack, db_url, "node-relay", {
+            "REQUEST_LOG": rl, "CLUSTER_SECRET": secret, "RELAY_PORT": str(procs.free_port())})
         user = procs.admin(self.node, "create-user", "--name", "bench")["user_id"]
         keys = ["loop", "plain", "opt", *[p["key"] for p in PROFILES], *[p["key"] + "-opt" for p in PROFILES],
                 *[p["key"] + "-plain" for p in PROFILES]]
@@ -132,6 +139,15 @@ class Bench:
                    oc.password), [self.onode.proc.pid, self.oagent.pid], auth,
                    "TLS tunnel with OPTIMISTIC_OPEN=1"),
         ]
+        try:
+            procs.wait_socks(self.xnode.proxy_port, self.target.echo_port, cred.connection_id, cred.password, 30)
+            self.systems.append(System(
+                "pxo_relay", "proxyorch relayed (client at X, device on Y)",
+                Via(self.xnode.proxy_port, cred.connection_id, cred.password),
+                [self.xnode.proc.pid, self.node.proc.pid, self.agent.pid], auth,
+                "node X -> relay link -> node Y -> device agent"))
+        except Exception as exc:  # noqa: BLE001
+            self.unavailable["pxo_relay"] = f"does not relay: {exc}"
         self._add_peer("microsocks", "microsocks", lambda: procs.start_microsocks(self.stack, "bench", "benchpw1"),
                        "bench", "benchpw1", auth, "C, thread per client")
         self._add_peer("dante", "Dante", lambda: procs.start_dante(self.stack), None, None,

@@ -22,7 +22,7 @@ from typing import Any
 
 from .adapter import TunnelProtocol, TunnelStream
 from .connection import Role, TunnelConfig
-from .events import ControlReceived, Event, StreamOpenRequested, StreamReset, WelcomeReceived
+from .events import ControlReceived, Event, GoAwayReceived, StreamOpenRequested, StreamReset, WelcomeReceived
 from .frames import FEATURE_UDP
 from .replies import ReplyCode, reply_for_errno
 from .target_policy import is_forbidden_address, parse_ip_literal
@@ -68,6 +68,12 @@ class AgentConfig:
     ip_echo_url: str | None = None  # fetched through the egress to learn the public IP
     rotate_recheck_s: float = 5.0  # an unchanged IP is checked once more after this long
     rotator: Any = None  # the agent's Rotator (created by DeviceAgent); shared by its tunnels
+    # Every node the agent may use (``--server h1:p1,h2:p2``); empty = just (host, port). The agent
+    # stays on one and moves to the next when it is gone, refuses the device, or sends GOAWAY.
+    servers: list[tuple[str, int]] = field(default_factory=list)
+
+    def server_list(self) -> list[tuple[str, int]]:
+        return list(self.servers) or [(self.host, self.port)]
 
     def tunnel_config(self) -> TunnelConfig:
         return TunnelConfig(ping_interval=self.ping_interval, dead_after=self.dead_after,
@@ -200,10 +206,13 @@ class AgentTunnel(TunnelProtocol):
 
     role = Role.AGENT
 
-    def __init__(self, config: AgentConfig, budget: MemoryBudget | None = None) -> None:
+    def __init__(self, config: AgentConfig, budget: MemoryBudget | None = None,
+                 server: tuple[str, int] | None = None) -> None:
         super().__init__(config.tunnel_config(), budget)
         self.config = config
+        self.server = server or (config.host, config.port)
         self.welcome: asyncio.Future[WelcomeReceived] = self._loop.create_future()
+        self.goaway = asyncio.Event()  # the node asked us to move (it is shutting down)
         self._opening: dict[int, asyncio.Task[None]] = {}
         self._early: dict[int, list[bytes]] = {}  # optimistic open: DATA that came before the target connected
 
@@ -224,7 +233,7 @@ class AgentTunnel(TunnelProtocol):
         self.conn.send_hello(cfg.device_id, cfg.token, cfg.meta, features=(FEATURE_UDP,))
 
     def describe(self) -> str:
-        return f"to {self.config.host}:{self.config.port}"
+        return f"to {self.server[0]}:{self.server[1]}"
 
     def on_event(self, event: Event) -> None:
         cls = type(event)
@@ -241,6 +250,8 @@ class AgentTunnel(TunnelProtocol):
                 task.cancel()
         elif cls is ControlReceived:
             self.spawn(self._control(event.body))  # type: ignore[attr-defined]
+        elif cls is GoAwayReceived:
+            self.goaway.set()
         elif cls is WelcomeReceived:
             if not self.welcome.done():
                 self.welcome.set_result(event)  # type: ignore[arg-type]
@@ -392,12 +403,14 @@ class DeviceAgent:
     def stop(self) -> None:
         self._stop.set()
 
-    async def connect(self) -> AgentTunnel:
-        """Dial the node once (TLS when ``config.ssl``) and wait for its WELCOME."""
+    async def connect(self, server: tuple[str, int] | None = None) -> AgentTunnel:
+        """Dial a node once (``server`` or the first of the list; TLS when ``config.ssl``) and wait
+        for its WELCOME."""
         cfg = self.config
+        host, port = server or cfg.server_list()[0]
         loop = asyncio.get_running_loop()
         _tr, tunnel = await asyncio.wait_for(loop.create_connection(
-            lambda: AgentTunnel(cfg, self.budget), cfg.host, cfg.port, ssl=cfg.ssl,
+            lambda: AgentTunnel(cfg, self.budget, (host, port)), host, port, ssl=cfg.ssl,
             server_hostname=cfg.server_hostname if cfg.ssl is not None else None), 10)
         try:
             welcome = await asyncio.wait_for(tunnel.welcome, 10)
@@ -411,26 +424,29 @@ class DeviceAgent:
         return tunnel
 
     async def _tunnel_loop(self, index: int) -> None:
-        cfg = self.config
+        servers = self.config.server_list()
+        at = 0
         backoff = 0.2
         while not self._stop.is_set():
             tunnel: AgentTunnel | None = None
+            moved = False
+            server = servers[at]
             try:
-                tunnel = await self.connect()
-                log.info("tunnel %d up to %s:%d", index, cfg.host, cfg.port)
+                tunnel = await self.connect(server)
+                log.info("tunnel %d up to %s:%d", index, *server)
                 self.tunnels.add(tunnel)
                 self.connected.set()
                 backoff = 0.2
-                await tunnel.closed_future
-                log.info("tunnel %d closed", index)
+                moved = await self._until_closed_or_moved(tunnel, len(servers) > 1)
+                log.info("tunnel %d %s", index, "told to go away: moving on" if moved else "closed")
             except (OSError, TimeoutError, ConnectionError) as exc:
-                hint = explain_connect_error(exc, tls=cfg.ssl is not None)
+                hint = explain_connect_error(exc, tls=self.config.ssl is not None)
                 if hint:
-                    log.error("tunnel %d: %s; retrying in %.1fs", index, hint, backoff)
+                    log.error("tunnel %d to %s:%d: %s; retrying in %.1fs", index, *server, hint, backoff)
                 else:
-                    log.info("tunnel %d: %s; retrying in %.1fs", index, exc, backoff)
+                    log.info("tunnel %d to %s:%d: %s; retrying in %.1fs", index, *server, exc, backoff)
             finally:
-                if tunnel is not None:
+                if tunnel is not None and not moved:
                     self.tunnels.discard(tunnel)
                     if not tunnel.closed:
                         tunnel.abort()
@@ -438,5 +454,28 @@ class DeviceAgent:
                     self.connected.clear()
             if self._stop.is_set():
                 break
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, 30.0)
+            at = (at + 1) % len(servers)  # gone, refused or going away: the next node of the list
+            if not moved:
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 30.0)
+
+    async def _until_closed_or_moved(self, tunnel: AgentTunnel, can_move: bool) -> bool:
+        """Wait for the tunnel to close; with other servers to go to, also for a GOAWAY (then the
+        old tunnel drains on its own while the loop dials the next node). True = moved on."""
+        if not can_move:
+            await tunnel.closed_future
+            return False
+        goaway = asyncio.ensure_future(tunnel.goaway.wait())
+        try:
+            await asyncio.wait([tunnel.closed_future, goaway], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            goaway.cancel()
+        if tunnel.closed:
+            return False
+        tunnel.closed_future.add_done_callback(lambda _f: self._drained(tunnel))
+        return True
+
+    def _drained(self, tunnel: AgentTunnel) -> None:
+        self.tunnels.discard(tunnel)
+        if not self.tunnels:
+            self.connected.clear()

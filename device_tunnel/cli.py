@@ -25,7 +25,8 @@ PLAINTEXT_WARNING = ("--plaintext: the tunnel is NOT encrypted; the device token
 
 def add_agent_arguments(a: argparse.ArgumentParser) -> None:
     """Every option of the agent (shared by ``proxyorch-agent`` and ``proxyorch device-agent``)."""
-    a.add_argument("--server", required=True, help="node HOST:PORT (the tunnel port)")
+    a.add_argument("--server", required=True,
+                   help="node HOST:PORT (the tunnel port); a comma-separated list = fail over in that order")
     a.add_argument("--device-id", required=True)
     token = a.add_mutually_exclusive_group(required=True)
     token.add_argument("--token", help="the device token")
@@ -71,12 +72,14 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser):  # 
     """An ``AgentConfig`` from parsed options; a usage error (exit 2) when the node cannot be verified."""
     from .agent import AgentConfig, device_metadata
     from .runner import make_runner
+    from .servers import parse_servers
     from .tls import client_context, parse_fingerprint, pin_verifier
 
-    host, sep, port = args.server.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        parser.error(f"--server must be HOST:PORT, got {args.server!r}")
-    host = host.strip("[]") or "127.0.0.1"
+    try:
+        servers = parse_servers(args.server)  # HOST:PORT[,HOST:PORT...]: fail over in that order
+    except ValueError as exc:
+        parser.error(f"--server must be HOST:PORT[,HOST:PORT...]: {exc}")
+    host, port = servers[0]
     if args.plaintext and (args.server_fingerprint or args.ca_file):
         parser.error("--plaintext cannot be combined with --server-fingerprint / --ca-file")
     if not args.plaintext and not args.server_fingerprint and not args.ca_file:
@@ -95,12 +98,15 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser):  # 
     ssl_ctx = verify = None
     if not args.plaintext:
         pin = None
-        if args.server_fingerprint:
+        if args.server_fingerprint:  # one pin, or a comma-separated list (nodes rotating certificates)
             try:
-                pin = parse_fingerprint(args.server_fingerprint)
+                pins = [parse_fingerprint(p) for p in args.server_fingerprint.split(",") if p.strip()]
             except ValueError as exc:
                 parser.error(f"--server-fingerprint: {exc}")
-            verify = pin_verifier(pin)
+            if not pins:
+                parser.error("--server-fingerprint: empty")
+            pin = pins[0]
+            verify = pin_verifier(*pins)
         try:
             ssl_ctx = client_context(pin=pin, ca_file=args.ca_file)
         except (OSError, ValueError) as exc:
@@ -108,7 +114,7 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser):  # 
     meta_overrides = {"country": args.country.upper()} if args.country else {}
     if args.ip_echo_url and not args.ip_echo_url.startswith(("http://", "https://")):
         parser.error(f"--ip-echo-url must be an http:// or https:// URL, got {args.ip_echo_url!r}")
-    return AgentConfig(host=host, port=int(port), device_id=args.device_id, token=token, tunnels=args.tunnels,
+    return AgentConfig(host=host, port=int(port), servers=servers, device_id=args.device_id, token=token, tunnels=args.tunnels,
                        source_address=args.source_address, allow_private=args.allow_private,
                        connect_timeout=args.connect_timeout, ping_interval=args.ping_interval,
                        dead_after=args.dead_after, memory_budget=args.memory_budget, meta=device_metadata(meta_overrides),

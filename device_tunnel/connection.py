@@ -178,12 +178,13 @@ class TunnelConnection:
         self._terminate(ErrorCode.HANDSHAKE_FAILED, error, remote=False, goaway=False)
 
     # == streams, node side =======================================================================
-    def open_stream(self, host: str, port: int, early: bool = False) -> int:
+    def open_stream(self, host: str, port: int, early: bool = False, relay: dict | None = None) -> int:
         """Node: allocate a stream and queue OPEN. Raises LocalUsageError when no stream may open.
 
         ``early`` (optimistic open): when the agent announced ``early_data``, ``send_data`` may be called
         before OPEN_OK and up to that many bytes (at most ``EARLY_DATA_MAX``) follow OPEN at once; the
-        rest, and a FIN, wait in the stream's queue for OPEN_OK. Without the announcement everything waits."""
+        rest, and a FIN, wait in the stream's queue for OPEN_OK. Without the announcement everything waits.
+        ``relay`` (node-to-node links only) rides in the OPEN as ``"relay"``: which device to use."""
         if self.closed or not self.handshake_done or self.peer_going_away or self.going_away:
             raise LocalUsageError("tunnel is not accepting new streams")
         if not self.windows.can_open:
@@ -192,7 +193,10 @@ class TunnelConnection:
         sid = self._highest_id
         rw = self.windows.open(sid, self.now)
         stream = self.streams[sid] = Stream(sid, rw)
-        self._send_json(FrameType.OPEN, sid, {"host": host, "port": port, "window": rw.window})
+        body: dict = {"host": host, "port": port, "window": rw.window}
+        if relay is not None:
+            body["relay"] = relay
+        self._send_json(FrameType.OPEN, sid, body)
         if early:
             stream.early = True
             stream.send_credit = min(self.peer_early_data, EARLY_DATA_MAX)
@@ -664,7 +668,9 @@ class TunnelConnection:
         udp = bool(frame.flags & FLAG_UDP)
         stream = Stream(sid, self.windows.open(sid, self.now, minimal=udp), send_credit=window, udp=udp)
         self.streams[sid] = stream
-        self._events.append(StreamOpenRequested(sid, str(body.get("host", "")), _int(body.get("port"), 0), udp))
+        relay = body.get("relay")
+        self._events.append(StreamOpenRequested(sid, str(body.get("host", "")), _int(body.get("port"), 0), udp,
+                                                relay if isinstance(relay, dict) else None))
 
     def _on_open_reply(self, frame: Frame) -> None:
         sid = frame.stream_id

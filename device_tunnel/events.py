@@ -43,6 +43,8 @@ class StreamOpenRequested(Event):
     port: int
     udp: bool = False  # a UDP association (OPEN with the UDP flag): no connect, DATAGRAMs follow
 
+    relay: dict | None = None  # node-to-node links: {"device", "connection"} (see relay.py)
+
 
 @dataclass(slots=True)
 class DatagramReceived(Event):

@@ -73,6 +73,7 @@ class OpenResult:
     bound_port: int = 0
     resolved_ip: str = ""
     stream: TunnelStream | None = None
+    node: str = ""  # the node holding the device's tunnel when the stream is relayed ("" = this node)
 
 
 class NodeTunnel(TunnelProtocol):

@@ -93,15 +93,16 @@ def peer_fingerprint(transport: asyncio.BaseTransport) -> str | None:
     return fingerprint_der(der) if der else None
 
 
-def pin_verifier(pin: str) -> Verifier:
-    """A ``verify(transport)`` hook that raises :class:`PinMismatch` unless the node shows ``pin``."""
-    expected = parse_fingerprint(pin)
+def pin_verifier(pin: str, *more: str) -> Verifier:
+    """A ``verify(transport)`` hook that raises :class:`PinMismatch` unless the node shows one of the pins."""
+    pins = [parse_fingerprint(p) for p in (pin, *more)]
+    expected = ",".join(pins)
 
     def verify(transport: asyncio.BaseTransport) -> None:
         got = peer_fingerprint(transport)
         if got is None:
             raise PinMismatch("the tunnel is not TLS but a fingerprint is pinned")
-        if not hmac.compare_digest(got, expected):
+        if not any(hmac.compare_digest(got, p) for p in pins):
             raise PinMismatch(
                 f"node certificate {got} does not match --server-fingerprint {expected}; if the node's "
                 f"certificate was rotated, run `proxyorch admin tunnel-fingerprint` on the node and pin the new "

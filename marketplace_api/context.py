@@ -36,6 +36,7 @@ DEVICE_REGISTRY: web.AppKey[DeviceRegistry] = web.AppKey("device_registry")
 REQUEST_LOG_READER: web.AppKey[ClickHouse | None] = web.AppKey("request_log_reader")
 REQUEST_LOG_WRITER: web.AppKey[RequestLogWriter | None] = web.AppKey("request_log_writer")
 TUNNEL_FINGERPRINT: web.AppKey[str | None] = web.AppKey("tunnel_fingerprint")  # None: plaintext tunnel
+CLUSTER: web.AppKey[Any] = web.AppKey("cluster")  # proxyorch.cluster.ClusterRouting (presence, relay)
 ROTATIONS: web.AppKey[Any] = web.AppKey("rotations")  # proxyorch.rotation.RotationManager
 NODE: web.AppKey[Any] = web.AppKey("node")  # deprecated: the whole node, for older route modules
 
@@ -55,6 +56,7 @@ def install(app: web.Application, node: Any) -> None:
     app[REQUEST_LOG_WRITER] = node.request_log
     app[TUNNEL_FINGERPRINT] = getattr(node, "tunnel_fingerprint", None)
     app[ROTATIONS] = getattr(node, "rotations", None)
+    app[CLUSTER] = getattr(node, "cluster", None)
     app[NODE] = node
 
 

@@ -6,9 +6,10 @@ import asyncio
 
 from aiohttp import web
 
+from . import cluster_health
 from .abuse_metrics import abuse_metrics
 from .bodies import json_response
-from .context import AUTH_CACHE, BUS, POOL, PROXY, REQUEST_LOG_WRITER, SETTINGS, TUNNELS
+from .context import AUTH_CACHE, BUS, CLUSTER, POOL, PROXY, REQUEST_LOG_WRITER, SETTINGS, TUNNELS
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -30,7 +31,9 @@ async def healthz(request: web.Request) -> web.Response:
         stores["request_log_backlog_rows"] = str(st.get("queue_len", 0))
         stores["request_log_spool_bytes"] = str(st.get("spool_bytes", 0))
     ok = stores["postgres"] == "ok"
-    return json_response({"ok": ok, "node": app[SETTINGS].node_name, "stores": stores}, 200 if ok else 503)
+    nodes = await cluster_health.live_nodes(app[CLUSTER], app[SETTINGS].node_name)
+    return json_response({"ok": ok, "node": app[SETTINGS].node_name, "stores": stores, "nodes": nodes},
+                         200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -59,6 +62,7 @@ async def metrics(request: web.Request) -> web.Response:
         f"proxyorch_auth_store_errors_total {auth_cache.store_errors}",
         *m.udp.lines(),
         *abuse_metrics(proxy, tunnels),
+        *cluster_health.metric_lines(app[CLUSTER], tunnels),
     ]
     rtts = sorted(t.rtt for t in tunnels.connections if t.device_id and t.rtt_samples)
     if rtts:  # aggregated: /metrics is unauthenticated, so no per-device labels

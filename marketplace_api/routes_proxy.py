@@ -167,7 +167,7 @@ def device_json(r) -> dict:  # noqa: ANN001
         "automations": [str(a) for a in (r["automations"] if "automations" in r.keys() else [])],
         "brand": r["brand"], "country": r["country"], "isEmulator": r["is_emulator"], "model": r["model"],
         "name": r["name"], "networkType": r["network_type"], "numberOfCores": r["number_of_cores"],
-        "online": r["online"], "processor": r["processor"], "ramMb": r["ram_mb"],
+        "online": r["online"], "node": r["node"] if r["online"] else None, "processor": r["processor"], "ramMb": r["ram_mb"],
         "sdkVersion": r["sdk_version"], "version": r["version"],
         # issue 17 (mobile exits): the public IP the agent reported and the rotation timer
         "public_ip": r.get("public_ip"),

@@ -62,6 +62,12 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("DATABASE_URL", "database_url", str, "", "PostgreSQL URL; empty = start the embedded server under DATA_DIR"),
     ("CLICKHOUSE_URL", "clickhouse_url", str, "", "ClickHouse http(s) URL; empty = embedded chDB under DATA_DIR"),
     ("REDIS_URL", "redis_url", str, "", "Redis URL; set = invalidations via Redis pub/sub (multi-node)"),
+    ("CLUSTER_SECRET", "cluster_secret", str, "", "Shared by the nodes of a cluster: authenticates relay links and /internal/"),
+    ("RELAY_PORT", "relay_port", int, 0, "Node-to-node relay listener port; 0 = no relay (single node)"),
+    ("RELAY_ADVERTISE", "relay_advertise", str, "",
+     "host:port the other nodes dial to relay to this one (default 127.0.0.1:RELAY_PORT)"),
+    ("PRESENCE_TTL_S", "presence_ttl_s", float, 5.0,
+     "Device and node presence expire this long after the last heartbeat (a dead node's devices, its name)"),
     ("ADMIN_TOKEN", "admin_token", str, "", "Admin API token; empty = generated once under DATA_DIR"),
     ("RMS_KEY", "rms_key", str, "", "Base64 AES-256 key for passwords at rest; empty = key file under DATA_DIR"),
     ("AUTH_CACHE_TTL_MS", "auth_cache_ttl_ms", int, 100, "Longest time a credential record is served after a change"),
@@ -216,6 +222,10 @@ class Settings:
     rotation_min_timer_s: int
     usage_flush_s: float
     max_unauth_per_ip: int
+    cluster_secret: str
+    relay_port: int
+    relay_advertise: str
+    presence_ttl_s: float
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -24,6 +24,7 @@ from rms.service import Rms
 
 from . import accounts, db, tunnel_cert
 from .bus import InvalidationBus, RedisBus, make_bus
+from .cluster import ClusterRouting
 from .config import Settings
 from .rotation import RotationManager
 from .tasks import TaskSet
@@ -68,6 +69,7 @@ class Node:
         self.clickhouse = None
         self.api_runner = None
         self.api_listener: Listener | None = None
+        self.cluster: ClusterRouting | None = None  # presence and relay (REDIS_URL or RELAY_PORT)
         self.admin_token = ""
         self.tunnel_fingerprint: str | None = None  # None = plaintext tunnel (TUNNEL_TLS=0)
         self._tasks = TaskSet("node")
@@ -92,10 +94,16 @@ class Node:
 
         store = PostgresCredentialStore(self.pool)
         cache = AuthCache(store.fetch, ttl=s.auth_cache_ttl_ms / 1000)
+        self.cluster = ClusterRouting(s, self.pool, self.bus)
+        try:
+            await self.cluster.start_presence()
+        except SystemExit:
+            await self.pool.close()
+            raise
         self.tunnels = TunnelServer(
             node_name=s.node_name,
             authenticate=lambda did, tok, meta: accounts.check_device_token(self.pool, did, tok),
-            presence=lambda did, online, meta: accounts.set_presence(self.pool, did, online, s.node_name, meta),
+            presence=self.cluster.device_presence,
             ping_interval=s.tunnel_ping_s, dead_after=s.tunnel_dead_after, window=s.tunnel_window,
             max_window=s.tunnel_max_window, conn_window=s.tunnel_conn_window,
             memory_budget=s.tunnel_memory_budget, limiter=FailureLimiter(s.auth_fail_limit, s.auth_fail_window_s),
@@ -103,7 +111,7 @@ class Node:
         if s.direct_exit:
             exit_ = DirectExit(s.connect_timeout_s, s.direct_exit_allow_private)
         else:
-            exit_ = TunnelExit(self.tunnels.registry)
+            exit_ = self.cluster.make_exit(self.tunnels) or TunnelExit(self.tunnels.registry)
         self.request_log = self._make_request_log()
         self.proxy = ProxyServer(
             auth_cache=cache, exit=exit_, sessions=SessionRegistry(), node_name=s.node_name,
@@ -121,15 +129,19 @@ class Node:
             self.proxy.cluster.start()
         self.usage = UsageKeeper(self.pool, self.proxy, store, s.usage_flush_s)
         await self.usage.start()
-        await self.bus.start(self.proxy.handle_bus_event)
+        await self.bus.start(self._bus_event)
         # Devices that were online on this node before a crash are offline until they reconnect.
         await self.pool.execute("UPDATE devices SET online = false, node = NULL WHERE node = $1", s.node_name)
         await self.tunnels.start(s.bind_host, s.tunnel_port, ssl=tunnel_ssl)
+        await self.cluster.start_listeners(s.bind_host)
         await self.proxy.start(s.bind_host, s.proxy_port)
         await self._start_api()
         self.rotations.start()
         if self.request_log is not None:
             self._tasks.spawn(self._traffic_reporter(), name="traffic reporter")
+        sweeper = await self.cluster.started(self.tunnels.registry)
+        if sweeper is not None:
+            self._tasks.spawn(sweeper, name="presence sweeper")
         log.info("node %s: proxy :%d, tunnels :%d, api :%d", s.node_name, self.proxy.port, self.tunnels.port,
                  s.api_port)
 
@@ -145,6 +157,14 @@ class Node:
         log.info("tunnel TLS certificate %s%s, fingerprint %s", cert.cert_file,
                  " (created)" if cert.created else "", cert.fingerprint)
         return cert.context()
+
+    def relay_address(self) -> str:
+        return self.cluster.relay_address() if self.cluster is not None else ""
+
+    def _bus_event(self, event: str) -> None:
+        self.proxy.handle_bus_event(event)  # type: ignore[union-attr]
+        if self.cluster is not None:
+            self.cluster.bus_event(event)
 
     def _make_request_log(self):  # noqa: ANN202
         s = self.settings
@@ -188,6 +208,8 @@ class Node:
         s = self.settings
         if self.proxy is not None:
             self.proxy.stop_accepting()
+        if self.cluster is not None:
+            self.cluster.go_away()
         if self.tunnels is not None:
             self.tunnels.stop_accepting()
             self.tunnels.go_away()
@@ -207,6 +229,8 @@ class Node:
             await self.usage.close()  # after the sessions ended: their last bytes are written
         if self.proxy is not None and self.proxy.cluster is not None:
             await self.proxy.cluster.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         if self.tunnels is not None:
             for device_id in self.tunnels.registry.device_ids():
                 await accounts.set_presence(self.pool, device_id, False, s.node_name, {})

@@ -227,8 +227,8 @@ async def test_devices_list_and_register(tenants):
     ids = {d["remote_device_id"] for d in devices}
     assert tenants["dev_a"]["remote_device_id"] in ids and tenants["dev_b"]["remote_device_id"] not in ids
     keys = {"remote_device_id", "added", "automations", "brand", "country", "isEmulator", "model", "name",
-            "networkType", "numberOfCores", "online", "processor", "ramMb", "sdkVersion", "version",
-            "public_ip", "last_rotated_at", "rotation"}  # the last three: issue 17 (IP rotation)
+            "networkType", "node", "numberOfCores", "online", "processor", "ramMb", "sdkVersion", "version",
+            "public_ip", "last_rotated_at", "rotation"}  # the last three: issue 17 (IP rotation); node: issue 13
     assert set(devices[0]) == keys
     assert devices[0]["rotation"] == {"interval_s": None} and devices[0]["last_rotated_at"] is None
     s, reg = await dep.call("POST", "/api/v2/devices/register", a, json={"name": "Unique Device Name"})
