@@ -200,11 +200,12 @@ class TunnelServer:
         self.tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
 
-    async def start(self, host: str, port: int, ssl: ssl_module.SSLContext | None = None) -> None:
-        """Listen for devices (``ssl``: terminate TLS here; None = plain TCP)."""
+    async def start(self, host: str, port: int, ssl: ssl_module.SSLContext | None = None,
+                    reuse_port: bool = False) -> None:
+        """Listen for devices (``ssl``: terminate TLS here; None = plain TCP; ``reuse_port``: SO_REUSEPORT)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: NodeTunnel(self), host, port, reuse_address=True,
-                                                backlog=1024, ssl=ssl)
+                                                backlog=1024, ssl=ssl, reuse_port=reuse_port or None)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

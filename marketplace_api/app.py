@@ -176,5 +176,7 @@ def create_app(node: Any) -> web.Application:
     routes_taskmarket.setup(app)
     from . import routes_escrow
     routes_escrow.setup(app)
+    from . import internal
+    internal.setup(app)
     openapi.setup(app)
     return app

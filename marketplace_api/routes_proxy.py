@@ -121,17 +121,16 @@ async def admin_proxies(request: web.Request) -> web.Response:
 
 
 async def _bandwidth_by_connection(node, connection_ids: list[str]) -> dict[str, tuple[int, int]]:  # noqa: ANN001
-    if node.clickhouse is None or not connection_ids:
+    if node.log_reader is None or not connection_ids:
         return {}
-    import asyncio
     from datetime import UTC, datetime
 
-    from proxy.request_log.queries import bytes_by_connection
-
     try:
-        return await asyncio.to_thread(bytes_by_connection, node.clickhouse, connection_ids, datetime.now(UTC))
+        counts = await node.log_reader.query("bytes_by_connection", connection_ids=connection_ids,
+                                             now=datetime.now(UTC))
     except Exception as exc:
         raise ApiError(502, f"Could not reach the proxy orchestrator's log store: {exc}") from None
+    return {k: (int(v[0]), int(v[1])) for k, v in counts.items()}
 
 
 # -- devices ---------------------------------------------------------------------------------------

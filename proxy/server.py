@@ -90,10 +90,10 @@ class ProxyServer:
         self.handshaking: set[ClientSession] = set()
         self._server: asyncio.AbstractServer | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: ClientSession(self), host, port, reuse_address=True,
-                                                backlog=4096)
+                                                backlog=4096, reuse_port=reuse_port or None)
 
     @property
     def port(self) -> int:
@@ -557,7 +557,7 @@ class ClientSession(asyncio.Protocol):
 def log_attempt(server: ProxyServer, connection_id: str, device_id: str | None, host: str, port: int, *,
                 resolved_ip: str, action: str, block_reason: str | None, bytes_in: int, bytes_out: int,
                 started: float, started_wall: datetime | None, client_addr: str, protocol: str,
-                reply_code: int, error: str) -> None:
+                reply_code: int, error: str, device_node: str = "") -> None:
     """Hand one request-log row (one proxy attempt) to the writer; never blocks."""
     server.metrics.bytes_in += bytes_in
     server.metrics.bytes_out += bytes_out
@@ -582,4 +582,5 @@ def log_attempt(server: ProxyServer, connection_id: str, device_id: str | None, 
         protocol=protocol,
         reply_code=max(reply_code, 0),
         error=error,
+        device_node=device_node,
     ))

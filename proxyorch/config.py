@@ -56,6 +56,15 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("SETTLEMENT_DEADLINE_S", "settlement_deadline_s", float, 86400.0,
      "Escrow jobs: a settlement not approved or disputed within this is approved automatically"),
     ("PLATFORM_FEE_BPS", "platform_fee_bps", int, 3000, "Escrow jobs: platform fee on each place, basis points"),
+    ("CLUSTER_SECRET", "cluster_secret", str, "",
+     "Shared by the nodes of a cluster: authenticates node-to-node links and /internal/ endpoints"),
+    ("LOG_STORE_URL", "log_store_url", str, "",
+     "http://HOST:API_PORT of the node owning the request log; empty = this node owns its own store"),
+    ("WORKERS", "workers", int, 1, "Node processes on this machine sharing the ports (SO_REUSEPORT)"),
+    ("RELAY_PORT", "relay_port", int, 0, "Node-to-node relay listener port (0 = no relay)"),
+    ("INTERNAL_API_PORT", "internal_api_port", int, 0,
+     "Extra API listener on 127.0.0.1 (set by the supervisor for worker 0, which owns the log store)"),
+    ("REUSE_PORT", "reuse_port", bool, False, "Listen with SO_REUSEPORT (set by the supervisor for its workers)"),
 ]
 
 
@@ -108,6 +117,12 @@ class Settings:
     market_sweep_s: float = 5.0
     settlement_deadline_s: float = 86400.0
     platform_fee_bps: int = 3000
+    cluster_secret: str = ""
+    log_store_url: str = ""
+    workers: int = 1
+    relay_port: int = 0
+    internal_api_port: int = 0
+    reuse_port: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -76,6 +76,7 @@ class Node:
         self.rms: Rms | None = None
         self.request_log = None
         self.clickhouse = None
+        self.log_reader = None
         self.api_runner = None
         self.admin_token = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -118,8 +119,8 @@ class Node:
         await self.bus.start(self.proxy.handle_bus_event)
         # Devices that were online on this node before a crash are offline until they reconnect.
         await self.pool.execute("UPDATE devices SET online = false, node = NULL WHERE node = $1", s.node_name)
-        await self.tunnels.start(s.bind_host, s.tunnel_port)
-        await self.proxy.start(s.bind_host, s.proxy_port)
+        await self.tunnels.start(s.bind_host, s.tunnel_port, reuse_port=s.reuse_port)
+        await self.proxy.start(s.bind_host, s.proxy_port, reuse_port=s.reuse_port)
         await self._start_api()
         if self.request_log is not None:
             self._tasks.append(asyncio.create_task(self._traffic_reporter()))
@@ -131,13 +132,19 @@ class Node:
         if not s.request_log:
             return None
         from proxy.request_log.clickhouse import make_client
+        from proxy.request_log.remote import LocalLogReader, RemoteLogReader, RemoteLogSink
         from proxy.request_log.writer import RequestLogWriter
 
-        self.clickhouse = make_client(s.clickhouse_url, s.data_dir)
-        self.clickhouse.apply_schema(s.log_retention_days)
-        writer_client = self.clickhouse
+        if s.log_store_url:  # another node owns the store: send batches there, read from there
+            writer_client = RemoteLogSink(s.log_store_url, s.cluster_secret)
+            self.log_reader = RemoteLogReader(s.log_store_url, s.cluster_secret)
+        else:
+            self.clickhouse = make_client(s.clickhouse_url, s.data_dir)
+            self.clickhouse.apply_schema(s.log_retention_days)
+            writer_client = self.clickhouse
+            self.log_reader = LocalLogReader(self.clickhouse)
         if s.clickhouse_fault_file:
-            writer_client = FaultInjectingClickHouse(self.clickhouse, s.clickhouse_fault_file)
+            writer_client = FaultInjectingClickHouse(writer_client, s.clickhouse_fault_file)
         writer = RequestLogWriter(lambda: writer_client, str(Path(s.data_dir) / "spool"),
                                   batch_rows=s.log_batch_rows, batch_seconds=s.log_batch_s)
         writer.start()
@@ -157,8 +164,11 @@ class Node:
         app = create_app(self)
         self.api_runner = web.AppRunner(app, access_log=None)
         await self.api_runner.setup()
-        site = web.TCPSite(self.api_runner, self.settings.bind_host, self.settings.api_port, reuse_address=True)
+        s = self.settings
+        site = web.TCPSite(self.api_runner, s.bind_host, s.api_port, reuse_address=True, reuse_port=s.reuse_port or None)
         await site.start()
+        if s.internal_api_port:  # the supervisor's worker 0: reachable by the other workers alone
+            await web.TCPSite(self.api_runner, "127.0.0.1", s.internal_api_port, reuse_address=True).start()
 
     async def stop(self) -> None:
         """Graceful: stop accepting, tell devices to go away, drain sessions, flush the log."""
@@ -189,6 +199,8 @@ class Node:
             await self.api_runner.cleanup()
         if self.request_log is not None:
             await asyncio.to_thread(self.request_log.close)
+        if self.log_reader is not None:
+            await self.log_reader.close()
         if self.bus is not None:
             await self.bus.close()
         if self.pool is not None:

@@ -17,11 +17,13 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _LOG_COLUMNS = (
     "toUnixTimestamp64Milli(timestamp), connectionId, deviceId, serverNode, target, targetType, port, "
-    "resolvedIp, action, blockReason, bytesIn, bytesOut, durationMs, clientAddr, protocol, replyCode, error"
+    "resolvedIp, action, blockReason, bytesIn, bytesOut, durationMs, clientAddr, protocol, replyCode, error, "
+    "deviceNode"
 )
 _LOG_KEYS = (
     "timestamp", "connectionId", "deviceId", "serverNode", "target", "targetType", "port", "resolvedIp",
     "action", "blockReason", "bytesIn", "bytesOut", "durationMs", "clientAddr", "protocol", "replyCode", "error",
+    "deviceNode",
 )
 # Newest first; the tie-breakers make LIMIT/OFFSET pages stable between calls.
 _LOG_ORDER = "timestamp DESC, connectionId, clientAddr, target, durationMs, bytesIn, bytesOut"

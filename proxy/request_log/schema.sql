@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS proxyorch.request_log
     replyCode    UInt16,
     error        String,
     domain       String,          -- registrable domain of the target (proxy/request_log/domains.py)
+    deviceNode   LowCardinality(String), -- node holding the device's tunnel (= serverNode unless relayed)
     INDEX idx_connection connectionId TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX idx_target lower(target) TYPE ngrambf_v1(3, 8192, 2, 0) GRANULARITY 4
 )
@@ -94,6 +95,8 @@ GROUP BY day, deviceId, connectionId;
 
 -- Tables made before the `domain` column: add it (old rows read as '' and group by their host).
 ALTER TABLE proxyorch.request_log ADD COLUMN IF NOT EXISTS domain String AFTER error;
+-- Tables made before the `deviceNode` column (old rows read as '').
+ALTER TABLE proxyorch.request_log ADD COLUMN IF NOT EXISTS deviceNode LowCardinality(String) AFTER domain;
 
 -- Follow LOG_RETENTION_DAYS when it changes (metadata only: run with materialize_ttl_after_modify = 0).
 ALTER TABLE proxyorch.request_log MODIFY TTL toDateTime(timestamp) + INTERVAL {retention_days} DAY;

@@ -39,7 +39,7 @@ TRAFFIC_DELTA = "traffic_delta"
 REQUEST_LOG_COLUMNS = [
     "timestamp", "connectionId", "deviceId", "serverNode", "target", "targetType", "port", "resolvedIp",
     "action", "blockReason", "bytesIn", "bytesOut", "durationMs", "clientAddr", "protocol", "replyCode",
-    "error", "domain",
+    "error", "domain", "deviceNode",
 ]
 TRAFFIC_DELTA_COLUMNS = ["timestamp", "deviceId", "connectionId", "bytesIn", "bytesOut"]
 COLUMNS = {REQUEST_LOG: REQUEST_LOG_COLUMNS, TRAFFIC_DELTA: TRAFFIC_DELTA_COLUMNS}
@@ -54,6 +54,16 @@ def _utc(ts: datetime) -> datetime:
 
 def _uint(v: int) -> int:
     return max(0, int(v))
+
+
+def fill_old_row(row: tuple) -> tuple:
+    """A ``request_log`` row of an older column list, completed: ``domain`` from the target,
+    ``deviceNode`` = ``serverNode`` (rows of those versions were never relayed)."""
+    if len(row) == len(REQUEST_LOG_COLUMNS) - 2:
+        row = (*row, registrable_domain(str(row[4])))
+    if len(row) == len(REQUEST_LOG_COLUMNS) - 1:
+        row = (*row, str(row[3]))
+    return row
 
 
 @dataclass(slots=True)
@@ -77,6 +87,7 @@ class SessionRecord:
     protocol: str                # "socks5" | "http"
     reply_code: int
     error: str
+    device_node: str = ""        # node holding the device's tunnel; "" = this node (server_node)
 
     def to_row(self) -> tuple:
         """The ``request_log`` row, in ``REQUEST_LOG_COLUMNS`` order."""
@@ -86,6 +97,7 @@ class SessionRecord:
             str(self.action), str(self.block_reason or ""), _uint(self.bytes_in), _uint(self.bytes_out),
             _uint(self.duration_ms), str(self.client_addr or ""), str(self.protocol),
             min(_uint(self.reply_code), 65535), str(self.error or ""), registrable_domain(str(self.target)),
+            str(self.device_node or self.server_node),
         )
 
 
@@ -217,9 +229,8 @@ class Spool:
             obj = orjson.loads(line)
             table = obj["table"]
             rows = [(datetime.fromisoformat(r[0]), *r[1:]) for r in obj["rows"]]
-            if table == REQUEST_LOG:  # spooled before the `domain` column: fill it in
-                rows = [r if len(r) == len(REQUEST_LOG_COLUMNS) else (*r, registrable_domain(str(r[4])))
-                        for r in rows]
+            if table == REQUEST_LOG:  # spooled before the `domain` / `deviceNode` columns: fill them in
+                rows = [fill_old_row(r) for r in rows]
             if table not in COLUMNS:
                 raise ValueError(f"unknown table {table!r}")
             return _Batch(table, obj["token"], rows)

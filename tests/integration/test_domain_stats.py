@@ -66,8 +66,17 @@ def test_old_tables_gain_the_domain_column_and_old_rows_group_by_host(tmp_path: 
 def test_spool_lines_from_before_the_domain_column_are_filled_in(tmp_path: Path) -> None:
     old_row = ["2026-01-01T00:00:00+00:00", "c1", "d1", "n", "www.shop.example.co.uk:443", "domain", 443, "",
                "allowed", "", 1, 2, 3, "127.0.0.1", "socks5", 0, ""]
-    assert len(old_row) == len(REQUEST_LOG_COLUMNS) - 1
+    assert len(old_row) == len(REQUEST_LOG_COLUMNS) - 2
     line = orjson.dumps({"table": REQUEST_LOG, "token": "t", "rows": [old_row]})
     batch = Spool._parse(line, tmp_path / "seg")
     assert batch is not None and len(batch.rows[0]) == len(REQUEST_LOG_COLUMNS)
-    assert batch.rows[0][-1] == "example.co.uk"
+    assert batch.rows[0][-2:] == ("example.co.uk", "n")  # domain filled in; deviceNode = serverNode
+
+
+def test_spool_lines_from_before_the_device_node_column_get_the_server_node(tmp_path: Path) -> None:
+    old_row = ["2026-01-01T00:00:00+00:00", "c1", "d1", "node-a", "www.shop.example.co.uk:443", "domain", 443, "",
+               "allowed", "", 1, 2, 3, "127.0.0.1", "socks5", 0, "", "example.co.uk"]
+    assert len(old_row) == len(REQUEST_LOG_COLUMNS) - 1
+    line = orjson.dumps({"table": REQUEST_LOG, "token": "t", "rows": [old_row]})
+    batch = Spool._parse(line, tmp_path / "seg")
+    assert batch is not None and batch.rows[0][-2:] == ("example.co.uk", "node-a")
