@@ -40,6 +40,15 @@ def problems(s: Settings, *, supervisor: bool = False) -> list[str]:
         out.append(f"WORKERS must be at least 1 (got {s.workers})")
     if s.relay_port and not 0 < s.relay_port < 65536:
         out.append(f"RELAY_PORT must be a TCP port 1-65535 (got {s.relay_port})")
+    ports = [(n, v) for n, v in (("PROXY_PORT", s.proxy_port), ("TUNNEL_PORT", s.tunnel_port),
+                                  ("API_PORT", s.api_port), ("RELAY_PORT", s.relay_port),
+                                  ("INTERNAL_API_PORT", s.internal_api_port)) if v]
+    for i, (name, port) in enumerate(ports):  # with SO_REUSEPORT a clash would not even fail to bind
+        out += [f"{name} and {other} are both {port}" for other, p in ports[i + 1:] if p == port]
+    if supervisor:
+        out += [f"{n} must not be 0 with WORKERS > 1 (the workers share it)"
+                for n, v in (("PROXY_PORT", s.proxy_port), ("TUNNEL_PORT", s.tunnel_port), ("API_PORT", s.api_port))
+                if not v]
     if s.cluster_secret and len(s.cluster_secret) < MIN_SECRET_CHARS:
         out.append(f"CLUSTER_SECRET must be at least {MIN_SECRET_CHARS} characters")
     if s.log_store_url:

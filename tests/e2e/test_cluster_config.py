@@ -53,6 +53,8 @@ def test_a_cluster_node_needs_rms_key_and_admin_token_set_explicitly(tmp_path, m
      "LOG_STORE_URL and CLICKHOUSE_URL are exclusive"),
     ({"CLUSTER_SECRET": SECRET, "RMS_KEY": "bm90IDMyIGJ5dGVz"}, "RMS_KEY must be 32 bytes"),
     ({"WORKERS": "0"}, "WORKERS must be at least 1"),
+    ({"TUNNEL_PORT": "7777", "API_PORT": "7777"}, "TUNNEL_PORT and API_PORT are both 7777"),
+    ({"WORKERS": "2", "API_PORT": "0"}, "API_PORT must not be 0 with WORKERS > 1"),
 ])
 def test_malformed_cluster_settings_are_refused_with_the_reason(tmp_path, env, message) -> None:
     r = serve(tmp_path, **{"ADMIN_TOKEN": "adm", "RMS_KEY": KEY, **env})
