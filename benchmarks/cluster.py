@@ -121,18 +121,16 @@ async def footprint(database_url: str, n: int) -> dict:
     cred_bytes = ((after["proxy_credentials"] - before["proxy_credentials"])
                   + (after["rms_connections"] - before["rms_connections"])) / n
 
-    records = [StoredCredential(str(c), hash_password(str(c), "x" * 16), str(devs[i]), [], [], [])
-               for i, c in enumerate(conns)]
+    dev_ids = [str(d) for d in devs]
 
     async def fill() -> AuthCache:
-        it = iter(records)
-
-        async def fetch(_cid: str) -> StoredCredential:
-            return next(it)
+        """N lookups on a cold cache; ids and rows made inside the measured window, as in a node."""
+        async def fetch(cid: str) -> StoredCredential:
+            return StoredCredential(cid, hash_password(cid, "x" * 16), str(uuid.UUID(dev_ids[len(cache._entries)])), [], [], [])
 
         cache = AuthCache(fetch, ttl=3600)
-        for r in records:
-            await cache.lookup(r.connection_id)
+        for c in conns:
+            await cache.lookup(str(c))
         return cache
 
     tracemalloc.start()
