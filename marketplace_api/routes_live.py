@@ -65,6 +65,12 @@ async def device_presence(request: web.Request) -> web.Response:
 
 async def proxy_domains(request: web.Request) -> web.Response:
     """Per registrable domain (public suffix list) in a time window, by bytes descending."""
+    admin = bool(request.headers.get("X-Admin-Token"))
+    user = None
+    if admin:  # authenticate before validating anything
+        require_admin(request)
+    else:
+        user = await require_user(request)
     q = request.query
     start = parse_time(q.get("from"), "from", True)
     end = parse_time(q.get("to"), "to", True)
@@ -75,11 +81,10 @@ async def proxy_domains(request: web.Request) -> web.Response:
     limit = parse_int(q.get("limit"), "limit", 100, 1, MAX_DOMAINS)
     connection_id = parse_uuid_param(q.get("connectionId"), "connectionId")
     device_id = parse_uuid_param(q.get("deviceId"), "deviceId")
-    if request.headers.get("X-Admin-Token"):
-        require_admin(request)
+    if admin:
         device_ids = None if device_id is None else [device_id]
     else:
-        device_ids = await _scope(request, await require_user(request), device_id)
+        device_ids = await _scope(request, user, device_id)
     domains = await read_log_store(request, "domains", device_ids=device_ids, start=start, end=end,
                                    connection_id=connection_id, limit=limit)
     return json_response({"success": True, "domains": domains})

@@ -18,7 +18,8 @@ The supervisor (this process) prepares what the workers share, then runs and wat
   set); ``CLUSTER_SECRET``, ``RMS_KEY`` and ``ADMIN_TOKEN`` come from the settings or from files
   under ``DATA_DIR`` (``cluster.secret``, ``rms.key``, ``admin.token``; created 0600 once).
 
-SIGTERM / SIGINT: forwarded to every worker as SIGTERM (each drains as a single node does); after
+SIGTERM / SIGINT: forwarded to every worker as SIGTERM (each drains as a single node does; worker 0
+last, so the others' final log batches reach its store); after
 ``DRAIN_TIMEOUT_S`` + 20 s a worker still alive is killed. A worker that dies on its own is
 restarted after a back-off (0.5 s doubling to 10 s; reset once a worker has lived 30 s). Children
 get ``PR_SET_PDEATHSIG`` so none outlives a supervisor that is itself killed.
@@ -36,6 +37,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +99,7 @@ class Supervisor:
     stopping: bool = False
     _redis: subprocess.Popen | None = None
     _pg: object = None
+    _redis_dir: str = ""
 
     def prepare(self, base_env: dict[str, str]) -> None:
         """Start what the workers share and build each worker's environment."""
@@ -154,6 +157,9 @@ class Supervisor:
         if exe is None:
             return ""
         sock = data_dir / "redis.sock"
+        if len(str(sock)) > 100:  # longer than a unix socket path may be
+            self._redis_dir = tempfile.mkdtemp(prefix="proxyorch-redis-")
+            sock = Path(self._redis_dir) / "redis.sock"
         sock.unlink(missing_ok=True)
         self._redis = subprocess.Popen(
             [exe, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700", "--save", "",
@@ -188,18 +194,20 @@ class Supervisor:
                 self.spawn(w)
 
     def stop(self) -> None:
-        """SIGTERM every worker, wait for the drain, kill stragglers, stop redis and PostgreSQL."""
-        live = [w.proc for w in self.workers if w.proc is not None and w.proc.poll() is None]
-        for p in live:
-            p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.drain_timeout_s + KILL_GRACE_S
-        for p in live:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.error("supervisor: worker pid %d did not stop; killing it", p.pid)
-                p.kill()
-                p.wait()
+        """SIGTERM the workers (worker 0, the log-store owner, last, so the others' final batches
+        reach it), wait for each drain, kill stragglers, stop redis and PostgreSQL."""
+        for group in (self.workers[1:], self.workers[:1]):
+            live = [w.proc for w in group if w.proc is not None and w.proc.poll() is None]
+            for p in live:
+                p.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.settings.drain_timeout_s + KILL_GRACE_S
+            for p in live:
+                try:
+                    p.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.error("supervisor: worker pid %d did not stop; killing it", p.pid)
+                    p.kill()
+                    p.wait()
         if self._redis is not None:
             self._redis.terminate()
             try:
@@ -207,6 +215,8 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 self._redis.kill()
                 self._redis.wait()
+        if self._redis_dir:
+            shutil.rmtree(self._redis_dir, ignore_errors=True)
         if self._pg is not None:
             self._pg.cleanup()  # type: ignore[attr-defined]
 
@@ -222,7 +232,11 @@ def supervise(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        sup.prepare(dict(os.environ))
+        try:
+            sup.prepare(dict(os.environ))  # the workers inherit this environment, plus their own settings
+        except Exception as exc:
+            print(f"proxyorch serve --workers: cannot start: {exc}", file=sys.stderr, flush=True)
+            return 1
         for w in sup.workers:
             sup.spawn(w)
         print(f"proxyorch supervisor: {settings.workers} workers on proxy {settings.bind_host}:"

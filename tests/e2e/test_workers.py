@@ -170,8 +170,19 @@ async def test_a_killed_worker_is_restarted(rig) -> None:
     else:
         raise AssertionError(f"worker 1 was not restarted: {w.log_path.read_text()[-2000:]}")
     assert w.proc.poll() is None
-    await rig["dep"].wait_online(rig["device"]["remote_device_id"])
-    for _ in range(5):
+    # The agent moved its tunnels to worker 0 while worker 1 was down; without the relay a client
+    # landing on worker 1 needs tunnels there again: restart the agent to spread them anew.
+    dep, device = rig["dep"], rig["device"]
+    for a in dep.agents:
+        a.kill(15)
+    dep.agents.append(AgentProcess(w, device["remote_device_id"], device["device_token"], "--allow-private",
+                                   "--tunnels", "12").start())
+    deadline = time.time() + 30
+    while len(tunnel_holders(w)) < 2 and time.time() < deadline:
+        await asyncio.sleep(0.2)
+    assert len(tunnel_holders(w)) == 2
+    await dep.wait_online(device["remote_device_id"])
+    for _ in range(10):
         await echo_session(rig)
 
 
