@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import aiohttp
 import psutil
 import pytest
 import pytest_asyncio
-from conftest import AgentProcess, Deployment, NodeProcess, create_database, free_port
+from conftest import AgentProcess, Deployment, NodeProcess, create_database, free_port, stop_postgres
 from socks_client import socks5_open
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -225,3 +228,26 @@ async def test_sigterm_ends_the_supervisor_and_every_worker(pg_root, tmp_path) -
     assert code == 0, w.log_path.read_text()[-2000:]
     gone, alive = psutil.wait_procs(everything, timeout=5)
     assert not alive, alive
+
+
+async def test_the_supervisor_starts_the_embedded_postgresql_once_for_all_workers() -> None:
+    base = Path(tempfile.mkdtemp(prefix="proxyorch-workers-"))
+    os.chmod(base, 0o755)  # the embedded server runs as its own system user when the tests run as root
+    w = Workers("", base / "sup", 2)  # no DATABASE_URL: the embedded default
+    pgdata = (base / "sup" / "postgres").resolve()
+    try:
+        await w.start()
+        urls = {p.environ()["DATABASE_URL"] for p in w.children()}
+        assert len(urls) == 1 and urls.pop().startswith("postgres")
+        postmasters = [p for p in psutil.process_iter(["cmdline"])
+                       if p.info["cmdline"] and "postgres" in p.info["cmdline"][0] and "-D" in p.info["cmdline"]
+                       and str(pgdata) in " ".join(p.info["cmdline"])]
+        assert len(postmasters) == 1, postmasters
+        assert not (base / "sup" / "workers" / "1" / "postgres").exists()
+        code = await w.stop(signal.SIGTERM, timeout=60)
+        assert code == 0, w.log_path.read_text()[-2000:]
+        assert not (pgdata / "postmaster.pid").exists()
+    finally:
+        await w.stop(signal.SIGKILL)
+        stop_postgres(pgdata)
+        shutil.rmtree(base, ignore_errors=True)
