@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import machine, procs, report
+from . import agent_cost, machine, procs, report
 from .procs import WORK, Stack
 from .scenarios import Bench, Config, log
 
@@ -36,8 +36,11 @@ def _write(out: Path, plot_dir: Path, data: dict[str, Any]) -> None:
         plot_rel = str(plot_dir.relative_to(out.parent))
     except ValueError:
         plot_rel = str(plot_dir)
-    out.write_text(report.render(data["meta"], results, systems, data["unavailable"], data["errors"],
-                                 data["profiles"], plot_list, plot_rel, data.get("restarts", [])))
+    text = report.render(data["meta"], results, systems, data["unavailable"], data["errors"],
+                         data["profiles"], plot_list, plot_rel, data.get("restarts", []))
+    if data.get("agent_cost"):
+        text += "\n" + agent_cost.render(data["agent_cost"])
+    out.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the idle-session memory scenario")
     p.add_argument("--no-profile", action="store_true", help="do not py-spy the product for missed goals")
     p.add_argument("--systems", help="comma-separated system keys to run (default: all)")
-    p.add_argument("--only", help="comma-separated scenarios: memory,loopback,mobile (default: all)")
+    p.add_argument("--only", help="comma-separated scenarios: memory,loopback,mobile,agent (default: all)")
     p.add_argument("--rerender", action="store_true",
                    help="only rewrite the report and plots from the last run (benchmarks/work/results.json)")
     p.add_argument("--request-log", choices=["0", "1"], default="1",
@@ -72,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack()
     bench = Bench(cfg, stack)
     profiles: dict[str, Any] = {}
+    agent_result: dict[str, Any] = {}
     try:
-        only = set(args.only.split(",")) if args.only else {"memory", "loopback", "mobile"}
+        only = set(args.only.split(",")) if args.only else {"memory", "loopback", "mobile", "agent"}
         bench.setup()
         if args.systems:
             keep = set(args.systems.split(",")) | {"direct"}
@@ -84,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
             bench.run_loopback()
         if not args.no_mobile and "mobile" in only:
             bench.run_mobile()
+        if "agent" in only:  # its own two nodes (TLS / plaintext tunnel) and agents, in the same stack
+            log("device agent cost and TLS on vs off")
+            try:
+                agent_result = agent_cost.measure(stack, cfg.quick, bench.node.env["DATABASE_URL"],
+                                                  bench.target, bench.lg)
+            except Exception as exc:  # noqa: BLE001
+                agent_result = {"error": str(exc)}
+                bench.errors.append(f"agent cost: {exc}")
         if not args.no_profile:
             missed = {g["goal"] for g in report.goals(bench.results) if g["ok"] is False}
             todo = []
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             "request_log": cfg.request_log, "foreign_cpu_s": max(0.0, busy - own), "busy_cpu_s": busy,
             "own_cpu_s": own}
     data = {"meta": meta, "systems": systems, "results": results, "unavailable": bench.unavailable,
-            "errors": bench.errors, "profiles": profiles, "restarts": bench.restarts}
+            "errors": bench.errors, "profiles": profiles, "restarts": bench.restarts, "agent_cost": agent_result}
     WORK.mkdir(parents=True, exist_ok=True)
     (WORK / "results.json").write_text(json.dumps(data, indent=1, default=str))
     _write(out, plot_dir, data)
@@ -128,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     for g in report.goals(results):
         mark = "n/a " if g["ok"] is None else ("pass" if g["ok"] else "MISS")
         print(f"  [{mark}] {g['goal']}: {g['measured']}")
-    return 0 if results and not bench.errors else 1
+    return 0 if (results or agent_result) and not bench.errors else 1
 
 
 if __name__ == "__main__":

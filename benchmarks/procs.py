@@ -183,6 +183,18 @@ class Node:
     env: dict[str, str]
     proc: Proc | None = None
 
+    @property
+    def tls(self) -> bool:
+        return self.env.get("TUNNEL_TLS", "1") not in ("0", "false", "no", "off")
+
+    def agent_tls_args(self) -> list[str]:
+        """The pin of this node's tunnel certificate (created under DATA_DIR at start), or --plaintext."""
+        if not self.tls:
+            return ["--plaintext"]
+        from device_tunnel.tls import fingerprint_pem
+
+        return ["--server-fingerprint", fingerprint_pem((self.data_dir / "tunnel-tls" / "cert.pem").read_text())]
+
 
 def node_env(data_dir: Path, database_url: str, name: str, extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
@@ -232,11 +244,14 @@ def make_credential(node: Node, user_id: str, name: str) -> Credential:
     return Credential(dev["remote_device_id"], dev["device_token"], conn["connectionId"], conn["password"])
 
 
-def start_agent(stack: Stack, name: str, server_port: int, cred: Credential, tunnels: int = 1) -> Proc:
+def start_agent(stack: Stack, name: str, node: Node, cred: Credential, tunnels: int = 1,
+                server_port: int | None = None, extra: tuple[str, ...] = ()) -> Proc:
+    """A device agent of ``node`` (dialling ``server_port`` when a link emulator sits in between)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return stack.spawn(name, [PY, "-m", "proxyorch", "device-agent", "--server", f"{HOST}:{server_port}",
-                              "--device-id", cred.device_id, "--token", cred.device_token, "--allow-private",
-                              "--tunnels", str(tunnels), "--log-level", "WARNING"], env)
+    return stack.spawn(name, [PY, "-m", "proxyorch", "device-agent", "--server",
+                              f"{HOST}:{server_port or node.tunnel_port}", "--device-id", cred.device_id,
+                              "--token", cred.device_token, "--allow-private", "--tunnels", str(tunnels),
+                              "--log-level", "WARNING", *node.agent_tls_args(), *extra], env)
 
 
 def socks_probe(port: int, target_port: int, user: str | None, password: str | None) -> bool:

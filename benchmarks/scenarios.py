@@ -98,7 +98,7 @@ class Bench:
                     for k in ["loop", *[p["key"] for p in PROFILES]]}
             self.creds: dict[str, Credential] = {k: f.result() for k, f in futs.items()}
         cred = self.creds["loop"]
-        self.agent = procs.start_agent(self.stack, "agent", self.node.tunnel_port, cred)
+        self.agent = procs.start_agent(self.stack, "agent", self.node, cred)
         procs.wait_socks(self.node.proxy_port, self.target.echo_port, cred.connection_id, cred.password, 30,
                          self.agent)
         procs.wait_socks(self.dnode.proxy_port, self.target.echo_port, cred.connection_id, cred.password, 30)
@@ -268,7 +268,7 @@ class Bench:
                 started.append(emu)
                 procs.wait_port(p_echo, 15, emu.popen)
                 cred = self.creds[key]
-                agent = procs.start_agent(self.stack, f"agent-{key}", p_tun, cred)
+                agent = procs.start_agent(self.stack, f"agent-{key}", self.node, cred, server_port=p_tun)
                 started.append(agent)
                 procs.wait_socks(self.node.proxy_port, t.echo_port, cred.connection_id, cred.password, 40, agent)
                 systems = [

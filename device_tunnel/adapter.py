@@ -161,7 +161,11 @@ class TunnelProtocol(asyncio.Protocol):
         self.output_ready()
 
     def data_received(self, data: bytes) -> None:
-        self.dispatch(self.conn.receive_data(data, self._loop.time()))
+        conn = self.conn
+        shaken = conn.handshake_done
+        self.dispatch(conn.receive_data(data, self._loop.time()))
+        if not shaken and conn.handshake_done:
+            self._arm_timer()  # the handshake deadline gave way to the (sooner) ping schedule
         self.output_ready()
 
     def eof_received(self) -> bool:

@@ -25,6 +25,7 @@ from .connection import Role, TunnelConfig
 from .events import ControlReceived, Event, StreamOpenRequested, StreamReset, WelcomeReceived
 from .replies import ReplyCode, reply_for_errno
 from .target_policy import is_forbidden_address, parse_ip_literal
+from .tls import explain_connect_error
 from .windows import MemoryBudget, WindowSettings
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class AgentConfig:
     runner: AutomationRunner | None = None
     ssl: ssl_module.SSLContext | None = None
     server_hostname: str | None = None
-    verify: TransportVerifier | None = None
+    verify: TransportVerifier | None = None  # runs after connect, before any HELLO byte (raise = refuse)
+    plaintext: bool = False  # ssl=None is refused unless plaintext is asked for explicitly
 
     def tunnel_config(self) -> TunnelConfig:
         return TunnelConfig(ping_interval=self.ping_interval, dead_after=self.dead_after,
@@ -207,7 +209,9 @@ class AgentTunnel(TunnelProtocol):
             except Exception as exc:
                 log.error("node refused by the transport check: %s", exc)
                 if not self.welcome.done():
-                    self.welcome.set_exception(ConnectionError(f"node not verified: {exc}"))
+                    # a ConnectionError (e.g. TunnelTlsError) keeps its type: the reconnect loop explains it
+                    self.welcome.set_exception(exc if isinstance(exc, ConnectionError)
+                                               else ConnectionError(f"node not verified: {exc}"))
                 self.transport.abort()
                 return
         self.conn.send_hello(cfg.device_id, cfg.token, cfg.meta)
@@ -327,6 +331,8 @@ class DeviceAgent:
     """Keeps ``config.tunnels`` tunnels up, reconnecting with jittered exponential back-off."""
 
     def __init__(self, config: AgentConfig) -> None:
+        if config.ssl is None and not config.plaintext:
+            raise ValueError("the tunnel is TLS unless plaintext is asked for explicitly")
         self.config = config
         self.budget = MemoryBudget(config.memory_budget)
         self.tunnels: set[AgentTunnel] = set()
@@ -378,7 +384,11 @@ class DeviceAgent:
                 await tunnel.closed_future
                 log.info("tunnel %d closed", index)
             except (OSError, TimeoutError, ConnectionError) as exc:
-                log.info("tunnel %d: %s; retrying in %.1fs", index, exc, backoff)
+                hint = explain_connect_error(exc, tls=cfg.ssl is not None)
+                if hint:
+                    log.error("tunnel %d: %s; retrying in %.1fs", index, hint, backoff)
+                else:
+                    log.info("tunnel %d: %s; retrying in %.1fs", index, exc, backoff)
             finally:
                 if tunnel is not None:
                     self.tunnels.discard(tunnel)

@@ -11,7 +11,20 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-import orjson
+try:  # orjson when present (the full install); the agent distribution runs on the standard library
+    import orjson
+
+    _loads, _dumps, _JSONError = orjson.loads, orjson.dumps, orjson.JSONDecodeError
+except ImportError:  # pragma: no cover - exercised by the agent-distribution test
+    import json
+
+    def _dumps(obj: object) -> bytes:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def _loads(data: bytes | memoryview) -> object:
+        return json.loads(bytes(data))
+
+    _JSONError = ValueError
 
 from .errors import ErrorCode, TunnelError
 
@@ -64,8 +77,8 @@ class Frame:
     def json(self) -> dict:
         """Decode a JSON payload; raises FrameError when it is not a JSON object."""
         try:
-            value = orjson.loads(self.payload)
-        except orjson.JSONDecodeError as exc:
+            value = _loads(self.payload)
+        except (_JSONError, UnicodeDecodeError) as exc:
             raise FrameError(f"bad JSON in {FrameType(self.type).name}") from exc
         if not isinstance(value, dict):
             raise FrameError(f"{FrameType(self.type).name} payload is not an object")
@@ -83,7 +96,7 @@ def header(ftype: int, stream_id: int, length: int, flags: int = 0) -> bytes:
 
 
 def encode_json(ftype: int, stream_id: int, obj: dict) -> bytes:
-    return encode(ftype, stream_id, orjson.dumps(obj))
+    return encode(ftype, stream_id, _dumps(obj))
 
 
 def encode_window(stream_id: int, increment: int) -> bytes:

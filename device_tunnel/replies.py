@@ -41,7 +41,7 @@ def http_status(code: int) -> int:
 
 
 def reply_for_errno(exc: OSError) -> ReplyCode:
-    """Reply code for a failed connect (refused, unreachable, timed out, else general failure)."""
+    """The reply code for a failed connect to a target (refused, unreachable, timed out, other)."""
     if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED:
         return ReplyCode.CONNECTION_REFUSED
     if exc.errno == errno.ENETUNREACH:

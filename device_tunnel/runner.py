@@ -3,7 +3,7 @@
 - ``{command: start|stop, automationId, code}`` — ``launchAutomation``;
 - ``{command: task_assigned, job_task_id, agent_token, ...}`` — a planned task was assigned to this
   device: the message (with the agent token the automation uses for the agent API, see
-  ``marketplace_api.sdk.Agent.from_assignment``) is recorded for the automation to pick up.
+  ``device_tunnel.sdk.Agent.from_assignment``) is recorded for the automation to pick up.
 """
 
 from __future__ import annotations

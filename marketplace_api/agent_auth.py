@@ -15,9 +15,10 @@ from datetime import datetime
 import asyncpg
 from aiohttp import web
 
-from proxy.auth_cache.hashing import hash_token
+from proxyorch.tokens import hash_token
 
-from .app import NODE, bearer_token
+from .auth import bearer_token
+from .context import POOL
 
 TOKEN_PREFIX = "agt_"
 EXPIRY_SLACK_S = 300
@@ -81,4 +82,4 @@ async def agent_from_request(request: web.Request) -> AgentIdentity | None:
     token = bearer_token(request)
     if token is None:
         return None
-    return await authenticate_agent(request.app[NODE].pool, token)
+    return await authenticate_agent(request.app[POOL], token)

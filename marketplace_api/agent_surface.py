@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import uuid
 from typing import Any
 
@@ -22,12 +21,15 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from proxy.auth_cache.hashing import hash_token
+from device_tunnel.registry import DeviceRegistry
+from proxyorch.tasks import TaskSet
+from proxyorch.tokens import hash_token
 
 from .agent_auth import TOKEN_PREFIX, AgentIdentity, authenticate_agent, mint_agent_token, revoke_for_task
-from .app import NODE, bearer_token
 from .assignment import assign_with_retries
+from .auth import bearer_token
 from .common import can_edit, parse_bool, parse_uuid
+from .context import POOL
 from .errors import ApiError
 from .schema_validation import validate
 from .storage import EXTENSION, decode_base64, save_proof_file
@@ -42,7 +44,6 @@ MAX_INPUT_CHARS = 10_000
 MAX_DATA_CHARS = 100_000
 MAX_FILES = 20
 MAX_VARIABLES_BYTES = 64 * 1024
-DELIVERY_SWEEP_S = float(os.environ.get("AGENT_DELIVERY_SWEEP_S", "1"))
 DELIVERY_TIMEOUT_S = 10.0
 
 
@@ -63,7 +64,7 @@ def _json_or_text(value: str | None) -> Any:
 # -- authentication ---------------------------------------------------------------------------------
 async def require_agent(request: web.Request) -> AgentIdentity:
     """The identity of a live agent token whose task is running; else the precise refusal."""
-    pool = request.app[NODE].pool
+    pool = request.app[POOL]
     token = bearer_token(request)
     if token is None:
         raise ApiError(401, "Missing agent token")
@@ -143,7 +144,7 @@ async def submit_task(request: web.Request, agent: AgentIdentity, body: dict) ->
     proof = orjson.dumps(data).decode()
     if len(proof) > MAX_DATA_CHARS:
         raise _bad(f"data must serialise to at most {MAX_DATA_CHARS} characters")
-    pool = request.app[NODE].pool
+    pool = request.app[POOL]
     async with pool.acquire() as conn, conn.transaction():
         task = await conn.fetchrow("SELECT status, finished FROM job_tasks WHERE id = $1 FOR UPDATE",
                                    agent.job_task_id)
@@ -208,7 +209,7 @@ async def set_variables(pool: asyncpg.Pool, agent: AgentIdentity, body: dict) ->
 
 
 # -- addSubTasks / getSubTasks ----------------------------------------------------------------------------
-async def add_subtasks(pool: asyncpg.Pool, agent: AgentIdentity, body: dict) -> dict:
+async def add_subtasks(pool: asyncpg.Pool, agent: AgentIdentity, body: dict, retry_delay_s: float) -> dict:
     variables = body.get("job_variables")
     if not isinstance(variables, list) or not variables or len(variables) > MAX_SUBTASKS:
         raise _bad(f"job_variables must be an array of 1 to {MAX_SUBTASKS} objects")
@@ -274,7 +275,7 @@ async def add_subtasks(pool: asyncpg.Pool, agent: AgentIdentity, body: dict) -> 
     out: dict = {"success": True, "inserted_ids": [{"planned_task_id": pid, "input": text}
                                                    for pid, text in zip(ids, inputs, strict=True)]}
     if run_now:
-        out["assignment_results"] = await assign_with_retries(pool, ids)
+        out["assignment_results"] = await assign_with_retries(pool, ids, retry_delay_s)
     return out
 
 
@@ -342,7 +343,7 @@ async def put_bucket(pool: asyncpg.Pool, agent: AgentIdentity, body: dict) -> di
 
 
 # -- launchAutomation -----------------------------------------------------------------------------------
-async def launch(node: Any, user_id: str, body: dict) -> dict:
+async def launch(pool: asyncpg.Pool, registry: DeviceRegistry, node_name: str, user_id: str, body: dict) -> dict:
     device_id = parse_uuid(body.get("device_id"))
     if device_id is None:
         raise _bad("device_id is required" if not body.get("device_id") else "Invalid device_id")
@@ -363,16 +364,16 @@ async def launch(node: Any, user_id: str, body: dict) -> dict:
     if command == "stop" and automation_id is None:
         raise _bad("automationId is required to stop an automation")
     automation_id = automation_id or uuid.uuid4().hex
-    device = await node.pool.fetchrow(
+    device = await pool.fetchrow(
         "SELECT user_id, rented_by, payment_type, online, node FROM devices WHERE remote_device_id = $1",
         device_id)
     uid = uuid.UUID(user_id)
     if device is None or not (device["user_id"] == uid
                               or (device["rented_by"] == uid and device["payment_type"] == "live")):
         raise ApiError(404, "Device not found")
-    tunnel = node.tunnels.registry.pick(device_id)
+    tunnel = registry.pick(device_id)
     if tunnel is None:
-        if device["online"] and device["node"] and device["node"] != node.settings.node_name:
+        if device["online"] and device["node"] and device["node"] != node_name:
             raise _bad(f"Device is connected to node '{device['node']}', not this one;"
                        " launch it through that node")
         raise _bad("Device is offline: it has no live tunnel, so the automation cannot be delivered")
@@ -403,27 +404,27 @@ class TaskDelivery:
     nodes) never deliver one task twice; a failed send clears the claim and revokes the token it minted.
     """
 
-    def __init__(self, node: Any) -> None:
-        self.node = node
+    def __init__(self, pool: asyncpg.Pool, registry: DeviceRegistry, *, sweep_s: float, api_port: int,
+                 public_api_url: str | None) -> None:
+        self.pool = pool
+        self.registry = registry
+        self.sweep_s = sweep_s
+        self.api_port = api_port
+        self.public_api_url = public_api_url
         self._conn: asyncpg.Connection | None = None
-        self._task: asyncio.Task | None = None
-        self._pending: set[asyncio.Task] = set()
+        self._tasks = TaskSet("task delivery")
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
+        self._tasks.spawn(self._loop(), name="task delivery sweep")
 
     async def stop(self) -> None:
-        for t in [self._task, *self._pending]:
-            if t is not None:
-                t.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+        await self._tasks.close()
         await self._unlisten()
 
     async def _listen(self) -> None:
         if self._conn is not None and not self._conn.is_closed():
             return
-        self._conn = await self.node.pool.acquire()
+        self._conn = await self.pool.acquire()
         await self._conn.add_listener("task_assigned", self._notified)
 
     async def _unlisten(self) -> None:
@@ -432,15 +433,14 @@ class TaskDelivery:
             with contextlib.suppress(Exception):
                 await conn.remove_listener("task_assigned", self._notified)
             with contextlib.suppress(Exception):
-                await self.node.pool.release(conn)
+                await self.pool.release(conn)
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         task_id, _, device_id = payload.partition(":")
-        if self.node.tunnels.registry.pick(device_id) is None:
+        if self.registry.pick(device_id) is None:
             return
-        t = asyncio.get_running_loop().create_task(self.deliver(task_id, device_id))
-        self._pending.add(t)
-        t.add_done_callback(self._pending.discard)
+        with contextlib.suppress(RuntimeError):  # closed: the sweep of the next start delivers it
+            self._tasks.spawn(self.deliver(task_id, device_id), name=f"deliver {task_id}")
 
     async def _loop(self) -> None:
         while True:
@@ -452,13 +452,13 @@ class TaskDelivery:
             except Exception:
                 log.exception("task delivery sweep failed")
                 await self._unlisten()
-            await asyncio.sleep(DELIVERY_SWEEP_S)
+            await asyncio.sleep(self.sweep_s)
 
     async def sweep(self) -> int:
-        devices = self.node.tunnels.registry.device_ids()
+        devices = self.registry.device_ids()
         if not devices:
             return 0
-        rows = await self.node.pool.fetch(
+        rows = await self.pool.fetch(
             """SELECT id, remote_device_id FROM job_tasks WHERE status = 'running' AND delivered_at IS NULL
                AND mode = 'automation' AND remote_device_id = ANY($1::uuid[])""", devices)
         done = 0
@@ -467,10 +467,10 @@ class TaskDelivery:
         return done
 
     async def deliver(self, task_id: str, device_id: str) -> bool:
-        tunnel = self.node.tunnels.registry.pick(device_id)
+        tunnel = self.registry.pick(device_id)
         if tunnel is None:
             return False
-        pool = self.node.pool
+        pool = self.pool
         async with pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 """UPDATE job_tasks t SET delivered_at = now() FROM jobs j
@@ -490,8 +490,8 @@ class TaskDelivery:
                    "parent_task_id": str(row["parent_task_id"]) if row["parent_task_id"] else None,
                    "automation_id": str(row["automation_id"]) if row["automation_id"] else None,
                    "automation_parameters": row["automation_parameters"], "job_proof": row["job_proof"],
-                   "timeout": row["timeout"], "code": code, "api_port": self.node.settings.api_port,
-                   "api_url": os.environ.get("PUBLIC_API_URL")}
+                   "timeout": row["timeout"], "code": code, "api_port": self.api_port,
+                   "api_url": self.public_api_url}
         try:
             reply = await tunnel.control(message, timeout=DELIVERY_TIMEOUT_S)
         except Exception as exc:  # offline mid-send, timeout: cleared, so the sweep retries

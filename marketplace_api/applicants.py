@@ -6,12 +6,16 @@ from decimal import Decimal
 
 from aiohttp import web
 
-from . import ledger
+from . import idempotency, ledger
 from .agent_auth import revoke_for_task
-from .app import json_response, read_json, require_user
+from .api_idempotency import USER_PLAIN
+from .api_idempotency import user as idempotent_user
+from .auth import require_user
+from .bodies import json_response, read_json
 from .common import can_edit, can_view, like_pattern, pages, parse_int, parse_uuid, pool_of
 from .errors import ApiError, plain
 from .job_views import render_jobs
+from .paging import list_route
 from .task_views import TASK_SELECT, Unresolved, planned_json, resolve_task_id, task_json
 
 SORTS = {"added": "t.added", "updated": "t.updated", "status": "t.status", "worker_name": "u.name",
@@ -31,6 +35,7 @@ async def _body(request: web.Request) -> dict:
         raise plain(400, exc.message) from None
 
 
+@list_route(100, 10, "body")
 async def list_applicants(request: web.Request) -> web.Response:
     """A job's applicants (its job tasks) with counts; owner or shared users only."""
     user = await require_user(request)
@@ -108,9 +113,12 @@ async def list_applicants(request: web.Request) -> web.Response:
         "failed_tasks": counts["failed"]})
 
 
+@USER_PLAIN
 async def update_applicants(request: web.Request) -> web.Response:
-    """Set the status of job tasks; confirming pays the worker (and the referrer's bonus) once."""
-    user = await require_user(request)
+    """Set the status of job tasks; confirming pays the worker (and the referrer's bonus) once.
+
+    Honours ``Idempotency-Key``."""
+    user = await idempotent_user(request)
     body = await _body(request)
     ids = body.get("JobTasks_Ids")
     if not isinstance(ids, list) or not ids or len(ids) > 1000:
@@ -127,8 +135,7 @@ async def update_applicants(request: web.Request) -> web.Response:
     parsed = [parse_uuid(i) for i in ids]
     if any(p is None for p in parsed):
         raise _bad("JobTasks_Ids must contain valid ids")
-    pool = pool_of(request)
-    async with pool.acquire() as conn, conn.transaction():
+    async with idempotency.transaction(request) as conn:
         job = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
         if job is None or not can_edit(job, user):
             raise plain(404, "Job with this Id not found")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 
@@ -25,8 +24,6 @@ from .agent_auth import mint_agent_token, revoke_for_task
 
 log = logging.getLogger(__name__)
 RETRY_ATTEMPTS = 3
-RETRY_DELAY_S = float(os.environ.get("ASSIGN_RETRY_DELAY_S", "5"))
-SWEEP_INTERVAL_S = float(os.environ.get("ASSIGN_SWEEP_INTERVAL_S", "2"))
 
 _CANDIDATES = """
 SELECT p.id, p.job_id, p.input, p.remote_device_id, p.parent_task_id, j.user_id AS owner, j.timeout, j.job_price
@@ -104,15 +101,15 @@ async def assign(pool: asyncpg.Pool, planned_task_id: str | None = None, job_id:
     return None
 
 
-async def assign_with_retries(pool: asyncpg.Pool, planned_ids: list[str]) -> list[dict]:
-    """``run_immediately``: up to RETRY_ATTEMPTS rounds, RETRY_DELAY_S apart, for the still-unassigned."""
+async def assign_with_retries(pool: asyncpg.Pool, planned_ids: list[str], delay_s: float) -> list[dict]:
+    """``run_immediately``: up to RETRY_ATTEMPTS rounds, ``delay_s`` (ASSIGN_RETRY_DELAY_S) apart."""
     assigned: dict[str, bool] = dict.fromkeys(planned_ids, False)
     for attempt in range(RETRY_ATTEMPTS):
         for pid in [p for p, ok in assigned.items() if not ok]:
             assigned[pid] = await assign(pool, planned_task_id=pid) is not None
         if all(assigned.values()) or attempt == RETRY_ATTEMPTS - 1:
             break
-        await asyncio.sleep(RETRY_DELAY_S)
+        await asyncio.sleep(delay_s)
     return [{"planned_task_id": pid, "assigned": ok} for pid, ok in assigned.items()]
 
 
@@ -126,8 +123,9 @@ async def expire_running(pool: asyncpg.Pool) -> int:
     return len(rows)
 
 
-async def sweeper(pool: asyncpg.Pool) -> None:
-    """Background loop: expire overdue running tasks, then assign whatever can be assigned."""
+async def sweeper(pool: asyncpg.Pool, interval_s: float) -> None:
+    """Background loop every ``interval_s`` (ASSIGN_SWEEP_INTERVAL_S): expire overdue running tasks,
+    then assign whatever can be assigned."""
     while True:
         try:
             await expire_running(pool)
@@ -138,4 +136,4 @@ async def sweeper(pool: asyncpg.Pool) -> None:
             raise
         except Exception:
             log.exception("assignment sweep failed")
-        await asyncio.sleep(SWEEP_INTERVAL_S)
+        await asyncio.sleep(interval_s)

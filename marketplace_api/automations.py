@@ -6,9 +6,11 @@ import uuid
 
 from aiohttp import web
 
-from .app import json_response, read_json, require_admin
+from .auth import require_admin
+from .bodies import json_response, read_json
 from .common import iso, parse_uuid, pool_of
 from .errors import ApiError
+from .paging import limit_offset, list_route
 from .schema_validation import check_schema
 
 SCHEMAS = ("automation_parameters_schema", "job_variables_schema", "bucket_schema")
@@ -51,8 +53,11 @@ async def create_automation(request: web.Request) -> web.Response:
     return json_response({"success": True, "automation": automation_json(row)}, 201)
 
 
+@list_route(1000)
 async def list_automations(request: web.Request) -> web.Response:
     """Admin: every automation."""
     require_admin(request)
-    rows = await pool_of(request).fetch("SELECT * FROM automations ORDER BY created_at, id")
+    limit, offset = limit_offset(request, list_automations)
+    rows = await pool_of(request).fetch("SELECT * FROM automations ORDER BY created_at, id LIMIT $1 OFFSET $2",
+                                        limit, offset)
     return json_response({"success": True, "automations": [automation_json(r) for r in rows]})

@@ -7,9 +7,11 @@ import uuid
 from aiohttp import web
 
 from .agent_auth import agent_from_request
-from .app import json_response, read_json, require_user
+from .auth import require_user
+from .bodies import json_response, read_json
 from .common import can_edit, can_view, iso, pages, parse_int, parse_uuid, pool_of
 from .errors import ApiError, plain
+from .paging import list_route
 from .schema_validation import validate
 
 
@@ -39,6 +41,7 @@ def _device(request: web.Request, missing: str) -> str:
     return device_id
 
 
+@list_route(100, 20)
 async def list_buckets(request: web.Request) -> web.Response:
     """Every bucket of a job, newest first, with device names."""
     job = await _job(request, edit=False)

@@ -9,17 +9,12 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 import asyncpg
-from aiohttp import web
 
-from .app import NODE
+from .context import pool_of  # noqa: F401 - moved to context, kept importable here
 from .errors import ApiError
 
 MONEY_PLACES = Decimal("0.000001")
 MAX_MONEY = Decimal("1000000000")
-
-
-def pool_of(request: web.Request) -> asyncpg.Pool:
-    return request.app[NODE].pool
 
 
 def parse_uuid(value: Any) -> str | None:

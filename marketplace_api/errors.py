@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Awaitable, Callable
 
-import asyncpg
 from aiohttp import web
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -23,6 +21,8 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.body = body if body is not None else {"success": False, "error": message}
+        self.headers: dict[str, str] | None = None   # extra response headers (e.g. Retry-After)
+        self.close_connection = False                # close the connection after answering
 
 
 def plain(status: int, message: str) -> ApiError:
@@ -36,13 +36,46 @@ def with_message(status: int, message: str) -> ApiError:
 
 
 def guard_data_errors(handler: Handler) -> Handler:
-    """Input PostgreSQL cannot store (NUL characters, out-of-range values) is a 400, never a 500."""
+    """Deprecated no-op: the ``data_errors`` middleware guards every route (kept for older modules)."""
+    return handler
 
-    @functools.wraps(handler)
-    async def wrapper(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except asyncpg.DataError as exc:
-            raise ApiError(400, f"invalid input: {exc.__class__.__name__}") from None
 
-    return wrapper
+# -- error bodies of errors raised outside a handler (429, 408, 413, 404, ...) per API surface -----------
+SurfaceShape = Callable[[int, str], dict]
+
+
+def _default_shape(status: int, message: str) -> dict:
+    # /api/v2 routes show {"success": false, "error": m}, {"error": m} or {"success": false, "message": m}.
+    return {"success": False, "error": message, "message": message}
+
+
+_CODES = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
+          408: "REQUEST_TIMEOUT", 409: "CONFLICT", 413: "PAYLOAD_TOO_LARGE", 429: "RATE_LIMITED",
+          500: "INTERNAL_ERROR", 503: "UNAVAILABLE"}
+
+
+def _v1_shape(status: int, message: str) -> dict:
+    """Seed 003: ``{"ok": false, "error": {"code": ..., "message": ...}}``."""
+    return {"ok": False, "error": {"code": _CODES.get(status, "ERROR"), "message": message}}
+
+
+# /v1 (seed 003) and the escrow surface (seed 002: /jobs, /owner/, /tester/, admin disputes) share one shape.
+_SURFACES: list[tuple[str, SurfaceShape]] = sorted(
+    [("/v1/", _v1_shape), ("/jobs", _v1_shape), ("/owner/", _v1_shape), ("/tester/", _v1_shape),
+     ("/api/v2/admin/disputes/", _v1_shape)], key=lambda item: -len(item[0]))
+
+
+def register_surface(prefix: str, shape: SurfaceShape) -> None:
+    """Errors raised by the app itself (rate limit, body timeout, size, unknown route) on paths under
+    ``prefix`` get ``shape(status, message)`` as their body. Longest prefix wins."""
+    _SURFACES.append((prefix, shape))
+    _SURFACES.sort(key=lambda item: -len(item[0]))
+
+
+def surface_error(path: str, status: int, message: str, default: dict | None = None) -> ApiError:
+    """An ApiError whose body has the error shape of the surface ``path`` belongs to (``default``,
+    else ``{"success": false, "error": m, "message": m}``, outside every registered surface)."""
+    for prefix, shape in _SURFACES:
+        if path.startswith(prefix):
+            return ApiError(status, message, shape(status, message))
+    return ApiError(status, message, default if default is not None else _default_shape(status, message))

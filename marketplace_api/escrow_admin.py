@@ -5,9 +5,10 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import escrow_settlement as settlement
-from .app import json_response
+from . import idempotency
+from .bodies import json_response
 from .escrow_http import bad, conflict, not_found, path_uuid, read_body, require_admin
-from .escrow_jobs import now, pool_of
+from .escrow_jobs import now
 from .escrow_validation import Invalid, validate_resolution
 
 
@@ -19,7 +20,7 @@ async def resolve_dispute(request: web.Request) -> web.Response:
         decisions = validate_resolution(await read_body(request))
     except Invalid as exc:
         raise bad("invalid resolution", exc.details) from None
-    async with pool_of(request).acquire() as conn, conn.transaction():
+    async with idempotency.transaction(request) as conn:
         job = await settlement.lock_job(conn, job_id)
         if job is None:
             raise not_found()

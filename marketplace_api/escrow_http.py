@@ -18,7 +18,10 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from .app import NODE, bearer_token, json_response
+from . import store_errors
+from .auth import bearer_token
+from .bodies import json_response
+from .context import ADMIN_TOKEN, POOL
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -80,14 +83,16 @@ async def error_middleware(request: web.Request, handler):  # noqa: ANN001, ANN2
             raise
         message = {404: "no such route", 405: "method not allowed"}.get(exc.status, exc.reason)
         return json_response(EscrowError(exc.status, message).body(), exc.status)
-    except Exception:
+    except Exception as exc:
+        if store_errors.is_store_unavailable(exc):
+            return store_errors.response(store_errors.ESCROW_BODY, request, exc)
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_response(EscrowError(500, "internal error").body(), 500)
 
 
 async def read_body(request: web.Request, required: bool = True) -> dict:
     """The JSON object body, or a 400 in this surface's shape."""
-    if not request.can_read_body:
+    if not request.body_exists:  # (not can_read_body: an Idempotency-Key layer may have read it)
         if required:
             raise bad("request body must be a JSON object")
         return {}
@@ -104,13 +109,18 @@ async def read_body(request: web.Request, required: bool = True) -> dict:
 
 
 async def require_user(request: web.Request) -> str:
-    """The user id of a valid user token (Bearer), else 401."""
+    """The user id of a valid user token (Bearer), else 401; looked up once per request (so an
+    ``Idempotency-Key`` handler takes no second pool connection)."""
     from proxyorch.accounts import user_for_token
 
+    cached = request.get("escrow.user")
+    if cached is not None:
+        return cached
     token = bearer_token(request)
-    user_id = await user_for_token(request.app[NODE].pool, token) if token else None
+    user_id = await user_for_token(request.app[POOL], token) if token else None
     if user_id is None:
         raise EscrowError(401, "missing or invalid API token")
+    request["escrow.user"] = user_id
     return user_id
 
 
@@ -118,7 +128,7 @@ def require_admin(request: web.Request) -> None:
     import hmac
 
     given = request.headers.get("X-Admin-Token", "")
-    expected = request.app[NODE].admin_token
+    expected = request.app[ADMIN_TOKEN]
     if not given or not expected or not hmac.compare_digest(given.encode(), expected.encode()):
         raise EscrowError(401, "missing or invalid admin token")
 

@@ -12,11 +12,12 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from aiohttp import web
 
-from proxy.auth_cache.hashing import hash_token
+from proxyorch.tokens import hash_token
 
 from . import escrow_settlement as settlement
-from . import ledger
-from .app import NODE, json_response
+from . import idempotency, ledger
+from .bodies import json_response
+from .context import POOL, SETTINGS
 from .escrow_http import (
     EscrowError,
     bad,
@@ -42,11 +43,11 @@ def now() -> datetime:
 
 
 def pool_of(request: web.Request) -> asyncpg.Pool:
-    return request.app[NODE].pool
+    return request.app[POOL]
 
 
 def settings_of(request: web.Request):  # noqa: ANN201
-    return request.app[NODE].settings
+    return request.app[SETTINGS]
 
 
 def insufficient(needed_cents: int) -> EscrowError:
@@ -71,7 +72,7 @@ async def create_job(request: web.Request) -> web.Response:
     password = job.pop("password")
     spec = {k: (iso(v) if isinstance(v, datetime) else v) for k, v in job.items() if k != "variants"}
     status = "scheduled" if starts else "active"
-    async with pool_of(request).acquire() as conn, conn.transaction():
+    async with idempotency.transaction(request) as conn:
         # The owner's row first: the job's foreign key would otherwise take a share lock that two
         # concurrent creates of one owner then both try to upgrade (a deadlock).
         await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", owner)
@@ -203,7 +204,7 @@ async def resize_job(request: web.Request) -> web.Response:
     if isinstance(new, bool) or not isinstance(new, int) or not 1 <= new <= 10000:
         raise bad("targetTesters must be an integer between 1 and 10000",
                   [{"field": "targetTesters", "message": "must be an integer between 1 and 10000"}])
-    async with pool_of(request).acquire() as conn, conn.transaction():
+    async with idempotency.transaction(request) as conn:
         job = await settlement.lock_job(conn, job_id, owner)
         if job is None:
             raise not_found()
@@ -239,7 +240,7 @@ async def settle_job(request: web.Request) -> web.Response:
     """Close an eligible job and begin settlement (no completed assignment: cancelled, full refund)."""
     owner = await require_user(request)
     job_id = path_uuid(request)
-    async with pool_of(request).acquire() as conn, conn.transaction():
+    async with idempotency.transaction(request) as conn:
         job = await settlement.lock_job(conn, job_id, owner)
         if job is None:
             raise not_found()
@@ -254,7 +255,7 @@ async def approve_job(request: web.Request) -> web.Response:
     """Approve a pending settlement. Irreversible: pays testers, refunds unused places."""
     owner = await require_user(request)
     job_id = path_uuid(request)
-    async with pool_of(request).acquire() as conn, conn.transaction():
+    async with idempotency.transaction(request) as conn:
         job = await settlement.lock_job(conn, job_id, owner)
         if job is None:
             raise not_found()
@@ -273,7 +274,7 @@ async def dispute_job(request: web.Request) -> web.Response:
     except Invalid as exc:
         raise bad("invalid dispute: " + exc.details[0]["field"] + " " + exc.details[0]["message"],
                   exc.details) from None
-    async with pool_of(request).acquire() as conn, conn.transaction():
+    async with idempotency.transaction(request) as conn:
         job = await settlement.lock_job(conn, job_id, owner)
         if job is None:
             raise not_found()

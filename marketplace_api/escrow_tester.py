@@ -14,10 +14,10 @@ from datetime import datetime, timedelta
 import asyncpg
 from aiohttp import web
 
-from proxy.auth_cache.hashing import hash_token
+from proxyorch.tokens import hash_token
 
 from . import escrow_settlement as settlement
-from .app import json_response
+from .bodies import json_response
 from .escrow_http import (
     EscrowError,
     bad,

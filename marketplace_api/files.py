@@ -12,7 +12,8 @@ from pathlib import Path
 import asyncpg
 from aiohttp import web
 
-from .app import json_response, require_user
+from .auth import require_user
+from .bodies import json_response
 from .common import iso, pool_of
 from .errors import ApiError, with_message
 from .storage import files_dir, public_url, safe_name

@@ -48,7 +48,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from .app import NODE
+from .context import POOL, SETTINGS
 
 log = logging.getLogger(__name__)
 HEADER = "Idempotency-Key"
@@ -80,7 +80,7 @@ async def transaction(request: web.Request) -> AsyncIterator[asyncpg.Connection]
     if conn is not None:
         yield conn
         return
-    async with request.app[NODE].pool.acquire() as conn, conn.transaction():
+    async with request.app[POOL].acquire() as conn, conn.transaction():
         yield conn
 
 
@@ -91,7 +91,7 @@ class Policy:
                  ttl_s: Callable[[web.Request], float] | None = None) -> None:
         self.identify = identify
         self.error = error
-        self.ttl_s = ttl_s or (lambda request: float(request.app[NODE].settings.idempotency_ttl_s))
+        self.ttl_s = ttl_s or (lambda request: float(request.app[SETTINGS].idempotency_ttl_s))
 
     def __call__(self, handler: Handler) -> Handler:
         @functools.wraps(handler)
@@ -106,12 +106,13 @@ class Policy:
             fingerprint = request_fingerprint(request.method, request.path_qs, body)
             return await self._run(request, handler, caller, key, fingerprint)
 
+        wrapper.idempotent = True  # type: ignore[attr-defined]  # the OpenAPI document lists the header
         return wrapper
 
     async def _run(self, request: web.Request, handler: Handler, caller: str, key: str,
                    fingerprint: bytes) -> web.StreamResponse:
         ttl = self.ttl_s(request)
-        async with request.app[NODE].pool.acquire() as conn:
+        async with request.app[POOL].acquire() as conn:
             tx = conn.transaction()
             await tx.start()
             try:
@@ -152,7 +153,7 @@ class Policy:
                 tx = None
                 return response
             finally:
-                if tx is not None:
+                if tx is not None and not conn.is_closed():  # a lost connection rolled back by itself
                     await tx.rollback()
 
     def _replay(self, row: asyncpg.Record | None, fingerprint: bytes) -> web.Response:
@@ -178,9 +179,9 @@ _INSTALLED = web.AppKey("idempotency_installed", bool)
 async def _purge_ctx(app: web.Application) -> AsyncIterator[None]:
     async def loop() -> None:
         while True:
-            ttl = float(app[NODE].settings.idempotency_ttl_s)
+            ttl = float(app[SETTINGS].idempotency_ttl_s)
             try:
-                await purge_expired(app[NODE].pool, ttl)
+                await purge_expired(app[POOL], ttl)
             except Exception as exc:  # the store may be restarting; the next round retries
                 log.warning("idempotency purge failed: %s", exc)
             await asyncio.sleep(min(3600.0, max(ttl, 1.0)))

@@ -21,7 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .app import NODE, json_response, read_json
+from .bodies import json_response, read_json
+from .context import REQUEST_LOG_READER, SETTINGS
 from .errors import ApiError
 
 SECRET_HEADER = "X-Cluster-Secret"
@@ -31,7 +32,7 @@ _DOC = {"tags": ["internal"], "description": "Node-to-node only: 401 without the
 
 @web.middleware
 async def require_cluster_secret(request: web.Request, handler):  # noqa: ANN001, ANN201
-    expected = request.config_dict[NODE].settings.cluster_secret
+    expected = request.config_dict[SETTINGS].cluster_secret
     given = request.headers.get(SECRET_HEADER, "")
     if not expected or not given or not hmac.compare_digest(given.encode(), expected.encode()):
         raise ApiError(401, f"Missing or invalid {SECRET_HEADER}")
@@ -39,17 +40,17 @@ async def require_cluster_secret(request: web.Request, handler):  # noqa: ANN001
 
 
 def _owned_store(request: web.Request) -> Any:
-    node = request.config_dict[NODE]
-    if node.settings.log_store_url:
+    if request.config_dict[SETTINGS].log_store_url:
         raise ApiError(409, "this node does not own the log store (it has LOG_STORE_URL)")
-    if node.clickhouse is None:
+    ch = request.config_dict[REQUEST_LOG_READER]
+    if ch is None:
         raise ApiError(503, "request log is disabled on this node (REQUEST_LOG=0)")
-    return node.clickhouse
+    return ch
 
 
 async def ping(request: web.Request) -> web.Response:
     """Internal: this node's name (checks the cluster secret)."""
-    return json_response({"success": True, "node": request.config_dict[NODE].settings.node_name})
+    return json_response({"success": True, "node": request.config_dict[SETTINGS].node_name})
 
 
 async def log_insert(request: web.Request) -> web.Response:

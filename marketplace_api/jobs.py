@@ -8,8 +8,11 @@ from typing import Any
 
 from aiohttp import web
 
-from . import ledger
-from .app import json_response, read_json, require_user
+from . import idempotency, ledger
+from .api_idempotency import USER_MESSAGE
+from .api_idempotency import user as idempotent_user
+from .auth import require_user
+from .bodies import json_response, read_json
 from .common import (
     can_edit,
     can_view,
@@ -23,6 +26,7 @@ from .common import (
 )
 from .errors import ApiError, plain
 from .job_views import render_jobs
+from .paging import list_route
 from .schema_validation import validate
 
 SORT_COLUMNS = {"added": "j.added", "job_price": "j.job_price", "price": "j.job_price", "title": "j.title",
@@ -114,9 +118,12 @@ def _file_fields(value: Any, errors: list[str]) -> list[dict]:
     return out
 
 
+@USER_MESSAGE
 async def submit_job(request: web.Request) -> web.Response:
-    """Create a job posting (its budget, job_price × positions, is escrowed from the balance)."""
-    user = await require_user(request)
+    """Create a job posting (its budget, job_price × positions, is escrowed from the balance).
+
+    Honours ``Idempotency-Key``."""
+    user = await idempotent_user(request)
     try:
         body = await read_json(request)
     except ApiError as exc:
@@ -165,13 +172,13 @@ async def submit_job(request: web.Request) -> web.Response:
     lists = {k: _uuid_list(body, k, errors) for k in ("allowed_workers", "Worker_Invites", "shared_view",
                                                         "shared_edit")}
     automation_id, automation = body.get("automation_id"), None
-    pool = pool_of(request)
     if automation_id is not None:
         automation_id = parse_uuid(automation_id)
         if automation_id is None:
             errors.append("automation_id must be a valid id")
         else:
-            automation = await pool.fetchrow("SELECT * FROM automations WHERE id = $1", automation_id)
+            async with idempotency.transaction(request) as conn:  # the key's connection, if any
+                automation = await conn.fetchrow("SELECT * FROM automations WHERE id = $1", automation_id)
             if automation is None:
                 errors.append("automation_id does not reference an existing automation")
     if job_type == "devices_automation" and automation_id is None and "automation_id is required" not in errors:
@@ -186,7 +193,7 @@ async def submit_job(request: web.Request) -> web.Response:
         raise ApiError(400, errors[0], {"success": False, "message": "Validation failed", "errors": errors})
     job_id = str(uuid.uuid4())
     budget = price * positions
-    async with pool.acquire() as conn, conn.transaction():
+    async with idempotency.transaction(request) as conn:
         await conn.execute(
             """INSERT INTO jobs(id, user_id, job_type, payment_type, title, category, description, proof,
                  is_proof_file, auto_rate, vcode, target_workers, few_times, premium, featured, duration, positions,
@@ -228,6 +235,7 @@ async def _page(request: web.Request, where: list[str], args: list, order: str, 
                           "limit": limit, "pages": pages(total, limit)})
 
 
+@list_route(100, 10)
 async def list_jobs(request: web.Request) -> web.Response:
     """Public, filtered list of active jobs."""
     user = await require_user(request)
@@ -262,6 +270,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     return await _page(request, where, args, order, page, limit, user)
 
 
+@list_route(100, 10, "body")
 async def my_jobs(request: web.Request) -> web.Response:
     """Jobs the caller posted, paginated, filtered and sorted."""
     user = await require_user(request)

@@ -6,9 +6,14 @@ import re
 
 from aiohttp import web
 
-from .app import json_response
+from .bodies import json_response
+from .paging import list_limit
 
 _PARAM = re.compile(r"\{(\w+)\}")
+IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
+                   "description": "Replays the first answer of this caller's request with this key instead of"
+                                  " acting again (retry after a 503 or a lost answer)",
+                   "schema": {"type": "string", "minLength": 1, "maxLength": 255}}
 
 
 def build_document(app: web.Application) -> dict:
@@ -26,10 +31,21 @@ def build_document(app: web.Application) -> dict:
                                   "401": {"description": "Unauthorized"}}}
         params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
                   for p in _PARAM.findall(path)]
+        cap = list_limit(handler)
+        if cap is not None:  # every list route is capped; the cap is part of its contract
+            op["x-list-limit"] = {"in": cap.where, "default": cap.default, "maximum": cap.maximum}
+            op["description"] = f"A list route: at most {cap.maximum} items per call (`limit`, {cap.where})."
+            if cap.where == "query":
+                params.append({"name": "limit", "in": "query", "required": False,
+                               "schema": {"type": "integer", "minimum": 1, "maximum": cap.maximum,
+                                          "default": cap.default}})
         if params:
             op["parameters"] = params
         extra = getattr(handler, "openapi", None) or {}  # {"operation": {...}, "schemas": {...}}
         op.update(extra.get("operation", {}))
+        op["responses"] = {**op["responses"], "503": {"description": "Data store unavailable: retry after Retry-After"}}
+        if getattr(handler, "idempotent", False):
+            op["parameters"] = [*op.get("parameters", []), IDEMPOTENCY_KEY]
         schemas.update(extra.get("schemas", {}))
         paths.setdefault(path, {})[route.method.lower()] = op
     return {

@@ -14,10 +14,14 @@ from decimal import Decimal
 
 from aiohttp import web
 
-from . import ledger
-from .app import json_response, read_json, require_admin, require_user
+from . import idempotency, ledger
+from .api_idempotency import ADMIN, USER_PLAIN
+from .api_idempotency import user as idempotent_user
+from .auth import require_admin, require_user
+from .bodies import json_response, read_json
 from .common import iso, money, pages, parse_int, parse_money, parse_uuid, pool_of
 from .errors import ApiError, plain
+from .paging import list_route
 
 WALLETS = [re.compile(p) for p in (
     r"^0x[0-9a-fA-F]{40}$",                     # EVM (ETH, BSC, Polygon …)
@@ -48,9 +52,10 @@ async def balance(request: web.Request) -> web.Response:
     return json_response({k: money(v) for k, v in figures.items()})
 
 
+@USER_PLAIN
 async def withdraw(request: web.Request) -> web.Response:
-    """Withdraw from the active balance to a wallet address."""
-    user = await require_user(request)
+    """Withdraw from the active balance to a wallet address (honours ``Idempotency-Key``)."""
+    user = await idempotent_user(request)
     try:
         body = await read_json(request)
     except ApiError as exc:
@@ -66,7 +71,7 @@ async def withdraw(request: web.Request) -> web.Response:
     if not valid_wallet(wallet):
         raise plain(400, "Invalid wallet address")
     withdrawal_id = str(uuid.uuid4())
-    async with pool_of(request).acquire() as conn, conn.transaction():
+    async with idempotency.transaction(request) as conn:
         try:
             await ledger.debit(conn, user, amount, "withdrawal", withdrawal_id=withdrawal_id)
         except ledger.InsufficientFunds:
@@ -91,6 +96,7 @@ def _transaction(w, user_id: str) -> dict:  # noqa: ANN001
     }
 
 
+@list_route(100, 10)
 async def withdrawals(request: web.Request) -> web.Response:
     """The caller's withdrawals, newest first, with totals."""
     user = await require_user(request)
@@ -113,16 +119,16 @@ async def withdrawals(request: web.Request) -> web.Response:
                           "total_withdraw": money(sums["withdrawn"]), "total_deposit": money(sums["deposited"])})
 
 
+@ADMIN
 async def admin_deposit(request: web.Request) -> web.Response:
-    """Admin: credit a user's balance (a deposit ledger row)."""
+    """Admin: credit a user's balance (a deposit ledger row; honours ``Idempotency-Key``)."""
     require_admin(request)
     body = await read_json(request)
     user = parse_uuid(body.get("user_id"))
     amount = parse_money(body.get("amount"))
     if user is None or amount is None or amount <= 0:
         raise ApiError(400, "user_id and a positive amount are required")
-    pool = pool_of(request)
-    async with pool.acquire() as conn, conn.transaction():
+    async with idempotency.transaction(request) as conn:
         if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)", user):
             raise ApiError(404, "User not found")
         memo = body.get("memo") if isinstance(body.get("memo"), str) else None

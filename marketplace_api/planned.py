@@ -7,11 +7,14 @@ import uuid
 import orjson
 from aiohttp import web
 
-from .app import json_response, read_json, require_user
 from .assignment import assign_with_retries
+from .auth import require_user
+from .bodies import json_response, read_json
 from .common import can_edit, can_view, like_pattern, parse_bool, parse_int, parse_uuid, pool_of
+from .context import SETTINGS
 from .errors import ApiError, with_message
 from .job_views import render_jobs
+from .paging import list_route
 from .schema_validation import validate
 from .task_views import planned_json
 
@@ -23,6 +26,7 @@ def _bad(message: str) -> ApiError:
     return ApiError(400, message)
 
 
+@list_route(100, 10)
 async def list_planned(request: web.Request) -> web.Response:
     """Unassigned planned tasks of a job (owner or shared users), searchable and paginated."""
     user = await require_user(request)
@@ -125,7 +129,7 @@ async def submit_planned(request: web.Request) -> web.Response:
     out: dict = {"success": True, "inserted_ids": [{"planned_task_id": pid, "input": item}
                                                    for pid, item in zip(ids, inputs, strict=True)]}
     if run_now:
-        out["assignment_results"] = await assign_with_retries(pool, ids)
+        out["assignment_results"] = await assign_with_retries(pool, ids, request.app[SETTINGS].assign_retry_delay_s)
     return json_response(out)
 
 

@@ -7,24 +7,24 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import asyncpg
 from aiohttp import web
 
 from . import agent_surface as surface
 from .agent_auth import agent_from_request
-from .app import NODE, bearer_token, json_response, read_json, require_user
-from .errors import ApiError, guard_data_errors
+from .auth import bearer_token, require_user
+from .bodies import json_response, read_json
+from .context import DEVICE_REGISTRY, POOL, SETTINGS
+from .errors import ApiError
 from .storage import read_json_limited
 
 SUBMIT_BODY_LIMIT = 64 * 1024 * 1024
-_DELIVERY = web.AppKey("agent_task_delivery", surface.TaskDelivery)
-
-
-_guard = guard_data_errors
 
 
 def _pool(request: web.Request) -> asyncpg.Pool:
-    return request.app[NODE].pool
+    return request.app[POOL]
 
 
 async def get_current_task(request: web.Request) -> web.Response:
@@ -50,7 +50,8 @@ async def add_sub_tasks(request: web.Request) -> web.Response:
     """addSubTasks: create planned tasks (sub-tasks) for this job or another job, optionally pinned."""
     agent = await surface.require_agent(request)
     body = await read_json(request)
-    return json_response(await surface.add_subtasks(_pool(request), agent, body))
+    return json_response(await surface.add_subtasks(_pool(request), agent, body,
+                                                request.app[SETTINGS].assign_retry_delay_s))
 
 
 async def get_sub_tasks(request: web.Request) -> web.Response:
@@ -113,33 +114,31 @@ async def launch_automation(request: web.Request) -> web.Response:
     """Launch (or stop) automation code on a device the caller owns, over its live tunnel."""
     user = await require_user(request)
     body = await read_json_limited(request, 6 * 1024 * 1024)
-    return json_response(await surface.launch(request.app[NODE], user, body))
+    return json_response(await surface.launch(_pool(request), request.app[DEVICE_REGISTRY],
+                                          request.app[SETTINGS].node_name, user, body))
 
 
-async def _start_delivery(app: web.Application) -> None:
-    delivery = surface.TaskDelivery(app[NODE])
-    app[_DELIVERY] = delivery
+async def _delivery(app: web.Application) -> AsyncIterator[None]:
+    """Task delivery over the tunnels, running for the app's lifetime."""
+    settings = app[SETTINGS]
+    delivery = surface.TaskDelivery(app[POOL], app[DEVICE_REGISTRY], sweep_s=settings.agent_delivery_sweep_s,
+                                    api_port=settings.api_port, public_api_url=settings.public_api_url or None)
     await delivery.start()
-
-
-async def _stop_delivery(app: web.Application) -> None:
-    delivery = app.get(_DELIVERY)
-    if delivery is not None:
-        await delivery.stop()
+    yield
+    await delivery.stop()
 
 
 def setup(app: web.Application) -> None:
     add = app.router
-    add.add_get("/api/v2/agent/task", _guard(get_current_task))
-    add.add_post("/api/v2/agent/task/submit", _guard(submit_task))
-    add.add_post("/api/v2/agent/task/use-another", _guard(use_another_task))
-    add.add_post("/api/v2/agent/subtasks", _guard(add_sub_tasks))
-    add.add_post("/api/v2/agent/subtasks/status", _guard(get_sub_tasks))
-    add.add_get("/api/v2/agent/variables", _guard(get_variables))
-    add.add_put("/api/v2/agent/variables", _guard(set_variables))
-    add.add_get("/api/v2/agent/bucket", _guard(get_bucket))
-    add.add_put("/api/v2/agent/bucket", _guard(put_bucket))
-    add.add_get("/api/v2/devices/verified-phone-number", _guard(verified_phone_number))
-    add.add_post("/api/v2/devices/launchAutomation", _guard(launch_automation))
-    app.on_startup.append(_start_delivery)
-    app.on_cleanup.append(_stop_delivery)
+    add.add_get("/api/v2/agent/task", get_current_task)
+    add.add_post("/api/v2/agent/task/submit", submit_task)
+    add.add_post("/api/v2/agent/task/use-another", use_another_task)
+    add.add_post("/api/v2/agent/subtasks", add_sub_tasks)
+    add.add_post("/api/v2/agent/subtasks/status", get_sub_tasks)
+    add.add_get("/api/v2/agent/variables", get_variables)
+    add.add_put("/api/v2/agent/variables", set_variables)
+    add.add_get("/api/v2/agent/bucket", get_bucket)
+    add.add_put("/api/v2/agent/bucket", put_bucket)
+    add.add_get("/api/v2/devices/verified-phone-number", verified_phone_number)
+    add.add_post("/api/v2/devices/launchAutomation", launch_automation)
+    app.cleanup_ctx.append(_delivery)

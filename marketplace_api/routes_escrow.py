@@ -11,21 +11,37 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from . import escrow_admin, escrow_jobs, escrow_tester
-from .app import NODE
-from .escrow_http import Handler, error_middleware
+from . import escrow_admin, escrow_jobs, escrow_tester, idempotency
+from .context import POOL, SETTINGS
+from .escrow_http import EscrowError, Handler, error_middleware, require_admin, require_user
 from .escrow_openapi import SCHEMAS, operation
 from .escrow_sweep import sweeper
 
-# Money-moving POSTs. Idempotency-Key hook: seed 003's ``marketplace_api/idempotency.py`` (built by
-# another engineer) is meant to wrap exactly these handlers; ``_money`` is where it goes in.
 ID = "{id:[^/]+}"  # any segment reaches the handler: auth first (401), then a malformed id is a 404
+# Money-moving POSTs: they honour ``Idempotency-Key`` through the shared ``idempotency`` module.
 MONEY_MOVING = ("create_job", "resize_job", "settle_job", "approve_job", "dispute_job", "resolve_dispute")
 
 
-def _money(handler: Handler) -> Handler:
-    """Identity for now; replace with the Idempotency-Key wrapper once ``idempotency.py`` lands."""
-    return handler
+async def _user_caller(request: web.Request) -> str:
+    return "user:" + await require_user(request)
+
+
+async def _admin_caller(request: web.Request) -> str:
+    require_admin(request)
+    return "admin"
+
+
+def _error(status: int, code: str, message: str) -> EscrowError:
+    return EscrowError(status, message, code)
+
+
+_USER_IDEM = idempotency.Policy(_user_caller, _error)
+_ADMIN_IDEM = idempotency.Policy(_admin_caller, _error)
+
+
+def _money(handler: Handler, admin: bool = False) -> Handler:
+    """``handler`` honouring ``Idempotency-Key`` (its writes go through ``idempotency.transaction``)."""
+    return (_ADMIN_IDEM if admin else _USER_IDEM)(handler)
 
 
 def _documented(handler: Handler, admin: bool = False) -> Handler:
@@ -33,13 +49,12 @@ def _documented(handler: Handler, admin: bool = False) -> Handler:
     if admin:
         op["security"] = [{"admin": []}]
     handler.openapi = {"operation": op, "schemas": SCHEMAS}  # type: ignore[attr-defined]
-    return _money(handler) if handler.__name__ in MONEY_MOVING else handler
+    return _money(handler, admin) if handler.__name__ in MONEY_MOVING else handler
 
 
 async def _sweep_ctx(app: web.Application) -> AsyncIterator[None]:
-    node = app[NODE]
-    s = node.settings
-    task = asyncio.create_task(sweeper(node.pool, s.market_sweep_s, s.settlement_deadline_s,
+    s = app[SETTINGS]
+    task = asyncio.create_task(sweeper(app[POOL], s.market_sweep_s, s.settlement_deadline_s,
                                        lambda: datetime.now(UTC)))
     yield
     task.cancel()
@@ -49,6 +64,7 @@ async def _sweep_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def setup(app: web.Application) -> None:
     app.middlewares.append(error_middleware)
+    idempotency.setup(app)
     add = app.router.add_route
     j, t = escrow_jobs, escrow_tester
     for method, path, handler in (

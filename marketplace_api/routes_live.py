@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from .app import NODE, json_response, require_admin, require_user
+from .auth import require_admin, require_user
+from .bodies import json_response
+from .context import POOL, PROXY, SETTINGS
 from .errors import ApiError
 from .routes_logs import _scope, parse_int, parse_time, parse_uuid_param, read_log_store
 
@@ -27,7 +29,7 @@ async def _visible(request: web.Request) -> tuple[set[str] | None, set[str] | No
         require_admin(request)
         return None, None
     user = await require_user(request)
-    pool = request.app[NODE].pool
+    pool = request.app[POOL]
     conns = {str(r[0]) for r in await pool.fetch(
         "SELECT connection_id FROM rms_connections WHERE owner_user_id = $1", user)}
     devices = {str(r[0]) for r in await pool.fetch(
@@ -37,12 +39,11 @@ async def _visible(request: web.Request) -> tuple[set[str] | None, set[str] | No
 
 async def proxy_sessions(request: web.Request) -> web.Response:
     """Open sessions of the caller's connections and devices on this node, with live rates."""
+    conns, devices = await _visible(request)  # authenticate first, then validate
     q = request.query
     connection_id = parse_uuid_param(q.get("connectionId"), "connectionId")
     device_id = parse_uuid_param(q.get("deviceId"), "deviceId")
-    conns, devices = await _visible(request)
-    node = request.app[NODE]
-    rows = node.proxy.sessions.snapshot(time.monotonic(), node.settings.node_name,
+    rows = request.app[PROXY].sessions.snapshot(time.monotonic(), request.app[SETTINGS].node_name,
                                         connection_ids=conns, device_ids=devices)
     if connection_id is not None or device_id is not None:
         rows = [r for r in rows if (connection_id is None or r["connectionId"] == connection_id)
@@ -53,7 +54,7 @@ async def proxy_sessions(request: web.Request) -> web.Response:
 async def device_presence(request: web.Request) -> web.Response:
     """Where the caller's devices are connected: online, node, last seen (the dashboard's device view)."""
     user = await require_user(request)
-    rows = await request.app[NODE].pool.fetch(
+    rows = await request.app[POOL].fetch(
         "SELECT remote_device_id, online, node, last_seen FROM devices WHERE user_id = $1 "
         "ORDER BY added, remote_device_id", user)
     return json_response({"success": True, "devices": [
@@ -66,9 +67,9 @@ async def device_presence(request: web.Request) -> web.Response:
 async def proxy_domains(request: web.Request) -> web.Response:
     """Per registrable domain (public suffix list) in a time window, by bytes descending."""
     admin = bool(request.headers.get("X-Admin-Token"))
-    user = None
-    if admin:  # authenticate before validating anything
+    if admin:  # authenticate first, then validate
         require_admin(request)
+        user = None
     else:
         user = await require_user(request)
     q = request.query
@@ -81,7 +82,7 @@ async def proxy_domains(request: web.Request) -> web.Response:
     limit = parse_int(q.get("limit"), "limit", 100, 1, MAX_DOMAINS)
     connection_id = parse_uuid_param(q.get("connectionId"), "connectionId")
     device_id = parse_uuid_param(q.get("deviceId"), "deviceId")
-    if admin:
+    if user is None:
         device_ids = None if device_id is None else [device_id]
     else:
         device_ids = await _scope(request, user, device_id)
@@ -94,7 +95,7 @@ async def _sampler(app: web.Application) -> AsyncIterator[None]:
     """Owns the task that samples session byte counters once a second (for the 5 s rates)."""
     async def run() -> None:
         while True:
-            proxy = getattr(app[NODE], "proxy", None)
+            proxy = app.get(PROXY)
             if proxy is not None:
                 proxy.sessions.sample(time.monotonic())
             await asyncio.sleep(SAMPLE_INTERVAL_S)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 
-from .app import NODE, json_response, require_user
+from .auth import require_user
+from .bodies import json_response
+from .context import LOG_STORE, POOL
 from .errors import ApiError
+from .paging import limit_offset, list_route
 
 MAX_LIMIT = 10000
 
@@ -52,7 +56,7 @@ def parse_uuid_param(value: str | None, name: str) -> str | None:
 
 async def _scope(request: web.Request, user: str, device_id: str | None) -> list[str]:
     """The device ids the caller may see: all it owns, or the one asked for (must be owned)."""
-    pool = request.app[NODE].pool
+    pool = request.app[POOL]
     owned = [str(r["remote_device_id"]) for r in
              await pool.fetch("SELECT remote_device_id FROM devices WHERE user_id = $1", user)]
     if device_id is not None:
@@ -62,10 +66,10 @@ async def _scope(request: web.Request, user: str, device_id: str | None) -> list
     return owned
 
 
-async def read_log_store(request: web.Request, kind: str, **args: object) -> object:
+async def read_log_store(request: web.Request, kind: str, **args: object) -> Any:
     """Run read query ``kind`` (proxy/request_log/remote.py) on this node's log store, local or the
     owner at ``LOG_STORE_URL``; the caller has scoped ``device_ids`` to its tenant already."""
-    reader = request.app[NODE].log_reader
+    reader = request.app[LOG_STORE]
     if reader is None:
         raise ApiError(503, "request log is disabled on this node (REQUEST_LOG=0)")
     try:
@@ -74,6 +78,7 @@ async def read_log_store(request: web.Request, kind: str, **args: object) -> obj
         raise ApiError(502, f"log store unavailable: {type(exc).__name__}") from None
 
 
+@list_route(MAX_LIMIT, 100)
 async def proxy_logs(request: web.Request) -> web.Response:
     """One log entry per SOCKS5 / HTTP CONNECT attempt, on the caller's devices."""
     user = await require_user(request)
@@ -100,6 +105,7 @@ async def proxy_logs(request: web.Request) -> web.Response:
     return json_response({"success": True, "total": res["total"], "entries": res["entries"]})
 
 
+@list_route(MAX_LIMIT)
 async def proxy_bandwidth(request: web.Request) -> web.Response:
     """Per-(device, connection) byte counts, optionally grouped by hour or day."""
     user = await require_user(request)
@@ -112,12 +118,13 @@ async def proxy_bandwidth(request: web.Request) -> web.Response:
     if group_by not in (None, "hour", "day"):
         raise ApiError(400, "`groupBy` must be hour or day")
     connection_id = parse_uuid_param(q.get("connectionId"), "connectionId")
+    limit, offset = limit_offset(request, proxy_bandwidth)
     device_ids = await _scope(request, user, parse_uuid_param(q.get("deviceId"), "deviceId"))
     if not device_ids:
         return json_response({"success": True, "rows": []})
     # One query with an IN list over the caller's devices (measured: one round trip instead of N).
     rows = await read_log_store(request, "bandwidth", device_ids=device_ids, connection_id=connection_id,
-                                start=start, end=end, group_by=group_by)
+                                start=start, end=end, group_by=group_by, limit=limit, offset=offset)
     return json_response({"success": True, "rows": rows})
 
 

@@ -3,52 +3,31 @@ and the background loops (planned-task assignment, temporary-file expiry)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
 
+from proxyorch.tasks import TaskSet
+
 from . import applicants, assignment, automations, buckets, files, jobs, payments, planned, storage, tasks
-from .app import NODE
-from .errors import guard_data_errors
-
-_TASKS = web.AppKey("marketplace_tasks", list)
+from .context import POOL, SETTINGS
 
 
-async def _start_loops(app: web.Application) -> None:
-    node = app[NODE]
-    temp_dir = Path(node.settings.data_dir).resolve() / "files" / "temp"
+async def _loops(app: web.Application) -> AsyncIterator[None]:
+    """The background loops, owned for the app's lifetime and cancelled at cleanup."""
+    settings, pool = app[SETTINGS], app[POOL]
+    temp_dir = Path(settings.data_dir).resolve() / "files" / "temp"
     temp_dir.mkdir(parents=True, exist_ok=True)
-    app[_TASKS] = [asyncio.create_task(assignment.sweeper(node.pool)),
-                   asyncio.create_task(files.sweeper(node.pool, temp_dir))]
-
-
-async def _stop_loops(app: web.Application) -> None:
-    for task in app.get(_TASKS, []):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-
-
-_guard = guard_data_errors
-
-
-class _GuardedRouter:
-    """Adds routes through ``_guard`` (keeps the handler's name and docstring for the OpenAPI document)."""
-
-    def __init__(self, router: web.UrlDispatcher) -> None:
-        self._router = router
-
-    def __getattr__(self, name: str):  # noqa: ANN204
-        add = getattr(self._router, name)
-        return lambda path, handler: add(path, _guard(handler))
+    loops = TaskSet("marketplace loops")
+    loops.spawn(assignment.sweeper(pool, settings.assign_sweep_interval_s), name="assignment sweeper")
+    loops.spawn(files.sweeper(pool, temp_dir), name="temp file sweeper")
+    yield
+    await loops.close()
 
 
 def setup(app: web.Application) -> None:
-    r = _GuardedRouter(app.router)
+    r = app.router
     r.add_post("/api/v2/jobs/applicants", applicants.list_applicants)
     r.add_put("/api/v2/jobs/applicants", applicants.update_applicants)
     r.add_get("/api/v2/jobs/details", jobs.job_details)
@@ -85,7 +64,4 @@ def setup(app: web.Application) -> None:
     r.add_post("/api/v2/admin/automations", automations.create_automation)
     r.add_get("/api/v2/admin/automations", automations.list_automations)
     r.add_post("/api/v2/admin/deposits", payments.admin_deposit)
-
-    __import__(f"{__package__}.routes_agent", fromlist=["setup"]).setup(app)  # agent surface (seed 004)
-    app.on_startup.append(_start_loops)
-    app.on_cleanup.append(_stop_loops)
+    app.cleanup_ctx.append(_loops)

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+import asyncpg
 from aiohttp import web
 
 from proxyorch import accounts
+from proxyorch.tunnel_cert import agent_command
 from rms.service import RmsError
 
-from .app import NODE, json_response, read_json, require_admin, require_user
+from .auth import require_admin, require_user
+from .bodies import json_response, read_json
+from .context import LOG_STORE, POOL, RMS, SETTINGS, TUNNEL_FINGERPRINT, TUNNELS
 from .errors import ApiError
+from .paging import limit_offset, list_route
 
 
 def _rms(request: web.Request):  # noqa: ANN202
-    return request.app[NODE].rms
+    return request.app[RMS]
 
 
 def _fail(exc: RmsError) -> ApiError:
     return ApiError(exc.status, exc.message)
 
 
+@list_route(1000)
 async def list_connections(request: web.Request) -> web.Response:
     user = await require_user(request)
-    return json_response({"success": True, "connections": await _rms(request).list_for_user(user)})
+    limit, offset = limit_offset(request, list_connections)
+    return json_response({"success": True, "connections": await _rms(request).list_for_user(user, limit, offset)})
 
 
 async def create_connection(request: web.Request) -> web.Response:
@@ -73,20 +80,22 @@ async def dissociate(request: web.Request) -> web.Response:
 
 async def _blacklist(request: web.Request, scope: str, scope_id: str | None) -> web.Response:
     rms = _rms(request)
+    limit, offset = limit_offset(request, global_blacklist)   # the same cap for the three scopes
     try:
         if request.method == "GET":
-            domains = await rms.blacklist(scope, scope_id)
+            domains = await rms.blacklist(scope, scope_id, limit, offset)
         else:
             body = await read_json(request)
             if request.method == "POST":
-                domains = await rms.blacklist_add(scope, scope_id, body.get("domains"))
+                domains = await rms.blacklist_add(scope, scope_id, body.get("domains"), limit)
             else:
-                domains = await rms.blacklist_remove(scope, scope_id, body.get("domains"))
+                domains = await rms.blacklist_remove(scope, scope_id, body.get("domains"), limit)
     except RmsError as exc:
         raise _fail(exc) from None
     return json_response({"success": True, "domains": domains})
 
 
+@list_route(10000)
 async def connection_blacklist(request: web.Request) -> web.Response:
     user = await require_user(request)
     try:
@@ -96,6 +105,7 @@ async def connection_blacklist(request: web.Request) -> web.Response:
     return await _blacklist(request, "connection", cid)
 
 
+@list_route(10000)
 async def device_blacklist(request: web.Request) -> web.Response:
     user = await require_user(request)
     try:
@@ -105,29 +115,30 @@ async def device_blacklist(request: web.Request) -> web.Response:
     return await _blacklist(request, "device", did)
 
 
+@list_route(10000)
 async def global_blacklist(request: web.Request) -> web.Response:
     require_admin(request)
     return await _blacklist(request, "global", None)
 
 
+@list_route(10000)
 async def admin_proxies(request: web.Request) -> web.Response:
     require_admin(request)
-    node = request.app[NODE]
-    proxies = await node.rms.admin_list()
-    counts = await _bandwidth_by_connection(node, [p["connection_id"] for p in proxies])
+    limit, offset = limit_offset(request, admin_proxies)
+    proxies = await request.app[RMS].admin_list(limit, offset)
+    counts = await _bandwidth_by_connection(request.app[LOG_STORE], [p["connection_id"] for p in proxies])
     for p in proxies:
         p["bytes_last_24h"], p["bytes_lifetime"] = counts.get(p["connection_id"], (0, 0))
     return json_response({"total": len(proxies), "proxies": proxies})
 
 
-async def _bandwidth_by_connection(node, connection_ids: list[str]) -> dict[str, tuple[int, int]]:  # noqa: ANN001
-    if node.log_reader is None or not connection_ids:
+async def _bandwidth_by_connection(reader, connection_ids: list[str]) -> dict[str, tuple[int, int]]:  # noqa: ANN001
+    if reader is None or not connection_ids:
         return {}
     from datetime import UTC, datetime
 
     try:
-        counts = await node.log_reader.query("bytes_by_connection", connection_ids=connection_ids,
-                                             now=datetime.now(UTC))
+        counts = await reader.query("bytes_by_connection", connection_ids=connection_ids, now=datetime.now(UTC))
     except Exception as exc:
         raise ApiError(502, f"Could not reach the proxy orchestrator's log store: {exc}") from None
     return {k: (int(v[0]), int(v[1])) for k, v in counts.items()}
@@ -138,7 +149,7 @@ _DEVICE_SQL = """
 SELECT d.*, COALESCE((SELECT array_agg(a.automation_id) FROM device_automations a
                       WHERE a.remote_device_id = d.remote_device_id), '{}') AS automations
 FROM devices d WHERE d.user_id = $1 OR (d.rented_by = $1 AND d.payment_type = 'live')
-ORDER BY d.added, d.remote_device_id
+ORDER BY d.added, d.remote_device_id LIMIT $2 OFFSET $3
 """
 
 
@@ -154,15 +165,17 @@ def device_json(r) -> dict:  # noqa: ANN001
     }
 
 
+@list_route(1000)
 async def list_devices(request: web.Request) -> web.Response:
     user = await require_user(request)
-    pool = request.app[NODE].pool
+    pool = request.app[POOL]
+    limit, offset = limit_offset(request, list_devices)
     try:
-        rows = await pool.fetch(_DEVICE_SQL, user)
-    except Exception:  # device_automations arrives with the marketplace migration
+        rows = await pool.fetch(_DEVICE_SQL, user, limit, offset)
+    except asyncpg.UndefinedTableError:  # device_automations arrives with the marketplace migration
         rows = await pool.fetch(
             "SELECT d.* FROM devices d WHERE d.user_id = $1 OR (d.rented_by = $1 AND d.payment_type = 'live') "
-            "ORDER BY d.added, d.remote_device_id", user)
+            "ORDER BY d.added, d.remote_device_id LIMIT $2 OFFSET $3", user, limit, offset)
     return json_response([device_json(r) for r in rows])
 
 
@@ -172,22 +185,25 @@ async def register_device(request: web.Request) -> web.Response:
     name = body.get("name")
     if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 100):
         raise ApiError(400, "name must be a non-empty string of at most 100 characters")
-    import asyncpg
-
     try:
-        device = await accounts.create_device(request.app[NODE].pool, user, name.strip() if name else None)
+        device = await accounts.create_device(request.app[POOL], user, name.strip() if name else None)
     except asyncpg.UniqueViolationError:
         raise ApiError(409, "a device with this name already exists") from None
-    return json_response({"success": True, **device})
+    fingerprint = request.app[TUNNEL_FINGERPRINT]
+    command = agent_command(request.app[SETTINGS], device["remote_device_id"], device["device_token"], fingerprint,
+                            request.app[TUNNELS].port)
+    return json_response({"success": True, **device, "tunnel_fingerprint": fingerprint, "agent_command": command})
 
 
+@list_route(1000)
 async def market_devices(request: web.Request) -> web.Response:
     await require_user(request)
     country = request.query.get("country")
     direction = request.query.get("sortDirection", "asc").lower()
     if direction not in ("asc", "desc"):
         raise ApiError(400, "sortDirection must be asc or desc")
-    pool = request.app[NODE].pool
+    pool = request.app[POOL]
+    limit, offset = limit_offset(request, market_devices)
     has_tasks = await pool.fetchval("SELECT to_regclass('job_tasks') IS NOT NULL")
     busy = ("EXISTS (SELECT 1 FROM job_tasks t WHERE t.remote_device_id = d.remote_device_id "
             "AND t.status = 'running')") if has_tasks else "false"
@@ -195,7 +211,8 @@ async def market_devices(request: web.Request) -> web.Response:
         f"""SELECT d.name, d.country, NOT {busy} AS available FROM devices d
             WHERE d.is_on_market AND d.payment_type = 'action' AND d.online
               AND ($1::text IS NULL OR d.country = $1)
-            ORDER BY d.country {'DESC' if direction == 'desc' else 'ASC'} NULLS LAST, d.name""", country)
+            ORDER BY d.country {'DESC' if direction == 'desc' else 'ASC'} NULLS LAST, d.name
+            LIMIT $2 OFFSET $3""", country, limit, offset)
     return json_response([{"name": r["name"], "country": r["country"], "isAvailable": r["available"]} for r in rows])
 
 

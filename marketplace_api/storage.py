@@ -11,10 +11,10 @@ import re
 import secrets
 from pathlib import Path
 
-import orjson
 from aiohttp import web
 
-from .app import NODE
+from .bodies import parse_json_object, too_large
+from .context import SETTINGS
 from .errors import ApiError
 
 MAX_PROOF_FILE_BYTES = 5 * 1024 * 1024
@@ -23,7 +23,7 @@ UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def files_dir(request: web.Request, sub: str = "") -> Path:
-    path = Path(request.app[NODE].settings.data_dir).resolve() / "files"
+    path = Path(request.app[SETTINGS].data_dir).resolve() / "files"
     if sub:
         path = path / sub
     path.mkdir(parents=True, exist_ok=True)
@@ -65,24 +65,18 @@ async def save_proof_file(request: web.Request, raw: bytes, stem: str, extension
 
 
 async def read_json_limited(request: web.Request, limit: int) -> dict:
-    """A JSON object body of at most ``limit`` bytes, read from the stream (not client_max_size)."""
+    """A JSON object body of at most ``limit`` bytes (413 beyond), read from the stream (not client_max_size)."""
     if not request.can_read_body:
         raise ApiError(400, "request body must be a JSON object")
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError(400, "request body too large")
+        raise too_large()
     chunks, size = [], 0
     async for chunk in request.content.iter_chunked(256 * 1024):
         size += len(chunk)
         if size > limit:
-            raise ApiError(400, "request body too large")
+            raise too_large()
         chunks.append(chunk)
-    try:
-        body = orjson.loads(b"".join(chunks))
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return body
+    return parse_json_object(b"".join(chunks))
 
 
 async def serve_proof_file(request: web.Request) -> web.StreamResponse:

@@ -6,8 +6,8 @@ import uuid
 
 from aiohttp import web
 
-from proxy.auth_cache.hashing import hash_token
 from proxyorch.accounts import new_token
+from proxyorch.tokens import hash_token
 
 from . import idempotency
 from .taskmarket_common import (

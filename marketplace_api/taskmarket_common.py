@@ -18,10 +18,12 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from proxy.auth_cache.hashing import hash_token
+from proxyorch.tokens import hash_token
 
-from . import idempotency
-from .app import NODE, bearer_token, json_response
+from . import idempotency, store_errors
+from .auth import bearer_token
+from .bodies import json_response
+from .context import POOL
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,9 @@ async def v1_errors(request: web.Request, handler):  # noqa: ANN001, ANN201
         raise v1_error(exc.status, None, exc.reason) from None
     except asyncpg.DataError as exc:
         raise bad(f"invalid input: {exc.__class__.__name__}") from None
-    except Exception:
+    except Exception as exc:
+        if store_errors.is_store_unavailable(exc):
+            return store_errors.response(store_errors.V1_BODY, request, exc)
         log.exception("unhandled error on %s %s", request.method, request.path)
         raise v1_error(500, "INTERNAL", "internal error") from None
 
@@ -94,7 +98,7 @@ class Agent:
 
 
 def pool_of(request: web.Request) -> asyncpg.Pool:
-    return request.app[NODE].pool
+    return request.app[POOL]
 
 
 async def require_agent(request: web.Request) -> Agent:

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from . import idempotency
 from . import taskmarket_views as views
-from .app import NODE
+from .context import POOL
 from .taskmarket_common import bad, parse_id
 from .taskmarket_work import TRACE_CHANNEL, trace_reader
 
@@ -115,7 +115,7 @@ async def stream_traces(request: web.Request) -> web.StreamResponse:
     if any(name in request.query for name in URL_CREDENTIALS):
         raise bad("credentials are accepted only in the Authorization header, never in the URL")
     hub = request.app[HUB]
-    pool = request.app[NODE].pool
+    pool = request.app[POOL]
     async with idempotency.transaction(request) as conn:
         task = await trace_reader(conn, request, "id")
         task_id = str(task["id"])
@@ -155,7 +155,7 @@ async def stream_traces(request: web.Request) -> web.StreamResponse:
 
 
 async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
-    hub = TraceHub(app[NODE].pool)
+    hub = TraceHub(app[POOL])
     app[HUB] = hub
     task = asyncio.create_task(hub.run(), name="tm-trace-listener")
     yield

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from . import idempotency
 from . import taskmarket_views as views
-from .app import NODE
+from .context import SETTINGS
 from .quality_gate import score_delivery
 from .taskmarket_common import (
     AGENT_IDEM,
@@ -126,7 +126,7 @@ async def deliver(request: web.Request) -> web.Response:
     """Deliver work; the quality gate scores it (rejected < 0.40, warning to 0.65, passed above)."""
     agent = await require_agent(request)
     content = text_field(await read_body(request), "content", max_len=MAX_CONTENT)
-    window = float(request.app[NODE].settings.resubmit_window_s)
+    window = float(request.app[SETTINGS].resubmit_window_s)
     async with idempotency.transaction(request) as conn:
         task = await _task_for_agent(conn, request)
         _assigned(task, agent)

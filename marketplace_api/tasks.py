@@ -10,9 +10,11 @@ import orjson
 from aiohttp import web
 
 from .agent_auth import AgentIdentity, agent_from_request, was_agent_token
-from .app import bearer_token, json_response, read_json, require_user
+from .auth import bearer_token, require_user
+from .bodies import json_response, read_json
 from .common import can_edit, pages, parse_int, parse_uuid, pool_of
 from .errors import ApiError, plain, with_message
+from .paging import list_route
 from .storage import EXTENSION, decode_base64, read_json_limited, save_proof_file
 from .task_views import TASK_SELECT, Unresolved, resolve_task_id, task_json
 
@@ -256,6 +258,7 @@ async def submit(request: web.Request) -> web.Response:
     return await _submit_manual(request, body, job_id, user)
 
 
+@list_route(100, 10, "body")
 async def details(request: web.Request) -> web.Response:
     """Recent tasks of the caller, or one task (``task_id``) of the caller or of the caller's job."""
     user = await require_user(request)

@@ -8,6 +8,7 @@ Both give the session the same thing: ``open(host, port, handler)`` and later on
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 
 from device_tunnel.registry import DeviceRegistry
@@ -133,11 +134,11 @@ class DirectExit:
             handler.open_result(OpenResult(rep=ReplyCode.TTL_EXPIRED, reason="connect timed out"))
             return
         except OSError as exc:
-            rep = ReplyCode.HOST_UNREACHABLE if isinstance(exc, __import__("socket").gaierror) else reply_for_errno(exc)
+            rep = ReplyCode.HOST_UNREACHABLE if isinstance(exc, socket.gaierror) else reply_for_errno(exc)
             handler.open_result(OpenResult(rep=rep, reason=str(exc)))
             return
         sock = transport.get_extra_info("sockname") or ("0.0.0.0", 0)
-        handler.open_result(OpenResult(rep=0, bound_host=sock[0], bound_port=sock[1], resolved_ip=addr,
+        handler.open_result(OpenResult(rep=ReplyCode.SUCCEEDED, bound_host=sock[0], bound_port=sock[1], resolved_ip=addr,
                                        stream=proto))  # type: ignore[arg-type]
         proto.handler = handler
         if proto.early:

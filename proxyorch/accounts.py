@@ -7,7 +7,7 @@ import uuid
 
 import asyncpg
 
-from proxy.auth_cache.hashing import hash_token
+from proxyorch.tokens import hash_token
 
 from .names import random_name
 

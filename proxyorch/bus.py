@@ -2,9 +2,8 @@
 
 Two implementations behind one interface: PostgreSQL ``LISTEN/NOTIFY`` (default; the store's
 triggers notify inside the writing transaction) and Redis pub/sub (when ``REDIS_URL`` is set, the
-way several nodes share changes). Events are short strings: ``conn:<id>``, ``kill:<id>``,
-``device:<id>``, ``global``; after a reconnect the bus delivers ``flush`` because events may have
-been missed.
+way several nodes share changes). Events are short strings defined in :mod:`proxyorch.bus_events`; after a reconnect the bus
+delivers ``flush`` because events may have been missed.
 """
 
 from __future__ import annotations
@@ -15,8 +14,9 @@ from collections.abc import Callable
 
 import asyncpg
 
+from .bus_events import CHANNEL, FLUSH, encode
+
 log = logging.getLogger(__name__)
-CHANNEL = "proxy_invalidate"
 EventCallback = Callable[[str], None]
 
 
@@ -70,7 +70,7 @@ class PostgresBus(InvalidationBus):
                 await self._connect()
                 log.info("invalidation bus reconnected")
                 if self._callback is not None:
-                    self._callback("flush")
+                    self._callback(encode(FLUSH))
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("invalidation bus down: %s", exc)
 
@@ -89,6 +89,7 @@ class PostgresBus(InvalidationBus):
         self._closing = True
         if self._task is not None:
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         if self._conn is not None and not self._conn.is_closed():
             await self._conn.close()
 
@@ -121,7 +122,7 @@ class RedisBus(InvalidationBus):
                 if not ready.done():
                     ready.set_result(None)
                 if not first and self._callback is not None:
-                    self._callback("flush")
+                    self._callback(encode(FLUSH))
                 first = False
                 async for message in pubsub.listen():
                     if message.get("type") == "message" and self._callback is not None:

@@ -6,12 +6,10 @@ import argparse
 import asyncio
 import json
 import logging
-import os
-import signal
 import sys
 import warnings
 
-from .config import load_settings, settings_help
+from .config import ConfigError, load_settings, settings_help
 
 
 def _run(coro) -> object:  # noqa: ANN001
@@ -40,6 +38,7 @@ async def _with_pool(fn):  # noqa: ANN001, ANN202
 def cmd_serve(args: argparse.Namespace) -> int:
     from .cluster_config import ClusterConfigError, validate
     from .node import serve
+    from .tunnel_cert import TunnelCertError
 
     settings = load_settings()
     if args.workers is not None:
@@ -55,7 +54,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .supervisor import supervise
 
         return supervise(settings)
-    _run(serve(settings))
+    try:
+        _run(serve(settings))
+    except TunnelCertError as exc:
+        print(f"proxyorch serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -101,29 +104,24 @@ def cmd_create_connection(args: argparse.Namespace) -> int:
 
 
 def cmd_device_agent(args: argparse.Namespace) -> int:
-    from device_tunnel.agent import AgentConfig, DeviceAgent, device_metadata
-    from device_tunnel.runner import make_runner
+    from device_tunnel.cli import run
 
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    host, _, port = args.server.rpartition(":")
-    meta_overrides = {}
-    if args.country:
-        meta_overrides["country"] = args.country
-    config = AgentConfig(host=host.strip("[]") or "127.0.0.1", port=int(port), device_id=args.device_id,
-                         token=args.token, tunnels=args.tunnels, source_address=args.source_address,
-                         allow_private=args.allow_private, connect_timeout=args.connect_timeout,
-                         ping_interval=args.ping_interval, dead_after=args.dead_after,
-                         memory_budget=args.memory_budget,
-                         meta=device_metadata(meta_overrides), runner=make_runner(args.automation_dir))
+    return run(args, args.parser)
 
-    async def main() -> None:
-        agent = DeviceAgent(config)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, agent.stop)
-        await agent.run()
 
-    _run(main())
+def cmd_tunnel_fingerprint(args: argparse.Namespace) -> int:
+    from .tunnel_cert import TunnelCertError, load_or_create
+
+    settings = load_settings()
+    if not settings.tunnel_tls:
+        print("TUNNEL_TLS=0: the tunnel is plaintext, there is no certificate to pin", file=sys.stderr)
+        return 1
+    try:
+        cert = load_or_create(settings)
+    except TunnelCertError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(cert.fingerprint)
     return 0
 
 
@@ -156,25 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--name")
     c.set_defaults(fn=cmd_create_connection)
 
-    a = sub.add_parser("device-agent", help="run the device side of the tunnel")
-    a.add_argument("--server", required=True, help="node HOST:PORT (the tunnel port)")
-    a.add_argument("--device-id", required=True)
-    a.add_argument("--token", required=True)
-    a.add_argument("--source-address", help="bind outgoing target connections to this local address")
-    a.add_argument("--allow-private", action="store_true",
-                   help="allow private, loopback and link-local targets (off by default)")
-    a.add_argument("--tunnels", type=int, default=1, help="parallel tunnel connections")
-    a.add_argument("--connect-timeout", type=float, default=10.0)
-    a.add_argument("--ping-interval", type=float, default=float(os.environ.get("TUNNEL_PING_S", 5)),
-                   help="seconds between keep-alive pings")
-    a.add_argument("--dead-after", type=float, default=float(os.environ.get("TUNNEL_DEAD_AFTER", 15)),
-                   help="declare the node dead after this many silent seconds and reconnect")
-    a.add_argument("--memory-budget", type=int, default=256 * 1024 * 1024,
-                   help="bytes of receive window all tunnels of this agent may grant together")
-    a.add_argument("--country", help="ISO country code reported in the handshake")
-    a.add_argument("--automation-dir", default="./automations", help="where launchAutomation code is saved")
-    a.add_argument("--log-level", default="INFO")
-    a.set_defaults(fn=cmd_device_agent)
+    f = asub.add_parser("tunnel-fingerprint",
+                        help="print the tunnel certificate's sha256 fingerprint (creates the certificate if needed)")
+    f.set_defaults(fn=cmd_tunnel_fingerprint)
+
+    from device_tunnel.cli import add_agent_arguments
+
+    a = sub.add_parser("device-agent", help="run the device side of the tunnel (same as proxyorch-agent)")
+    add_agent_arguments(a)
+    a.set_defaults(fn=cmd_device_agent, parser=a)
 
     b = sub.add_parser("bench", help="run the benchmarks and write benchmarks/RESULTS.md")
     b.add_argument("--quick", action="store_true")
@@ -195,12 +183,17 @@ def handle_library_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a configuration error is one line on stderr and exit status 2."""
     handle_library_warnings()
-    args = build_parser().parse_args(argv)
-    if args.command == "admin":
-        # only errors reach stderr; stdout carries the command's JSON alone
-        logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    return int(args.fn(args) or 0)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "admin":
+            # only errors reach stderr; stdout carries the command's JSON alone
+            logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+        return int(args.fn(args) or 0)
+    except ConfigError as exc:
+        print(f"proxyorch: configuration error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

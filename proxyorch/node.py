@@ -20,9 +20,10 @@ from proxy.sessions import SessionRegistry
 from rms.crypto import PasswordBox, load_or_create_key
 from rms.service import Rms
 
-from . import accounts, db
+from . import accounts, db, tunnel_cert
 from .bus import InvalidationBus, RedisBus, make_bus
 from .config import Settings
+from .tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +49,6 @@ def load_admin_token(settings: Settings) -> tuple[str, bool]:
     return token, True
 
 
-class FaultInjectingClickHouse:
-    """Test hook (``CLICKHOUSE_FAULT_FILE``): inserts fail while that file exists, as if ClickHouse were down."""
-
-    def __init__(self, inner, flag_path: str) -> None:  # noqa: ANN001
-        self.inner = inner
-        self.flag = Path(flag_path)
-
-    def insert_rows(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
-        if self.flag.exists():
-            raise ConnectionError("ClickHouse unavailable (fault injected)")
-        return self.inner.insert_rows(*args, **kwargs)
-
-    def __getattr__(self, name: str):  # noqa: ANN204
-        return getattr(self.inner, name)
-
-
 class Node:
     """Everything one ``proxyorch serve`` process runs."""
 
@@ -79,12 +64,14 @@ class Node:
         self.log_reader = None
         self.api_runner = None
         self.admin_token = ""
-        self._tasks: list[asyncio.Task[None]] = []
+        self.tunnel_fingerprint: str | None = None  # None = plaintext tunnel (TUNNEL_TLS=0)
+        self._tasks = TaskSet("node")
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
         s = self.settings
         Path(s.data_dir).mkdir(parents=True, exist_ok=True)
+        tunnel_ssl = self._tunnel_tls()  # a bad certificate fails the start before anything runs
         url = await asyncio.to_thread(resolve_database_url, s)
         self.database_url = url
         self.pool = await db.create_pool(url)
@@ -119,13 +106,26 @@ class Node:
         await self.bus.start(self.proxy.handle_bus_event)
         # Devices that were online on this node before a crash are offline until they reconnect.
         await self.pool.execute("UPDATE devices SET online = false, node = NULL WHERE node = $1", s.node_name)
-        await self.tunnels.start(s.bind_host, s.tunnel_port, reuse_port=s.reuse_port)
+        await self.tunnels.start(s.bind_host, s.tunnel_port, ssl=tunnel_ssl, reuse_port=s.reuse_port)
         await self.proxy.start(s.bind_host, s.proxy_port, reuse_port=s.reuse_port)
         await self._start_api()
         if self.request_log is not None:
-            self._tasks.append(asyncio.create_task(self._traffic_reporter()))
+            self._tasks.spawn(self._traffic_reporter(), name="traffic reporter")
         log.info("node %s: proxy :%d, tunnels :%d, api :%d", s.node_name, self.proxy.port, self.tunnels.port,
                  s.api_port)
+
+    def _tunnel_tls(self):  # noqa: ANN202
+        """The tunnel's TLS context (certificate created once when none is configured), or None."""
+        s = self.settings
+        if not s.tunnel_tls:
+            log.warning("TUNNEL_TLS=0: the tunnel port is PLAINTEXT (device tokens and traffic in the clear); "
+                        "use it only where TLS is terminated in front of the node")
+            return None
+        cert = tunnel_cert.load_or_create(s)
+        self.tunnel_fingerprint = cert.fingerprint
+        log.info("tunnel TLS certificate %s%s, fingerprint %s", cert.cert_file,
+                 " (created)" if cert.created else "", cert.fingerprint)
+        return cert.context()
 
     def _make_request_log(self):  # noqa: ANN202
         s = self.settings
@@ -143,8 +143,10 @@ class Node:
             self.clickhouse.apply_schema(s.log_retention_days)
             writer_client = self.clickhouse
             self.log_reader = LocalLogReader(self.clickhouse)
-        if s.clickhouse_fault_file:
-            writer_client = FaultInjectingClickHouse(writer_client, s.clickhouse_fault_file)
+        if s.test_only_clickhouse_fault_file:
+            from proxy.request_log.fault_hook import FaultInjectingClickHouse
+
+            writer_client = FaultInjectingClickHouse(writer_client, s.test_only_clickhouse_fault_file)
         writer = RequestLogWriter(lambda: writer_client, str(Path(s.data_dir) / "spool"),
                                   batch_rows=s.log_batch_rows, batch_seconds=s.log_batch_s)
         writer.start()
@@ -187,8 +189,7 @@ class Node:
             for session in list(self.proxy.handshaking):
                 session.terminate("node shutting down")
             await asyncio.sleep(0)
-        for t in self._tasks:
-            t.cancel()
+        await self._tasks.close()
         if self.tunnels is not None:
             for device_id in self.tunnels.registry.device_ids():
                 await accounts.set_presence(self.pool, device_id, False, s.node_name, {})
@@ -218,6 +219,8 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     print(f"proxyorch ready: proxy {settings.bind_host}:{node.proxy.port} tunnel {node.tunnels.port} "
           f"api {settings.api_port}", flush=True)
+    if node.tunnel_fingerprint:
+        print(f"tunnel TLS fingerprint {node.tunnel_fingerprint} (agents: --server-fingerprint)", flush=True)
     await stop.wait()
     log.info("shutting down")
     await node.stop()

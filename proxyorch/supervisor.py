@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Settings
+from .config import Settings, process_environment
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def supervise(settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         try:
-            sup.prepare(dict(os.environ))  # the workers inherit this environment, plus their own settings
+            sup.prepare(process_environment())  # the workers inherit this environment, plus their own settings
         except Exception as exc:
             print(f"proxyorch serve --workers: cannot start: {exc}", file=sys.stderr, flush=True)
             return 1

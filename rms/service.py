@@ -17,8 +17,9 @@ from datetime import datetime
 
 import asyncpg
 
-from proxy.auth_cache.hashing import hash_password
-from proxy.blacklist import Blacklist
+from proxyorch.blacklist import Blacklist
+from proxyorch.bus_events import blacklist_changed, connection_changed, connection_killed
+from proxyorch.tokens import hash_password
 
 from .crypto import PasswordBox
 
@@ -97,13 +98,14 @@ class Rms:
         }
 
     # -- reads ----------------------------------------------------------------------------------
-    async def list_for_user(self, user_id: str) -> list[dict]:
+    async def list_for_user(self, user_id: str, limit: int | None = None, offset: int = 0) -> list[dict]:
+        """Connections owned by, or routed through devices of, ``user_id`` (``limit`` from ``offset``)."""
         rows = await self.pool.fetch(
             """SELECT r.connection_id, r.owner_user_id, r.name, r.password_encrypted, r.created_at, c.device_id
                FROM rms_connections r JOIN proxy_credentials c USING (connection_id)
                LEFT JOIN devices d ON d.remote_device_id = c.device_id
                WHERE r.owner_user_id = $1 OR d.user_id = $1
-               ORDER BY r.created_at, r.connection_id""", user_id)
+               ORDER BY r.created_at, r.connection_id LIMIT $2 OFFSET $3""", user_id, limit, offset)
         return [self._connection_json(r) for r in rows]
 
     async def _load(self, connection_id: object) -> asyncpg.Record:
@@ -147,7 +149,7 @@ class Rms:
                 """INSERT INTO rms_connections(connection_id, owner_user_id, name, password_encrypted)
                    VALUES ($1, $2, $3, $4) RETURNING created_at""",
                 cid, user_id, name, self.box.seal(cid, password))
-        await self._publish(f"conn:{cid}")
+        await self._publish(connection_changed(cid))
         return {"connectionId": cid, "password": password, "ownerUserId": user_id, "name": name,
                 "createdAt": _iso(row["created_at"]), "deviceId": did}
 
@@ -158,7 +160,7 @@ class Rms:
         cid = str(row["connection_id"])
         await self.pool.execute("DELETE FROM proxy_credentials WHERE connection_id = $1", cid)
         await self.pool.execute("DELETE FROM blacklist_entries WHERE scope = 'connection' AND scope_id = $1", cid)
-        await self._publish(f"kill:{cid}")
+        await self._publish(connection_killed(cid))
 
     async def rotate_password(self, user_id: str, connection_id: object) -> str:
         row = await self._load(connection_id)
@@ -171,7 +173,7 @@ class Rms:
                                cid, hash_password(cid, password))
             await conn.execute("UPDATE rms_connections SET password_encrypted = $2 WHERE connection_id = $1",
                                cid, self.box.seal(cid, password))
-        await self._publish(f"conn:{cid}")
+        await self._publish(connection_changed(cid))
         return password
 
     async def set_device(self, user_id: str, connection_id: object, device_id: object) -> dict:
@@ -186,7 +188,7 @@ class Rms:
         cid = str(row["connection_id"])
         await self.pool.execute("UPDATE proxy_credentials SET device_id = $2, updated_at = now() WHERE connection_id = $1",
                                 cid, did)
-        await self._publish(f"conn:{cid}")
+        await self._publish(connection_changed(cid))
         return {"connectionId": cid, "deviceId": did}
 
     async def dissociate(self, user_id: str, connection_id: object) -> None:
@@ -196,7 +198,7 @@ class Rms:
         cid = str(row["connection_id"])
         await self.pool.execute("UPDATE proxy_credentials SET device_id = NULL, updated_at = now() WHERE connection_id = $1",
                                 cid)
-        await self._publish(f"kill:{cid}")
+        await self._publish(connection_killed(cid))
 
     # -- blacklists -----------------------------------------------------------------------------
     async def connection_blacklist_scope(self, user_id: str, connection_id: object) -> str:
@@ -214,45 +216,44 @@ class Rms:
             raise RmsError(403, "Forbidden")
         return did
 
-    async def blacklist(self, scope: str, scope_id: str | None) -> list[str]:
+    async def blacklist(self, scope: str, scope_id: str | None, limit: int | None = None, offset: int = 0) -> list[str]:
+        """The entries of one scope, oldest first (``limit`` from ``offset``; None = all)."""
         rows = await self.pool.fetch(
-            "SELECT entry FROM blacklist_entries WHERE scope = $1 AND scope_id IS NOT DISTINCT FROM $2::uuid ORDER BY created_at, entry",
-            scope, scope_id)
+            "SELECT entry FROM blacklist_entries WHERE scope = $1 AND scope_id IS NOT DISTINCT FROM $2::uuid"
+            " ORDER BY created_at, entry LIMIT $3 OFFSET $4", scope, scope_id, limit, offset)
         return [r["entry"] for r in rows]
 
-    async def blacklist_add(self, scope: str, scope_id: str | None, domains: object) -> list[str]:
+    async def blacklist_add(self, scope: str, scope_id: str | None, domains: object,
+                            limit: int | None = None) -> list[str]:
         entries = normalize_domains(domains)
         await self.pool.executemany(
             """INSERT INTO blacklist_entries(scope, scope_id, entry) VALUES ($1, $2, $3)
                ON CONFLICT DO NOTHING""", [(scope, scope_id, e) for e in entries])
         await self._publish_scope(scope, scope_id)
-        return await self.blacklist(scope, scope_id)
+        return await self.blacklist(scope, scope_id, limit)
 
-    async def blacklist_remove(self, scope: str, scope_id: str | None, domains: object) -> list[str]:
+    async def blacklist_remove(self, scope: str, scope_id: str | None, domains: object,
+                               limit: int | None = None) -> list[str]:
         entries = normalize_domains(domains)
         await self.pool.execute(
             "DELETE FROM blacklist_entries WHERE scope = $1 AND scope_id IS NOT DISTINCT FROM $2::uuid AND entry = ANY($3)",
             scope, scope_id, entries)
         await self._publish_scope(scope, scope_id)
-        return await self.blacklist(scope, scope_id)
+        return await self.blacklist(scope, scope_id, limit)
 
     async def _publish_scope(self, scope: str, scope_id: str | None) -> None:
-        if scope == "global":
-            await self._publish("global")
-        elif scope == "device":
-            await self._publish(f"device:{scope_id}")
-        else:
-            await self._publish(f"conn:{scope_id}")
+        await self._publish(blacklist_changed(scope, scope_id))
 
     # -- admin ----------------------------------------------------------------------------------
-    async def admin_list(self) -> list[dict]:
+    async def admin_list(self, limit: int | None = None, offset: int = 0) -> list[dict]:
+        """Every connection with its device (``limit`` from ``offset``; None = all)."""
         rows = await self.pool.fetch(
             """SELECT r.connection_id, r.name, r.password_encrypted, r.created_at, c.device_id,
                       d.user_id, d.name AS device_name, d.brand, d.model, d.country, d.online,
                       d.is_rented, d.is_on_market
                FROM rms_connections r JOIN proxy_credentials c USING (connection_id)
                LEFT JOIN devices d ON d.remote_device_id = c.device_id
-               ORDER BY r.created_at, r.connection_id""")
+               ORDER BY r.created_at, r.connection_id LIMIT $1 OFFSET $2""", limit, offset)
         out = []
         for r in rows:
             cid = str(r["connection_id"])

@@ -187,6 +187,21 @@ class NodeProcess:
     def api(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
+    @property
+    def tls(self) -> bool:
+        return self.env().get("TUNNEL_TLS", "1") not in ("0", "false", "no", "off")
+
+    @property
+    def fingerprint(self) -> str:
+        """The tunnel certificate's pin (the node created it under DATA_DIR at start)."""
+        from device_tunnel.tls import fingerprint_pem
+
+        return fingerprint_pem((self.data_dir / "tunnel-tls" / "cert.pem").read_text())
+
+    def agent_tls_args(self) -> list[str]:
+        """What an agent of this node passes to verify it: the pin, or --plaintext when TUNNEL_TLS=0."""
+        return ["--server-fingerprint", self.fingerprint] if self.tls else ["--plaintext"]
+
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update({
@@ -247,21 +262,43 @@ class NodeProcess:
         return self.proc.returncode
 
 
-class AgentProcess:
-    """A ``proxyorch device-agent`` subprocess."""
+TLS_OPTIONS = ("--server-fingerprint", "--ca-file", "--plaintext")
 
-    def __init__(self, node: NodeProcess, device_id: str, token: str, *args: str) -> None:
+
+class AgentProcess:
+    """A ``proxyorch device-agent`` subprocess (pinned to its node's certificate unless ``args`` choose)."""
+
+    def __init__(self, node: NodeProcess, device_id: str, token: str, *args: str, server: str | None = None) -> None:
         self.node = node
+        self.server = server
         self.device_id = device_id
         self.token = token
         self.args = args
         self.proc: subprocess.Popen | None = None
 
+    @property
+    def log_path(self) -> Path:
+        return self.node.data_dir / f"agent-{self.device_id[:8]}.log"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def wait_log(self, text: str, timeout: float = 20) -> str:
+        """Wait until the agent's log contains ``text``; the whole log."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            log = self.log_text()
+            if text in log:
+                return log
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"agent log never said {text!r}: {self.log_text()[-2000:]}")
+
     def start(self) -> AgentProcess:
-        self.log = open(self.node.data_dir / f"agent-{self.device_id[:8]}.log", "ab")
+        self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [PY, "-m", "proxyorch", "device-agent", "--server", f"127.0.0.1:{self.node.tunnel_port}",
-             "--device-id", self.device_id, "--token", self.token, *self.args],
+            [PY, "-m", "proxyorch", "device-agent", "--server", self.server or f"127.0.0.1:{self.node.tunnel_port}",
+             "--device-id", self.device_id, "--token", self.token, *self.args,
+             *([] if any(a in TLS_OPTIONS for a in self.args) else self.node.agent_tls_args())],
             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=self.log, stderr=subprocess.STDOUT,
             cwd=str(self.node.data_dir))
         return self
@@ -322,8 +359,9 @@ class Deployment:
             data = await r.json() if "json" in ctype else await r.text()
             return r.status, data
 
-    async def agent(self, device: dict, *args: str, wait: bool = True) -> AgentProcess:
-        agent = AgentProcess(self.node, device["remote_device_id"], device["device_token"], *args).start()
+    async def agent(self, device: dict, *args: str, wait: bool = True, server: str | None = None) -> AgentProcess:
+        agent = AgentProcess(self.node, device["remote_device_id"], device["device_token"], *args,
+                             server=server).start()
         self.agents.append(agent)
         if wait:
             await self.wait_online(device["remote_device_id"])

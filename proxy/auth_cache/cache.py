@@ -16,8 +16,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ..blacklist import Blacklist
-from .hashing import verify_password
+from proxyorch.blacklist import Blacklist
+from proxyorch.bus_events import CONN, DEVICE, KILL, decode
+from proxyorch.tokens import verify_password
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,10 +159,10 @@ class AuthCache:
 
     def handle_event(self, event: str) -> None:
         """Apply one bus event: ``conn:<id>``, ``kill:<id>``, ``device:<id>``, ``global``, ``flush``."""
-        kind, _, ident = event.partition(":")
-        if kind in ("conn", "kill"):
-            self.invalidate(ident)
-        elif kind == "device":
-            self.invalidate_device(ident)
-        else:
+        ev = decode(event)
+        if ev.kind is CONN or ev.kind is KILL:
+            self.invalidate(ev.ident)
+        elif ev.kind is DEVICE:
+            self.invalidate_device(ev.ident)
+        else:  # global, flush, or an event this node does not know: drop everything
             self.invalidate_all()

@@ -11,20 +11,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .clickhouse import DATABASE, ClickHouse
+from .columns import REQUEST_LOG
 
 MAX_LIMIT = 10_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-_LOG_COLUMNS = (
-    "toUnixTimestamp64Milli(timestamp), connectionId, deviceId, serverNode, target, targetType, port, "
-    "resolvedIp, action, blockReason, bytesIn, bytesOut, durationMs, clientAddr, protocol, replyCode, error, "
-    "deviceNode"
-)
-_LOG_KEYS = (
-    "timestamp", "connectionId", "deviceId", "serverNode", "target", "targetType", "port", "resolvedIp",
-    "action", "blockReason", "bytesIn", "bytesOut", "durationMs", "clientAddr", "protocol", "replyCode", "error",
-    "deviceNode",
-)
+_LOG_COLUMNS = REQUEST_LOG.select_list()   # every column of columns.REQUEST_LOG, named as in the API
+_LOG_KEYS = tuple(REQUEST_LOG.names)
 # Newest first; the tie-breakers make LIMIT/OFFSET pages stable between calls.
 _LOG_ORDER = "timestamp DESC, connectionId, clientAddr, target, durationMs, bytesIn, bytesOut"
 
@@ -120,8 +113,10 @@ def query_bandwidth(
     start: datetime | None,
     end: datetime | None,
     group_by: str | None,
+    limit: int | None = None,
+    offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """Bytes per (device, connection[, bucket]) from the rollups.
+    """Bytes per (device, connection[, bucket]) from the rollups (``limit`` rows from ``offset``).
 
     ``group_by`` is ``"hour"``, ``"day"`` or None (totals over the range). A bucket counts when
     its start lies in [start floored to the bucket, end). Totals use the daily rollup (which
@@ -161,16 +156,20 @@ def query_bandwidth(
             conds.append("hour < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC')")
             params["end_ms"] = _ms(e)
     where = f"WHERE {' AND '.join(conds)}" if conds else ""
+    page = ""
+    if limit is not None:
+        page = " LIMIT {limit:UInt32} OFFSET {offset:UInt64}"
+        params |= {"limit": max(0, int(limit)), "offset": max(0, int(offset))}
     if group_by is None:
         sql = (f"SELECT deviceId, connectionId, sum(bytesIn), sum(bytesOut) FROM {table} {where} "
-               "GROUP BY deviceId, connectionId ORDER BY deviceId, connectionId")
+               "GROUP BY deviceId, connectionId ORDER BY deviceId, connectionId" + page)
         return [
             {"deviceId": d, "connectionId": c, "bytesIn": int(bi), "bytesOut": int(bo), "bucket": None}
             for d, c, bi, bo in ch.query(sql, params)
         ]
     sql = (f"SELECT deviceId, connectionId, {bucket_sql} AS bucket, sum(bytesIn), sum(bytesOut) "
            f"FROM {table} {where} GROUP BY deviceId, connectionId, {col} "
-           "ORDER BY bucket, deviceId, connectionId")
+           "ORDER BY bucket, deviceId, connectionId" + page)
     return [
         {"deviceId": d, "connectionId": c, "bytesIn": int(bi), "bytesOut": int(bo), "bucket": _iso_s(int(b))}
         for d, c, b, bi, bo in ch.query(sql, params)

@@ -170,7 +170,9 @@ def _str(v: Any, name: str, optional: bool) -> str | None:
     return v
 
 
-def _int(v: Any, name: str, optional: bool) -> int:
+def _int(v: Any, name: str, optional: bool) -> int | None:
+    if v is None and optional:
+        return None
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise ValueError(f"`{name}` must be a non-negative integer")
     return v
@@ -187,7 +189,8 @@ def _spec() -> dict[str, tuple[Callable[..., Any], dict[str, str]]]:
         "logs": (query_logs, {"device_ids": "ids?", "start": "time", "end": "time", "connection_id": "str?",
                               "target": "str?", "action": "str?", "limit": "int", "offset": "int"}),
         "bandwidth": (query_bandwidth, {"device_ids": "ids?", "connection_id": "str?", "start": "time?",
-                                        "end": "time?", "group_by": "str?"}),
+                                        "end": "time?", "group_by": "str?", "limit": "int?",
+                                        "offset": "int?"}),
         "domains": (query_domains, {"device_ids": "ids?", "start": "time", "end": "time",
                                     "connection_id": "str?", "limit": "int"}),
         "bytes_by_connection": (bytes_by_connection, {"connection_ids": "ids", "now": "time"}),
@@ -205,7 +208,10 @@ def run_query(ch: ClickHouse, kind: Any, args: Any) -> Any:
     kwargs = {}
     for name, typ in params.items():
         base, optional = typ.rstrip("?"), typ.endswith("?")
-        kwargs[name] = _PARSERS[base](args.get(name), name, optional)
+        value = _PARSERS[base](args.get(name), name, optional)
+        if value is None and base == "int":
+            continue  # an optional count left out: the query's own default
+        kwargs[name] = value
     if kind == "bytes_by_connection":
         return {k: list(v) for k, v in fn(ch, kwargs["connection_ids"], kwargs["now"]).items()}
     result = fn(ch, **kwargs)

@@ -23,47 +23,27 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from .clickhouse import ClickHouse
-from .domains import registrable_domain
+from .columns import LEGACY_SPOOL_COLUMNS, TABLES, Table
+from .columns import REQUEST_LOG as REQUEST_LOG_TABLE
+from .columns import TRAFFIC_DELTA as TRAFFIC_DELTA_TABLE
 
 log = logging.getLogger(__name__)
 
-REQUEST_LOG = "request_log"
-TRAFFIC_DELTA = "traffic_delta"
-REQUEST_LOG_COLUMNS = [
-    "timestamp", "connectionId", "deviceId", "serverNode", "target", "targetType", "port", "resolvedIp",
-    "action", "blockReason", "bytesIn", "bytesOut", "durationMs", "clientAddr", "protocol", "replyCode",
-    "error", "domain", "deviceNode",
-]
-TRAFFIC_DELTA_COLUMNS = ["timestamp", "deviceId", "connectionId", "bytesIn", "bytesOut"]
-COLUMNS = {REQUEST_LOG: REQUEST_LOG_COLUMNS, TRAFFIC_DELTA: TRAFFIC_DELTA_COLUMNS}
+REQUEST_LOG = REQUEST_LOG_TABLE.name
+TRAFFIC_DELTA = TRAFFIC_DELTA_TABLE.name
+REQUEST_LOG_COLUMNS = REQUEST_LOG_TABLE.names
+TRAFFIC_DELTA_COLUMNS = TRAFFIC_DELTA_TABLE.names
+COLUMNS = {name: table.names for name, table in TABLES.items()}
 
 _BACKOFF_MIN_S = 0.2
 _BACKOFF_MAX_S = 5.0
-
-
-def _utc(ts: datetime) -> datetime:
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-
-
-def _uint(v: int) -> int:
-    return max(0, int(v))
-
-
-def fill_old_row(row: tuple) -> tuple:
-    """A ``request_log`` row of an older column list, completed: ``domain`` from the target,
-    ``deviceNode`` = ``serverNode`` (rows of those versions were never relayed)."""
-    if len(row) == len(REQUEST_LOG_COLUMNS) - 2:
-        row = (*row, registrable_domain(str(row[4])))
-    if len(row) == len(REQUEST_LOG_COLUMNS) - 1:
-        row = (*row, str(row[3]))
-    return row
 
 
 @dataclass(slots=True)
@@ -90,15 +70,8 @@ class SessionRecord:
     device_node: str = ""        # node holding the device's tunnel; "" = this node (server_node)
 
     def to_row(self) -> tuple:
-        """The ``request_log`` row, in ``REQUEST_LOG_COLUMNS`` order."""
-        return (
-            _utc(self.timestamp), str(self.connection_id), str(self.device_id or ""), str(self.server_node),
-            str(self.target), str(self.target_type), min(_uint(self.port), 65535), str(self.resolved_ip or ""),
-            str(self.action), str(self.block_reason or ""), _uint(self.bytes_in), _uint(self.bytes_out),
-            _uint(self.duration_ms), str(self.client_addr or ""), str(self.protocol),
-            min(_uint(self.reply_code), 65535), str(self.error or ""), registrable_domain(str(self.target)),
-            str(self.device_node or self.server_node),
-        )
+        """The ``request_log`` row, in ``REQUEST_LOG_COLUMNS`` order (built by ``columns.REQUEST_LOG``)."""
+        return REQUEST_LOG_TABLE.row(self)
 
 
 @dataclass(slots=True)
@@ -125,6 +98,7 @@ class _Batch:
     table: str
     token: str
     rows: list[tuple]
+    columns: list[str]           # the names of the rows' values, fixed when the batch is cut
 
 
 class _Flush:
@@ -196,7 +170,8 @@ class Spool:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-        line = orjson.dumps({"table": batch.table, "token": batch.token, "rows": batch.rows})
+        line = orjson.dumps({"table": batch.table, "token": batch.token, "columns": batch.columns,
+                             "rows": batch.rows})
         self._active.write(line + b"\n")
         self._active.flush()
         os.fsync(self._active.fileno())
@@ -228,12 +203,17 @@ class Spool:
         try:
             obj = orjson.loads(line)
             table = obj["table"]
-            rows = [(datetime.fromisoformat(r[0]), *r[1:]) for r in obj["rows"]]
-            if table == REQUEST_LOG:  # spooled before the `domain` / `deviceNode` columns: fill them in
-                rows = [fill_old_row(r) for r in rows]
-            if table not in COLUMNS:
+            if table not in LEGACY_SPOOL_COLUMNS:
                 raise ValueError(f"unknown table {table!r}")
-            return _Batch(table, obj["token"], rows)
+            columns = list(obj.get("columns") or LEGACY_SPOOL_COLUMNS[table])  # format 1 had no names
+            ts = columns.index("timestamp")
+            rows = []
+            for r in obj["rows"]:
+                if len(r) != len(columns):
+                    raise ValueError(f"a row has {len(r)} values for {len(columns)} columns")
+                r[ts] = datetime.fromisoformat(r[ts])
+                rows.append(tuple(r))
+            return _Batch(table, obj["token"], rows, columns)
         except Exception as exc:  # a corrupt line must not block the rest
             log.error("spool %s: skipping an unreadable batch: %r", seg, exc)
             return None
@@ -261,8 +241,10 @@ class RequestLogWriter:
         batch_rows: int = 10000,
         batch_seconds: float = 1.0,
         max_memory_rows: int = 100000,
+        tables: dict[str, Table] | None = None,
     ) -> None:
         self._factory = client_factory
+        self._tables = TABLES if tables is None else tables   # request_log / traffic_delta specs
         self._spool_dir = spool_dir
         self.batch_rows = max(1, batch_rows)
         self.batch_seconds = batch_seconds
@@ -417,11 +399,8 @@ class RequestLogWriter:
                 markers.append(item)
                 continue
             try:
-                if isinstance(item, SessionRecord):
-                    table, row = REQUEST_LOG, item.to_row()
-                else:
-                    ts, dev, conn, b_in, b_out = item
-                    table, row = TRAFFIC_DELTA, (_utc(ts), str(dev or ""), str(conn), _uint(b_in), _uint(b_out))
+                table = REQUEST_LOG if isinstance(item, SessionRecord) else TRAFFIC_DELTA
+                row = self._tables[table].row(item)
             except Exception as exc:  # a malformed record must not stop the writer
                 self._stats["rows_invalid"] += 1
                 log.error("request log: dropping a malformed record %r: %r", item, exc)
@@ -444,7 +423,7 @@ class RequestLogWriter:
         rows = self._current[table]
         self._current[table] = []
         self._current_since.pop(table, None)
-        self._outbox.append(_Batch(table, uuid.uuid4().hex, rows))
+        self._outbox.append(_Batch(table, uuid.uuid4().hex, rows, self._tables[table].names))
         self._outbox_rows += len(rows)
 
     def _client(self) -> ClickHouse:
@@ -464,7 +443,7 @@ class RequestLogWriter:
                 batches = spool.oldest()
                 try:
                     for batch, end in batches:
-                        ch.insert_rows(batch.table, batch.rows, COLUMNS[batch.table], batch.token)
+                        self._insert(ch, batch)
                         spool.read_offset = end
                         self._count_written(batch, replayed=True)
                 finally:
@@ -472,7 +451,7 @@ class RequestLogWriter:
                 spool.drop_oldest()
             while self._outbox:
                 batch = self._outbox[0]
-                ch.insert_rows(batch.table, batch.rows, COLUMNS[batch.table], batch.token)
+                self._insert(ch, batch)
                 self._outbox.popleft()
                 self._outbox_rows -= len(batch.rows)
                 self._count_written(batch, replayed=False)
@@ -490,6 +469,19 @@ class RequestLogWriter:
         self._failing = False
         self._backoff = _BACKOFF_MIN_S
         self._retry_at = 0.0
+
+    def _insert(self, ch: ClickHouse, batch: _Batch) -> None:
+        """Insert with the batch's own column names; values of columns the table no longer has
+        (dropped by a later migration) are left out rather than blocking every later batch."""
+        columns, rows = batch.columns, batch.rows
+        known = ch.table_columns(batch.table)
+        if not set(columns) <= known:
+            keep = [i for i, c in enumerate(columns) if c in known]
+            log.warning("request log: batch %s has columns %s the table lacks; inserting without them",
+                        batch.token, sorted(set(columns) - known))
+            columns = [columns[i] for i in keep]
+            rows = [tuple(r[i] for i in keep) for r in rows]
+        ch.insert_rows(batch.table, rows, columns, batch.token)
 
     def _count_written(self, batch: _Batch, *, replayed: bool) -> None:
         self._stats["rows_written"] += len(batch.rows)

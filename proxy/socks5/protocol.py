@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from enum import Enum, IntEnum
+from enum import Enum
+
+from device_tunnel.replies import ReplyCode
 
 __all__ = [
     "Credentials",
@@ -53,18 +55,8 @@ MAX_HANDSHAKE_BUFFER = 4096
 MAX_PIPELINED = 65536
 
 
-class Socks5Reply(IntEnum):
-    """REP field of the server reply (RFC 1928 section 6)."""
-
-    SUCCEEDED = 0
-    GENERAL_FAILURE = 1
-    NOT_ALLOWED = 2
-    NETWORK_UNREACHABLE = 3
-    HOST_UNREACHABLE = 4
-    CONNECTION_REFUSED = 5
-    TTL_EXPIRED = 6
-    COMMAND_NOT_SUPPORTED = 7
-    ADDRESS_TYPE_NOT_SUPPORTED = 8
+# The reply codes have one home (shared with the HTTP mapping, the tunnel and the agent).
+Socks5Reply = ReplyCode
 
 
 class State(Enum):

@@ -56,3 +56,15 @@ def test_report_renders(tmp_path: Path) -> None:
     text = report.render(meta, results, systems, {}, [], {}, [], "plots")
     assert "0.60 ×" in text and "**pass**" in text
     assert subprocess.run([sys.executable, "-c", "import benchmarks.__main__"], check=False).returncode == 0
+
+
+def test_agent_cost_measures_and_renders(stack: procs.Stack) -> None:
+    from benchmarks import agent_cost
+
+    r = agent_cost.measure(stack, quick=True)
+    for key in ("tls", "plain"):
+        assert r[key]["tp1_MBps"] > 0 and r[key]["sessions_per_s"] > 0 and r[key]["rtt_p50_us"] > 0
+        assert r[key]["agent_cpu_s_per_GB"] is not None and r[key]["agent_cpu_s_per_1000_sessions"] is not None
+    assert r["streams_opened"] == r["streams"] and r["rss_streams"] > 0 and r["rss_idle"] > 0
+    text = agent_cost.render(r)
+    assert "TLS 1.3 (default)" in text and "plaintext (TUNNEL_TLS=0)" in text

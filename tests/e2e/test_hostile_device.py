@@ -28,8 +28,14 @@ class HostileAgent:
         self.decoder = FrameDecoder()
 
     @classmethod
-    async def connect(cls, port: int, device_id: str, token: str, version: int | None = None) -> HostileAgent:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def connect(cls, node, device_id: str, token: str, version: int | None = None) -> HostileAgent:
+        """Dial ``node``'s tunnel port the way a real agent does (TLS with the node's pin by default)."""
+        from device_tunnel.tls import client_context, pin_verifier
+
+        ctx = client_context(pin=node.fingerprint) if node.tls else None
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.tunnel_port, ssl=ctx)
+        if node.tls:
+            pin_verifier(node.fingerprint)(writer.transport)
         agent = cls(reader, writer)
         if version is None:
             agent.conn.send_hello(device_id, token, {})
@@ -115,7 +121,7 @@ async def test_hostile_frames_close_only_that_tunnel_with_a_goaway_code(deployme
                                                                          code):
     await _honest_device(deployment, honest)
     _token, device = await _hostile_device(deployment, f"hostile-{name.split()[0]}")
-    bad = await HostileAgent.connect(deployment.node.tunnel_port, device["remote_device_id"], device["device_token"])
+    bad = await HostileAgent.connect(deployment.node, device["remote_device_id"], device["device_token"])
     assert (await bad.welcome()).ok
     bad.writer.write(payload)
     assert await bad.goaway_code() == code
@@ -125,7 +131,7 @@ async def test_hostile_frames_close_only_that_tunnel_with_a_goaway_code(deployme
 
 async def test_data_after_fin_resets_the_stream_and_the_tunnel_lives(deployment, targets, honest):
     token, device = await _hostile_device(deployment, "hostile-window")
-    bad = await HostileAgent.connect(deployment.node.tunnel_port, device["remote_device_id"], device["device_token"])
+    bad = await HostileAgent.connect(deployment.node, device["remote_device_id"], device["device_token"])
     assert (await bad.welcome()).ok
     await deployment.wait_online(device["remote_device_id"])
     conn = await deployment.connection(token, device["remote_device_id"])
@@ -173,7 +179,7 @@ async def test_data_after_fin_resets_the_stream_and_the_tunnel_lives(deployment,
 async def test_refused_device_receives_a_flushed_welcome_not_ok(deployment, version, token_ok, error):
     _token, device = await _hostile_device(deployment, f"refused-{version}")
     token = device["device_token"] if token_ok else "wrong-token"
-    bad = await HostileAgent.connect(deployment.node.tunnel_port, device["remote_device_id"], token, version)
+    bad = await HostileAgent.connect(deployment.node, device["remote_device_id"], token, version)
     welcome = await bad.welcome()
     assert not welcome.ok and welcome.error == error
     assert await asyncio.wait_for(bad.reader.read(), 10) == b""  # then the node closes

@@ -21,7 +21,7 @@ async def rig(pg_root, tmp_path_factory, targets):
     base = tmp_path_factory.mktemp("logs")
     fault = base / "clickhouse-down"
     dep = await fresh_deployment(pg_root, base, BANDWIDTH_FLUSH_S="0.5", LOG_BATCH_S="0.2",
-                                 CLICKHOUSE_FAULT_FILE=str(fault))
+                                 TEST_ONLY_CLICKHOUSE_FAULT_FILE=str(fault))
     _uid, token = await dep.user("logger")
     device = await dep.device(token)
     await dep.agent(device, "--allow-private")
@@ -204,6 +204,34 @@ async def test_another_user_never_sees_these_rows(rig):
     status, _ = await dep.call("GET", "/api/v2/proxy/bandwidth", other,
                                params={"deviceId": rig["device"]["remote_device_id"]})
     assert status == 403
+
+
+async def test_device_policy_refusal_is_logged_blocked_with_its_reply_code(rig, targets):
+    """The agent refuses private targets by default: an operator filtering action=blocked sees it."""
+    dep = rig["dep"]
+    _uid, token = await dep.user("policy-owner")
+    device = await dep.device(token)
+    await dep.agent(device)  # no --allow-private: 127.0.0.1 is refused by the device
+    c = await dep.connection(token, device["remote_device_id"])
+    cid, pw = c["connectionId"], c["password"]
+    assert await socks5_code(dep.node.proxy_port, cid, pw, "127.0.0.1", targets.echo_port) == 0x02
+    auth = base64.b64encode(f"{cid}:{pw}".encode()).decode()
+    for request in (f"CONNECT 127.0.0.1:{targets.echo_port} HTTP/1.1\r\n",
+                    f"GET http://127.0.0.1:{targets.http_port}/hello HTTP/1.1\r\nHost: 127.0.0.1\r\n"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", dep.node.proxy_port)
+        writer.write(f"{request}Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 403 "), head
+    body = await wait_total(dep, token, 3)
+    assert body["total"] == 3
+    blocked = await all_logs(dep, token, action="blocked")
+    assert blocked["total"] == 3
+    assert sorted(e["protocol"] for e in blocked["entries"]) == ["http", "http", "socks5"]
+    for e in blocked["entries"]:
+        assert (e["action"], e["blockReason"], e["replyCode"]) == ("blocked", "device_policy", 2), e
+        assert e["resolvedIp"] == "127.0.0.1" and "private" in e["error"]
+    assert (await all_logs(dep, token, action="allowed"))["total"] == 0
 
 
 async def test_outage_keeps_rows_and_replays_them_exactly_once(rig, targets):

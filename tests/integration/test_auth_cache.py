@@ -12,10 +12,13 @@ import pytest_asyncio
 from conftest import create_database
 
 from proxy.auth_cache.cache import MISSING, AuthCache, normalize_connection_id
-from proxy.auth_cache.hashing import hash_password
 from proxy.auth_cache.store import PostgresCredentialStore
+from proxy.authenticate import Authenticator, AuthOutcome
+from proxy.ratelimit import FailureLimiter
+from proxy.session_core import ProxyMetrics
 from proxyorch import accounts, db
 from proxyorch.bus import PostgresBus, RedisBus
+from proxyorch.tokens import hash_password
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -113,3 +116,40 @@ async def test_connection_ids_are_normalised_or_rejected():
     assert normalize_connection_id(str(u).upper()) == str(u)
     assert normalize_connection_id("not-a-uuid") is None
     assert normalize_connection_id("x" * 300) is None
+
+
+async def _authenticate(auth, addr: str, user: str, password: str):
+    got: list[AuthOutcome] = []
+    pending = auth.authenticate(addr, user, password, got.append)
+    deadline = time.time() + 10
+    while not got and time.time() < deadline:
+        await asyncio.sleep(0.01)
+    return pending, got[0]
+
+
+async def test_authenticator_checks_the_store_then_the_cache_and_rate_limits_failures(store):
+    pool = store["pool"]
+    cid = await new_credential(pool, store["device"], "right-password!!")
+    metrics = ProxyMetrics()
+    auth = Authenticator(AuthCache(PostgresCredentialStore(pool).fetch, ttl=5), FailureLimiter(limit=3), metrics)
+    pending, out = await _authenticate(auth, "198.51.100.1", cid, "right-password!!")
+    assert pending and out.record is not None and out.record.connection_id == cid  # first: from the store
+    pending, out = await _authenticate(auth, "198.51.100.1", cid.upper(), "right-password!!")
+    assert not pending and out.record is not None  # then: from the cache, id normalised
+    _p, out = await _authenticate(auth, "198.51.100.1", "not-a-uuid", "x")
+    assert out.record is None and out.reason == "unknown connection"
+    for _ in range(3):
+        _p, out = await _authenticate(auth, "198.51.100.2", cid, "wrong-password!!")
+        assert out.record is None and out.reason == "invalid credentials"
+    _p, out = await _authenticate(auth, "198.51.100.2", cid, "right-password!!")
+    assert out.record is None and out.reason == "too many failed attempts" and metrics.auth_rate_limited == 1
+    assert auth.tasks == set()
+
+
+async def test_authenticator_reports_an_unreachable_store(store):
+    pool = await db.create_pool(store["url"], min_size=1, max_size=1)
+    await pool.close()  # a closed pool: every lookup fails
+    auth = Authenticator(AuthCache(PostgresCredentialStore(pool).fetch, ttl=5, stale_if_error=0),
+                         FailureLimiter(), ProxyMetrics())
+    pending, out = await _authenticate(auth, "198.51.100.3", str(uuid.uuid4()), "x")
+    assert pending and out.record is None and out.unavailable

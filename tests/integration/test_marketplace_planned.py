@@ -15,7 +15,7 @@ from marketplace_fixtures import b64, funded_user, make_automation, make_job
 
 from marketplace_api.agent_auth import authenticate_agent
 from marketplace_api.assignment import assign
-from proxy.auth_cache.hashing import hash_token
+from proxyorch.tokens import hash_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -62,6 +62,11 @@ class Switchable:
         self.delay = delay
         self.batches: list[tuple[str, int]] = []
 
+    def table_columns(self, table: str) -> set[str]:
+        if self.down:
+            raise ConnectionError("ClickHouse is down (test)")
+        return self.real.table_columns(table)
+
     def insert_rows(self, table: str, rows: list[tuple], columns: list[str], dedup_token: str) -> None:
         if self.delay:
             time.sleep(self.delay)

@@ -65,11 +65,11 @@ async def test_create_rejects_long_name_non_object_bodies_and_bad_json(tenants):
     assert status == 400 and body["success"] is False
 
 
-async def test_oversized_body_is_400_not_500(tenants):
+async def test_body_over_max_body_bytes_is_413_not_500(tenants):
     dep = tenants["dep"]
     status, body = await dep.call("POST", BASE, tenants["a"], data=b"x" * (2 * 1024 * 1024),
                                   headers={"Content-Type": "application/json"})
-    assert status == 400 and body["success"] is False
+    assert status == 413 and body == {"success": False, "error": "request body too large"}
 
 
 async def test_create_on_someone_elses_device_is_404(tenants):

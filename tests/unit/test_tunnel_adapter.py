@@ -28,7 +28,8 @@ async def test_a_failing_verify_hook_refuses_the_node_before_any_hello_byte():
         seen.append(transport.get_extra_info("peername"))
         raise ValueError("certificate pin mismatch")
 
-    agent = DeviceAgent(AgentConfig(host="127.0.0.1", port=port, device_id="d", token="t", verify=verify))
+    agent = DeviceAgent(AgentConfig(host="127.0.0.1", port=port, device_id="d", token="t", verify=verify,
+                                    plaintext=True))  # the hook runs on plain TCP too
     with pytest.raises(ConnectionError, match="pin mismatch"):
         await agent.connect()
     await asyncio.wait_for(got_conn.wait(), 5)
@@ -85,7 +86,7 @@ async def test_node_and_agent_adapters_relay_a_stream_and_own_their_tasks():
     node = TunnelServer(node_name="n1", authenticate=authenticate, presence=on_presence, memory_budget=8 << 20)
     await node.start("127.0.0.1", 0, ssl=None)
     agent = DeviceAgent(AgentConfig(host="127.0.0.1", port=node.port, device_id="dev", token="good",
-                                    allow_private=True, memory_budget=8 << 20))
+                                    allow_private=True, memory_budget=8 << 20, plaintext=True))
     run = asyncio.create_task(agent.run())
     await asyncio.wait_for(agent.connected.wait(), 10)
     for _ in range(100):

@@ -1,6 +1,6 @@
--- Request log and bandwidth rollups. Applied at every start-up by ClickHouse.apply_schema();
--- every statement is idempotent. {retention_days} is LOG_RETENTION_DAYS.
--- The same SQL runs on a ClickHouse server and on the embedded chDB engine.
+-- Migration 1: the request log and bandwidth rollups as first deployed (the former schema.sql).
+-- Every statement is idempotent, so deployments that predate the migrations table take it as a no-op.
+-- {retention_days} is LOG_RETENTION_DAYS. The same SQL runs on a ClickHouse server and on chDB.
 
 CREATE DATABASE IF NOT EXISTS proxyorch;
 
@@ -25,8 +25,6 @@ CREATE TABLE IF NOT EXISTS proxyorch.request_log
     protocol     LowCardinality(String),
     replyCode    UInt16,
     error        String,
-    domain       String,          -- registrable domain of the target (proxy/request_log/domains.py)
-    deviceNode   LowCardinality(String), -- node holding the device's tunnel (= serverNode unless relayed)
     INDEX idx_connection connectionId TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX idx_target lower(target) TYPE ngrambf_v1(3, 8192, 2, 0) GRANULARITY 4
 )
@@ -92,13 +90,3 @@ SELECT toDate(timestamp) AS day, deviceId, connectionId,
        sum(bytesIn) AS bytesIn, sum(bytesOut) AS bytesOut
 FROM proxyorch.traffic_delta
 GROUP BY day, deviceId, connectionId;
-
--- Tables made before the `domain` column: add it (old rows read as '' and group by their host).
-ALTER TABLE proxyorch.request_log ADD COLUMN IF NOT EXISTS domain String AFTER error;
--- Tables made before the `deviceNode` column (old rows read as '').
-ALTER TABLE proxyorch.request_log ADD COLUMN IF NOT EXISTS deviceNode LowCardinality(String) AFTER domain;
-
--- Follow LOG_RETENTION_DAYS when it changes (metadata only: run with materialize_ttl_after_modify = 0).
-ALTER TABLE proxyorch.request_log MODIFY TTL toDateTime(timestamp) + INTERVAL {retention_days} DAY;
-ALTER TABLE proxyorch.traffic_delta MODIFY TTL toDateTime(timestamp) + INTERVAL {retention_days} DAY;
-ALTER TABLE proxyorch.bandwidth_hourly MODIFY TTL hour + INTERVAL {retention_days} DAY;

@@ -1,4 +1,5 @@
-"""Password hashing for the data plane.
+"""Secret hashing, one module for both sides: proxy passwords (RMS writes, the data plane checks)
+and API/device/agent tokens (accounts, the API and the tunnel's device check).
 
 Proxy passwords are 16 random characters from a CSPRNG (~95 bits), so a keyed hash is enough: the
 store keeps HMAC-SHA256(key = "proxyorch:" + connectionId, msg = password) and never the password.

@@ -3,6 +3,7 @@
 A :class:`Blacklist` is compiled once from its entries and then only read, so it can be shared by
 every session. Domain entries block the domain and all its subdomains (``example.com`` blocks
 ``a.example.com`` but not ``badexample.com``); IP and CIDR entries block IP-literal targets.
+Shared by the data plane (matching) and RMS (validating entries on write), so it lives here.
 """
 
 from __future__ import annotations
