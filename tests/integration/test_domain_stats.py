@@ -24,18 +24,18 @@ from proxy.request_log.writer import REQUEST_LOG_COLUMNS, SessionRecord
 ch = make_client(None, sys.argv[1])
 # The table as it was before the `domain` column.
 for stmt in schema_statements(30):
-    if "ADD COLUMN IF NOT EXISTS domain" in stmt:
+    if "ADD COLUMN IF NOT EXISTS domain" in stmt or "ADD COLUMN IF NOT EXISTS deviceNode" in stmt:
         continue
     ch.command("\n".join(l for l in stmt.splitlines() if not l.strip().startswith("domain ")))
 now = datetime.now(UTC)
-old_cols = [c for c in REQUEST_LOG_COLUMNS if c != "domain"]
+old_cols = [c for c in REQUEST_LOG_COLUMNS if c not in ("domain", "deviceNode")]
 def rec(target, bytes_in, action="allowed", reply=0):
     return SessionRecord(timestamp=now, connection_id="c1", device_id="d1", server_node="n", target=target,
                          target_type="domain", port=443, resolved_ip="", action=action, block_reason=None,
                          bytes_in=bytes_in, bytes_out=1, duration_ms=1, client_addr="127.0.0.1",
                          protocol="socks5", reply_code=reply, error="")
-ch.insert_rows("request_log", [rec("a.b.Legacy.example.com:443", 10).to_row()[:-1],
-                               rec("[2001:db8::1]:80", 5).to_row()[:-1]], old_cols, "t1")
+ch.insert_rows("request_log", [rec("a.b.Legacy.example.com:443", 10).to_row()[:-2],
+                               rec("[2001:db8::1]:80", 5).to_row()[:-2]], old_cols, "t1")
 ch.apply_schema(30)   # adds the column; old rows read ''
 ch.apply_schema(30)   # idempotent
 ch.insert_rows("request_log", [rec("x.example.co.uk:443", 100).to_row(), rec("y.example.co.uk:443", 0, reply=4).to_row(),
