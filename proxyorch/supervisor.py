@@ -16,7 +16,9 @@ The supervisor (this process) prepares what the workers share, then runs and wat
   (spooled in their own ``DATA_DIR/workers/<i>`` while it is down) and their log reads too.
 - **Identity and secrets**: worker ``i`` is ``NODE_NAME-i``, relays on ``RELAY_PORT + i`` (when
   set); ``CLUSTER_SECRET``, ``RMS_KEY`` and ``ADMIN_TOKEN`` come from the settings or from files
-  under ``DATA_DIR`` (``cluster.secret``, ``rms.key``, ``admin.token``; created 0600 once).
+  under ``DATA_DIR`` (``cluster.secret``, ``rms.key``, ``admin.token``; created 0600 once). The
+  tunnel TLS certificate (``TUNNEL_TLS_CERT``/``_KEY``, else the one created once under
+  ``DATA_DIR``) is handed to every worker: an agent pins one fingerprint, whichever worker it reaches.
 
 SIGTERM / SIGINT: forwarded to every worker as SIGTERM (each drains as a single node does; worker 0
 last, so the others' final log batches reach its store); after
@@ -110,6 +112,13 @@ class Supervisor:
         s = self.settings
         data_dir = Path(s.data_dir).resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
+        shared_env: dict[str, str] = {}
+        if s.tunnel_tls:  # one certificate for every worker: an agent pins one fingerprint
+            from .tunnel_cert import load_or_create
+
+            cert = load_or_create(s)
+            shared_env = {"TUNNEL_TLS_CERT": str(Path(cert.cert_file).resolve()),
+                          "TUNNEL_TLS_KEY": str(Path(cert.key_file).resolve())}
         database_url = s.database_url or self._start_postgres(data_dir)
         secret = s.cluster_secret or load_or_create_secret(data_dir)
         rms_key = s.rms_key or base64.b64encode(load_or_create_key("", str(data_dir))).decode()
@@ -123,6 +132,7 @@ class Supervisor:
         advertise = getattr(s, "relay_advertise", "")
         for i in range(s.workers):
             env = dict(base_env)
+            env.update(shared_env)
             env.update({
                 "WORKERS": "1", "REUSE_PORT": "1", "NODE_NAME": f"{base}-{i}", "DATABASE_URL": database_url,
                 "CLUSTER_SECRET": secret, "RMS_KEY": rms_key, "ADMIN_TOKEN": admin_token,

@@ -11,6 +11,8 @@ function of the rows, so a replay cuts the same chunks).
 Read side: a *reader* runs the named read queries of this package, either on the local store
 (:class:`LocalLogReader`) or on the owner (:class:`RemoteLogReader`, ``/internal/log/query``).
 Arguments and results travel as JSON in both cases (:func:`run_query` is the one dispatcher).
+The sink asks the owner which columns its tables have (``table_columns``), so the writer leaves
+out columns the owner's table lacks exactly as it does for a local store.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class RemoteLogSink:
         self.secret = secret
         self.timeout = timeout
         self._conn: http.client.HTTPConnection | None = None
+        self._columns: dict[str, set[str]] = {}
 
     def _post(self, path: str, body: bytes) -> bytes:
         for attempt in (0, 1):  # a kept-alive connection the owner closed: one fresh retry
@@ -130,6 +133,15 @@ class RemoteLogSink:
                 raise LogStoreError(f"log store answered {resp.status}: {data[:200]!r}")
             return data
         raise AssertionError("unreachable")
+
+    def table_columns(self, table: str) -> set[str]:
+        """The column names the owner's ``table`` has (asked once per sink, as ClickHouse's client does)."""
+        known = self._columns.get(table)
+        if known is None:
+            body = orjson.dumps({"kind": "table_columns", "args": {"table": table}})
+            known = set(orjson.loads(self._post(QUERY_PATH, body))["result"])
+            self._columns[table] = known
+        return known
 
     def insert_rows(self, table: str, rows: list[tuple], columns: list[str], dedup_token: str) -> None:
         """Post one batch (in chunks); raises :class:`LogStoreError` unless every chunk was taken."""
@@ -194,6 +206,7 @@ def _spec() -> dict[str, tuple[Callable[..., Any], dict[str, str]]]:
         "domains": (query_domains, {"device_ids": "ids?", "start": "time", "end": "time",
                                     "connection_id": "str?", "limit": "int"}),
         "bytes_by_connection": (bytes_by_connection, {"connection_ids": "ids", "now": "time"}),
+        "table_columns": (ClickHouse.table_columns, {"table": "str"}),
     }
 
 
@@ -212,6 +225,10 @@ def run_query(ch: ClickHouse, kind: Any, args: Any) -> Any:
         if value is None and base == "int":
             continue  # an optional count left out: the query's own default
         kwargs[name] = value
+    if kind == "table_columns":
+        if kwargs["table"] not in COLUMNS:
+            raise ValueError(f"`table` must be one of {sorted(COLUMNS)}")
+        return sorted(ch.table_columns(kwargs["table"]))
     if kind == "bytes_by_connection":
         return {k: list(v) for k, v in fn(ch, kwargs["connection_ids"], kwargs["now"]).items()}
     result = fn(ch, **kwargs)
