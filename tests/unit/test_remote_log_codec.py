@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from proxy.request_log.remote import CHUNK_BYTES, decode_batch, encode_chunks
+from proxy.request_log.remote import CHUNK_BYTES, decode_batch, encode_chunks, run_query
 from proxy.request_log.writer import REQUEST_LOG, REQUEST_LOG_COLUMNS, TRAFFIC_DELTA, TRAFFIC_DELTA_COLUMNS
 
 NOW = datetime(2026, 12, 1, 12, 0, 0, 123000, tzinfo=UTC)
@@ -53,3 +53,14 @@ def test_malformed_insert_bodies_are_refused_with_the_reason(change, message) ->
             "rows": [["2026-01-01T00:00:00Z", "d", "c", 1, 0]], **change}
     with pytest.raises(ValueError, match=message):
         decode_batch(body)
+
+
+@pytest.mark.parametrize("kind,args,message", [
+    ("table_columns", {"table": "users"}, "`table` must be one of"),
+    ("table_columns", {}, "`table` must be a string"),
+    ("bandwidth", {"device_ids": ["d"], "limit": -1}, "`limit` must be a non-negative integer"),
+    ("drop_everything", {}, "`kind` must be one of"),
+])
+def test_malformed_queries_are_refused_before_the_store_is_touched(kind, args, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        run_query(None, kind, args)  # type: ignore[arg-type]  # never reached: no store needed
