@@ -47,7 +47,7 @@ class Listener:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
-    async def start(self, host: str | None, port: int, backlog: int = 1024) -> None:
+    async def start(self, host: str | None, port: int, backlog: int = 1024, reuse_port: bool = False) -> None:
         """Bind (every address ``host`` resolves to, as ``create_server`` does), listen, start accepting."""
         self._loop = loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -60,6 +60,8 @@ class Listener:
                 sock = socket.socket(family, socket.SOCK_STREAM, proto)
                 self.sockets.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:  # several worker processes share the port (serve --workers N)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(addr)

@@ -321,12 +321,13 @@ class TunnelServer:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.listener: Listener | None = None
 
-    async def start(self, host: str, port: int, ssl: ssl_module.SSLContext | None = None) -> None:
+    async def start(self, host: str, port: int, ssl: ssl_module.SSLContext | None = None,
+                    reuse_port: bool = False) -> None:
         """Listen for devices (``ssl``: terminate TLS here; None = plain TCP). Accepting pauses while the
         process is out of descriptors; the TLS handshake counts against the HELLO timeout."""
         self.listener = Listener(lambda: NodeTunnel(self), ssl=ssl,
                                  ssl_handshake_timeout=self.config.handshake_timeout if ssl else None)
-        await self.listener.start(host, port, backlog=1024)
+        await self.listener.start(host, port, backlog=1024, reuse_port=reuse_port)
 
     def misbehaved(self, tunnel: NodeTunnel, kind: str, n: int = 1) -> None:
         """Count a device's misbehaviour (``/metrics``) and mark the device it claimed to be."""

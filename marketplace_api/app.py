@@ -35,6 +35,7 @@ from .middleware import NO_ROUTE, middlewares  # noqa: F401
 # isort: split
 from . import (
     dashboard,
+    internal,
     openapi,
     routes_agent,
     routes_escrow,
@@ -60,6 +61,7 @@ ROUTE_MODULES: tuple[ModuleType, ...] = (
     routes_escrow,      # seed 002 at /jobs, /owner, /tester
     routes_rotation,    # IP rotation of devices
     routes_limits,      # per-connection limits, usage, access modes
+    internal,           # node-to-node /internal/ (X-Cluster-Secret)
     openapi,  # last: documents every route added before it
 )
 

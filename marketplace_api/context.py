@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from device_tunnel.server import TunnelServer
     from proxy.auth_cache.cache import AuthCache
     from proxy.request_log.clickhouse import ClickHouse
+    from proxy.request_log.remote import LocalLogReader, RemoteLogReader
     from proxy.request_log.writer import RequestLogWriter
     from proxy.server import ProxyServer
     from proxyorch.bus import InvalidationBus
@@ -33,7 +34,9 @@ AUTH_CACHE: web.AppKey[AuthCache] = web.AppKey("auth_cache")
 PROXY: web.AppKey[ProxyServer] = web.AppKey("proxy")
 TUNNELS: web.AppKey[TunnelServer] = web.AppKey("tunnels")
 DEVICE_REGISTRY: web.AppKey[DeviceRegistry] = web.AppKey("device_registry")
-REQUEST_LOG_READER: web.AppKey[ClickHouse | None] = web.AppKey("request_log_reader")
+REQUEST_LOG_READER: web.AppKey[ClickHouse | None] = web.AppKey("request_log_reader")  # the store this node owns
+# The read queries of the request log, on this node's store or the owner's at LOG_STORE_URL.
+LOG_STORE: web.AppKey[LocalLogReader | RemoteLogReader | None] = web.AppKey("log_store")
 REQUEST_LOG_WRITER: web.AppKey[RequestLogWriter | None] = web.AppKey("request_log_writer")
 TUNNEL_FINGERPRINT: web.AppKey[str | None] = web.AppKey("tunnel_fingerprint")  # None: plaintext tunnel
 CLUSTER: web.AppKey[Any] = web.AppKey("cluster")  # proxyorch.cluster.ClusterRouting (presence, relay)
@@ -53,6 +56,7 @@ def install(app: web.Application, node: Any) -> None:
     app[TUNNELS] = node.tunnels
     app[DEVICE_REGISTRY] = node.tunnels.registry
     app[REQUEST_LOG_READER] = node.clickhouse
+    app[LOG_STORE] = node.log_reader
     app[REQUEST_LOG_WRITER] = node.request_log
     app[TUNNEL_FINGERPRINT] = getattr(node, "tunnel_fingerprint", None)
     app[ROTATIONS] = getattr(node, "rotations", None)

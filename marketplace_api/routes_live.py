@@ -18,7 +18,7 @@ from .auth import require_admin, require_user
 from .bodies import json_response
 from .context import POOL, PROXY, SETTINGS
 from .errors import ApiError
-from .routes_logs import _clickhouse, _scope, parse_int, parse_time, parse_uuid_param
+from .routes_logs import _scope, parse_int, parse_time, parse_uuid_param, read_log_store
 
 SAMPLE_INTERVAL_S = 1.0
 
@@ -77,7 +77,7 @@ async def proxy_domains(request: web.Request) -> web.Response:
     end = parse_time(q.get("to"), "to", True)
     if start > end:  # type: ignore[operator]
         raise ApiError(400, "`from` must not be after `to`")
-    from proxy.request_log.domain_stats import MAX_DOMAINS, query_domains
+    from proxy.request_log.domain_stats import MAX_DOMAINS
 
     limit = parse_int(q.get("limit"), "limit", 100, 1, MAX_DOMAINS)
     connection_id = parse_uuid_param(q.get("connectionId"), "connectionId")
@@ -86,12 +86,8 @@ async def proxy_domains(request: web.Request) -> web.Response:
         device_ids = None if device_id is None else [device_id]
     else:
         device_ids = await _scope(request, user, device_id)
-    ch = _clickhouse(request)
-    try:
-        domains = await asyncio.to_thread(query_domains, ch, device_ids=device_ids, start=start, end=end,
-                                          connection_id=connection_id, limit=limit)
-    except Exception as exc:
-        raise ApiError(502, f"log store unavailable: {type(exc).__name__}") from None
+    domains = await read_log_store(request, "domains", device_ids=device_ids, start=start, end=end,
+                                   connection_id=connection_id, limit=limit)
     return json_response({"success": True, "domains": domains})
 
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 
 from .auth import require_user
 from .bodies import json_response
-from .context import POOL, REQUEST_LOG_READER
+from .context import LOG_STORE, POOL
 from .errors import ApiError
 from .paging import limit_offset, list_route
 
@@ -66,11 +66,16 @@ async def _scope(request: web.Request, user: str, device_id: str | None) -> list
     return owned
 
 
-def _clickhouse(request: web.Request):  # noqa: ANN202
-    ch = request.app[REQUEST_LOG_READER]
-    if ch is None:
+async def read_log_store(request: web.Request, kind: str, **args: object) -> Any:
+    """Run read query ``kind`` (proxy/request_log/remote.py) on this node's log store, local or the
+    owner at ``LOG_STORE_URL``; the caller has scoped ``device_ids`` to its tenant already."""
+    reader = request.app[LOG_STORE]
+    if reader is None:
         raise ApiError(503, "request log is disabled on this node (REQUEST_LOG=0)")
-    return ch
+    try:
+        return await reader.query(kind, **args)
+    except Exception as exc:
+        raise ApiError(502, f"log store unavailable: {type(exc).__name__}") from None
 
 
 @list_route(MAX_LIMIT, 100)
@@ -92,16 +97,12 @@ async def proxy_logs(request: web.Request) -> web.Response:
     target = q.get("target") or None
     if target is not None and len(target) > 300:
         raise ApiError(400, "`target` is too long")
-    ch = _clickhouse(request)
-    from proxy.request_log.queries import query_logs
-
-    try:
-        total, entries = await asyncio.to_thread(
-            query_logs, ch, device_ids=device_ids, start=start, end=end, connection_id=connection_id,
-            target=target, action=action, limit=limit, offset=offset)
-    except Exception as exc:
-        raise ApiError(502, f"log store unavailable: {type(exc).__name__}") from None
-    return json_response({"success": True, "total": total, "entries": entries})
+    if not device_ids:
+        return json_response({"success": True, "total": 0, "entries": []})
+    res = await read_log_store(request, "logs", device_ids=device_ids, start=start, end=end,
+                               connection_id=connection_id, target=target, action=action, limit=limit,
+                               offset=offset)
+    return json_response({"success": True, "total": res["total"], "entries": res["entries"]})
 
 
 @list_route(MAX_LIMIT)
@@ -121,15 +122,9 @@ async def proxy_bandwidth(request: web.Request) -> web.Response:
     device_ids = await _scope(request, user, parse_uuid_param(q.get("deviceId"), "deviceId"))
     if not device_ids:
         return json_response({"success": True, "rows": []})
-    ch = _clickhouse(request)
-    from proxy.request_log.queries import query_bandwidth
-
     # One query with an IN list over the caller's devices (measured: one round trip instead of N).
-    try:
-        rows = await asyncio.to_thread(query_bandwidth, ch, device_ids=device_ids, connection_id=connection_id,
-                                       start=start, end=end, group_by=group_by, limit=limit, offset=offset)
-    except Exception as exc:
-        raise ApiError(502, f"log store unavailable: {type(exc).__name__}") from None
+    rows = await read_log_store(request, "bandwidth", device_ids=device_ids, connection_id=connection_id,
+                                start=start, end=end, group_by=group_by, limit=limit, offset=offset)
     return json_response({"success": True, "rows": rows})
 
 

@@ -11,7 +11,7 @@ from rms.service import RmsError
 
 from .auth import require_admin, require_user
 from .bodies import json_response, read_json
-from .context import POOL, REQUEST_LOG_READER, RMS, SETTINGS, TUNNEL_FINGERPRINT, TUNNELS
+from .context import LOG_STORE, POOL, RMS, SETTINGS, TUNNEL_FINGERPRINT, TUNNELS
 from .errors import ApiError
 from .paging import limit_offset, list_route
 from .routes_limits import add_summaries
@@ -130,25 +130,23 @@ async def admin_proxies(request: web.Request) -> web.Response:
     require_admin(request)
     limit, offset = limit_offset(request, admin_proxies)
     proxies = await request.app[RMS].admin_list(limit, offset)
-    counts = await _bandwidth_by_connection(request.app[REQUEST_LOG_READER], [p["connection_id"] for p in proxies])
+    counts = await _bandwidth_by_connection(request.app[LOG_STORE], [p["connection_id"] for p in proxies])
     for p in proxies:
         p["bytes_last_24h"], p["bytes_lifetime"] = counts.get(p["connection_id"], (0, 0))
     await add_summaries(request, proxies, "connection_id")  # limits, access, usage
     return json_response({"total": len(proxies), "proxies": proxies})
 
 
-async def _bandwidth_by_connection(clickhouse, connection_ids: list[str]) -> dict[str, tuple[int, int]]:  # noqa: ANN001
-    if clickhouse is None or not connection_ids:
+async def _bandwidth_by_connection(reader, connection_ids: list[str]) -> dict[str, tuple[int, int]]:  # noqa: ANN001
+    if reader is None or not connection_ids:
         return {}
-    import asyncio
     from datetime import UTC, datetime
 
-    from proxy.request_log.queries import bytes_by_connection
-
     try:
-        return await asyncio.to_thread(bytes_by_connection, clickhouse, connection_ids, datetime.now(UTC))
+        counts = await reader.query("bytes_by_connection", connection_ids=connection_ids, now=datetime.now(UTC))
     except Exception as exc:
         raise ApiError(502, f"Could not reach the proxy orchestrator's log store: {exc}") from None
+    return {k: (int(v[0]), int(v[1])) for k, v in counts.items()}
 
 
 # -- devices ---------------------------------------------------------------------------------------

@@ -125,9 +125,9 @@ class ProxyServer:
         self.unauth_refused = 0  # connections closed at once: their address had max_unauth_per_ip
         self.listener = Listener(lambda: ClientSession(self))  # pauses accepting at EMFILE
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
         self.bind_host = host
-        await self.listener.start(host, port, backlog=4096)
+        await self.listener.start(host, port, backlog=4096, reuse_port=reuse_port)
 
     @property
     def port(self) -> int:
@@ -188,7 +188,8 @@ class ProxyServer:
             server_node=self.node_name, target=row.target, target_type=row.target_type, port=row.port,
             resolved_ip=row.resolved_ip, action=row.action, block_reason=row.block_reason,
             bytes_in=row.bytes_in, bytes_out=row.bytes_out, duration_ms=row.duration_ms,
-            client_addr=row.client_addr, protocol=row.protocol, reply_code=row.reply_code, error=row.error))
+            client_addr=row.client_addr, protocol=row.protocol, reply_code=row.reply_code, error=row.error,
+            device_node=row.device_node))
 
 
 class ClientSession(asyncio.Protocol):

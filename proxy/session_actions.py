@@ -153,6 +153,7 @@ class AttemptRow:
     protocol: str
     reply_code: int
     error: str
+    device_node: str = ""  # node holding the device's tunnel; "" = this node (serverNode)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,11 +36,24 @@ async def _with_pool(fn):  # noqa: ANN001, ANN202
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .cluster_config import ClusterConfigError, validate
     from .node import serve
     from .tunnel_cert import TunnelCertError
 
     settings = load_settings()
+    if args.workers is not None:
+        settings.workers = args.workers
+    try:
+        validate(settings, supervisor=settings.workers > 1)
+    except ClusterConfigError as exc:
+        for problem in exc.problems:
+            print(f"proxyorch serve: configuration error: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.workers > 1:
+        from .supervisor import supervise
+
+        return supervise(settings)
     try:
         _run(serve(settings))
     except TunnelCertError as exc:
@@ -124,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run one node (proxy, tunnels, API)", epilog=settings_help(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--workers", type=int, help="node processes sharing the ports (default: WORKERS or 1)")
     serve.set_defaults(fn=cmd_serve)
 
     admin = sub.add_parser("admin", help="administrative commands (use the same DATA_DIR / DATABASE_URL)")

@@ -125,6 +125,12 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
      "IP rotation: how long a new session for a rotating device waits before failing 0x03/502"),
     ("ROTATION_MIN_TIMER_S", "rotation_min_timer_s", int, 60,
      "IP rotation: smallest interval_s of a rotation timer (test setting below 60; keep 60 in production)"),
+    ("LOG_STORE_URL", "log_store_url", str, "",
+     "http://HOST:API_PORT of the node owning the request log; empty = this node owns its own store"),
+    ("WORKERS", "workers", int, 1, "Node processes on this machine sharing the ports (SO_REUSEPORT)"),
+    ("INTERNAL_API_PORT", "internal_api_port", int, 0,
+     "Extra API listener on 127.0.0.1 (set by the supervisor for worker 0, which owns the log store)"),
+    ("REUSE_PORT", "reuse_port", bool, False, "Listen with SO_REUSEPORT (set by the supervisor for its workers)"),
 ]
 
 
@@ -226,6 +232,10 @@ class Settings:
     relay_port: int
     relay_advertise: str
     presence_ttl_s: float
+    log_store_url: str
+    workers: int
+    internal_api_port: int
+    reuse_port: bool
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -251,6 +261,11 @@ def _parse_setting(var: str, kind: type, raw: str) -> Any:
     except (TypeError, ValueError) as exc:
         what = getattr(kind, "__name__", str(kind))
         raise ConfigError(f"{var}={raw!r} is not a valid {what}: {exc}") from None
+
+
+def process_environment() -> dict[str, str]:
+    """A copy of this process's environment, for child processes that read their own settings."""
+    return dict(os.environ)
 
 
 def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:

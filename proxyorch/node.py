@@ -67,8 +67,10 @@ class Node:
         self.request_log = None
         self.rotations: RotationManager | None = None
         self.clickhouse = None
+        self.log_reader = None
         self.api_runner = None
         self.api_listener: Listener | None = None
+        self.internal_listener: Listener | None = None  # worker 0 of --workers: 127.0.0.1 only
         self.cluster: ClusterRouting | None = None  # presence and relay (REDIS_URL or RELAY_PORT)
         self.admin_token = ""
         self.tunnel_fingerprint: str | None = None  # None = plaintext tunnel (TUNNEL_TLS=0)
@@ -132,9 +134,9 @@ class Node:
         await self.bus.start(self._bus_event)
         # Devices that were online on this node before a crash are offline until they reconnect.
         await self.pool.execute("UPDATE devices SET online = false, node = NULL WHERE node = $1", s.node_name)
-        await self.tunnels.start(s.bind_host, s.tunnel_port, ssl=tunnel_ssl)
+        await self.tunnels.start(s.bind_host, s.tunnel_port, ssl=tunnel_ssl, reuse_port=s.reuse_port)
         await self.cluster.start_listeners(s.bind_host)
-        await self.proxy.start(s.bind_host, s.proxy_port)
+        await self.proxy.start(s.bind_host, s.proxy_port, reuse_port=s.reuse_port)
         await self._start_api()
         self.rotations.start()
         if self.request_log is not None:
@@ -171,15 +173,21 @@ class Node:
         if not s.request_log:
             return None
         from proxy.request_log.clickhouse import make_client
+        from proxy.request_log.remote import LocalLogReader, RemoteLogReader, RemoteLogSink
         from proxy.request_log.writer import RequestLogWriter
 
-        self.clickhouse = make_client(s.clickhouse_url, s.data_dir)
-        self.clickhouse.apply_schema(s.log_retention_days)
-        writer_client = self.clickhouse
+        if s.log_store_url:  # another node owns the store: send batches there, read from there
+            writer_client = RemoteLogSink(s.log_store_url, s.cluster_secret)
+            self.log_reader = RemoteLogReader(s.log_store_url, s.cluster_secret)
+        else:
+            self.clickhouse = make_client(s.clickhouse_url, s.data_dir)
+            self.clickhouse.apply_schema(s.log_retention_days)
+            writer_client = self.clickhouse
+            self.log_reader = LocalLogReader(self.clickhouse)
         if s.test_only_clickhouse_fault_file:
             from proxy.request_log.fault_hook import FaultInjectingClickHouse
 
-            writer_client = FaultInjectingClickHouse(self.clickhouse, s.test_only_clickhouse_fault_file)
+            writer_client = FaultInjectingClickHouse(writer_client, s.test_only_clickhouse_fault_file)
         writer = RequestLogWriter(lambda: writer_client, str(Path(s.data_dir) / "spool"),
                                   batch_rows=s.log_batch_rows, batch_seconds=s.log_batch_s)
         writer.start()
@@ -199,9 +207,13 @@ class Node:
         app = create_app(self)
         self.api_runner = web.AppRunner(app, access_log=None)
         await self.api_runner.setup()
+        s = self.settings
         # accepted by the EMFILE-safe listener (aiohttp's TCPSite would spin at the descriptor limit)
         self.api_listener = Listener(self.api_runner.server)  # type: ignore[arg-type]
-        await self.api_listener.start(self.settings.bind_host, self.settings.api_port, backlog=1024)
+        await self.api_listener.start(s.bind_host, s.api_port, backlog=1024, reuse_port=s.reuse_port)
+        if s.internal_api_port:  # the supervisor's worker 0: reachable by the other workers alone
+            self.internal_listener = Listener(self.api_runner.server)  # type: ignore[arg-type]
+            await self.internal_listener.start("127.0.0.1", s.internal_api_port, backlog=1024)
 
     async def stop(self) -> None:
         """Graceful: stop accepting, tell devices to go away, drain sessions, flush the log."""
@@ -239,10 +251,14 @@ class Node:
             await self.tunnels.wait_tasks()
         if self.api_listener is not None:
             self.api_listener.close()
+        if self.internal_listener is not None:
+            self.internal_listener.close()
         if self.api_runner is not None:
             await self.api_runner.cleanup()
         if self.request_log is not None:
             await asyncio.to_thread(self.request_log.close)
+        if self.log_reader is not None:
+            await self.log_reader.close()
         if self.bus is not None:
             await self.bus.close()
         if self.pool is not None:

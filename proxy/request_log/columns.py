@@ -110,6 +110,8 @@ REQUEST_LOG = Table("request_log", (
     Column("replyCode", "UInt16", "reply_code", uint16),
     Column("error", "String", "error", text),
     Column("domain", "String", "target", lambda t: registrable_domain(str(t))),  # migration 002
+    # The node holding the device's tunnel (differs from serverNode when relayed); migration 003.
+    Column("deviceNode", "LowCardinality(String)", None, lambda r: str(r.device_node or r.server_node)),
 ))
 
 # Byte deltas of open and closing sessions, built from (ts, device_id, connection_id, in, out).

@@ -67,6 +67,7 @@ class SessionRecord:
     protocol: str                # "socks5" | "http"
     reply_code: int
     error: str
+    device_node: str = ""        # node holding the device's tunnel; "" = this node (server_node)
 
     def to_row(self) -> tuple:
         """The ``request_log`` row, in ``REQUEST_LOG_COLUMNS`` order (built by ``columns.REQUEST_LOG``)."""

@@ -25,7 +25,9 @@ async def rig(request, deployment, pg_root, tmp_path_factory, targets):
     own = None
     if request.param == "redis-pubsub":
         redis_url = request.getfixturevalue("redis_url")
-        own = dep = await fresh_deployment(pg_root, tmp_path_factory.mktemp("redis-node"), REDIS_URL=redis_url)
+        own = dep = await fresh_deployment(pg_root, tmp_path_factory.mktemp("redis-node"), REDIS_URL=redis_url,
+                                         CLUSTER_SECRET="live-rotation-" + "s" * 16,
+                                         RMS_KEY="cm90YXRpb24ta2V5LXJvdGF0aW9uLWtleS0zMmJ5dGU=")
     else:
         dep = deployment
     _uid, token = await dep.user("rotator")

@@ -24,18 +24,18 @@ from proxy.request_log.writer import REQUEST_LOG_COLUMNS, SessionRecord
 ch = make_client(None, sys.argv[1])
 # The table as it was before the `domain` column.
 for stmt in schema_statements(30):
-    if "ADD COLUMN IF NOT EXISTS domain" in stmt:
+    if "ADD COLUMN IF NOT EXISTS domain" in stmt or "ADD COLUMN IF NOT EXISTS deviceNode" in stmt:
         continue
     ch.command("\n".join(l for l in stmt.splitlines() if not l.strip().startswith("domain ")))
 now = datetime.now(UTC)
-old_cols = [c for c in REQUEST_LOG_COLUMNS if c != "domain"]
+old_cols = [c for c in REQUEST_LOG_COLUMNS if c not in ("domain", "deviceNode")]
 def rec(target, bytes_in, action="allowed", reply=0):
     return SessionRecord(timestamp=now, connection_id="c1", device_id="d1", server_node="n", target=target,
                          target_type="domain", port=443, resolved_ip="", action=action, block_reason=None,
                          bytes_in=bytes_in, bytes_out=1, duration_ms=1, client_addr="127.0.0.1",
                          protocol="socks5", reply_code=reply, error="")
-ch.insert_rows("request_log", [rec("a.b.Legacy.example.com:443", 10).to_row()[:-1],
-                               rec("[2001:db8::1]:80", 5).to_row()[:-1]], old_cols, "t1")
+ch.insert_rows("request_log", [rec("a.b.Legacy.example.com:443", 10).to_row()[:-2],
+                               rec("[2001:db8::1]:80", 5).to_row()[:-2]], old_cols, "t1")
 ch.apply_schema(30)   # adds the column; old rows read ''
 ch.apply_schema(30)   # idempotent
 ch.insert_rows("request_log", [rec("x.example.co.uk:443", 100).to_row(), rec("y.example.co.uk:443", 0, reply=4).to_row(),
@@ -68,8 +68,8 @@ def test_spool_lines_from_before_the_domain_column_replay_with_their_own_columns
     `domain` at its default ''; the domains query groups such rows by their bare host)."""
     old_row = ["2026-01-01T00:00:00+00:00", "c1", "d1", "n", "www.shop.example.co.uk:443", "domain", 443, "",
                "allowed", "", 1, 2, 3, "127.0.0.1", "socks5", 0, ""]
-    assert len(old_row) == len(REQUEST_LOG_COLUMNS) - 1
+    assert len(old_row) == len(REQUEST_LOG_COLUMNS) - 2
     line = orjson.dumps({"table": REQUEST_LOG, "token": "t", "rows": [old_row]})
     batch = Spool._parse(line, tmp_path / "seg")
     assert batch is not None and len(batch.rows[0]) == len(old_row)
-    assert "domain" not in batch.columns and batch.columns == REQUEST_LOG_COLUMNS[:-1]
+    assert "domain" not in batch.columns and batch.columns == REQUEST_LOG_COLUMNS[:-2]

@@ -536,7 +536,7 @@ def test_query_logs_filters_pagination_and_total(ch: ClickHouse, tmp_path: Path)
     first = entries[0]
     assert set(first) == {"timestamp", "connectionId", "deviceId", "serverNode", "target", "targetType", "port",
                           "resolvedIp", "action", "blockReason", "bytesIn", "bytesOut", "durationMs",
-                          "clientAddr", "protocol", "replyCode", "error"}
+                          "clientAddr", "protocol", "replyCode", "error", "domain", "deviceNode"}
     assert first["blockReason"] is None or first["action"] == "blocked"
     blocked = [e for e in entries if e["action"] == "blocked"]
     assert len(blocked) == 8 and all(e["blockReason"] == "blacklist:example.com" for e in blocked)

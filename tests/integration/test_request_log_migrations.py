@@ -13,6 +13,9 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# The shipped migrations, in order (001_initial.sql, 002_domain.sql, ...).
+SHIPPED = sorted(p.name for p in (ROOT / "proxy" / "request_log" / "migrations").glob("*.sql"))
+VERSIONS = [int(name.split("_", 1)[0]) for name in SHIPPED]
 
 
 def run(tmp_path: Path, body: str) -> dict:
@@ -38,8 +41,8 @@ def test_migrated_tables_match_the_column_lists(tmp_path: Path) -> None:
         print(json.dumps({"first": first, "again": again, "versions": ch.applied_migrations(),
                           "described": described, "declared": declared}))
     """)
-    assert out["first"] == ["001_initial.sql"] and out["again"] == []
-    assert out["versions"] == [1]
+    assert out["first"] == SHIPPED and out["again"] == []
+    assert out["versions"] == VERSIONS
     assert out["described"] == out["declared"]   # schema, row builder and reads agree
 
 
@@ -55,7 +58,7 @@ def test_a_deployment_from_before_migrations_is_adopted_without_change(tmp_path:
         rows = ch.query("SELECT count(), sum(bytesIn) FROM proxyorch.traffic_delta WHERE deviceId = 'dev-old'")
         print(json.dumps({"applied": applied, "versions": ch.applied_migrations(), "rows": list(rows[0])}))
     """)
-    assert out["applied"] == ["001_initial.sql"] and out["versions"] == [1]
+    assert out["applied"] == SHIPPED and out["versions"] == VERSIONS
     assert out["rows"] == [1, 7]   # existing data kept
 
 
@@ -78,7 +81,7 @@ UPGRADE = """
     def down():
         raise ConnectionError("ClickHouse down (test)")
 
-    # -- before the upgrade: migration 1 only; ClickHouse is down, so rows go to the spool ----------
+    # -- before the upgrade: the shipped migrations; ClickHouse is down, so rows go to the spool ----------
     ch = make_client(None, DATA)
     ch.apply_schema(30)
     old = RequestLogWriter(down, SPOOL, batch_rows=100, batch_seconds=0.05)
@@ -89,13 +92,15 @@ UPGRADE = """
     old.flush(30)
     old.close()
     # a batch in the spool format of the previous release (no column names on the line)
-    legacy_rows = [record(i, "dev-legacy").to_row() for i in range(7)]
+    from proxy.request_log.columns import LEGACY_SPOOL_COLUMNS
+    legacy_rows = [record(i, "dev-legacy").to_row()[:len(LEGACY_SPOOL_COLUMNS["request_log"])] for i in range(7)]
     Path(SPOOL, "spool-00000000000000000001.jsonl").write_bytes(
         orjson.dumps({"table": "request_log", "token": uuid.uuid4().hex, "rows": legacy_rows}) + b"\\n")
     spooled = old.stats["rows_spooled"]
 
     # -- the upgrade: a migration adds a column, and the new release builds rows with it ----------
-    add = Migration(2, "002_tenant_tag.sql", "ALTER TABLE proxyorch.request_log ADD COLUMN IF NOT EXISTS "
+    nxt = load_migrations()[-1].version + 1
+    add = Migration(nxt, f"{nxt:03d}_tenant_tag.sql", "ALTER TABLE proxyorch.request_log ADD COLUMN IF NOT EXISTS "
                                              "tenantTag LowCardinality(String) DEFAULT 'before-upgrade'")
     applied = ch.apply_schema(30, [*load_migrations(), add])
     new_table = Table("request_log", (*REQUEST_LOG.columns,
@@ -150,7 +155,8 @@ def test_rows_spooled_before_an_added_column_replay_exactly_once_after_it(tmp_pa
     out = run(tmp_path, UPGRADE)
     n = 250
     assert out["spooled"] == 2 * n                       # request rows + traffic deltas, all on disk
-    assert out["applied"] == ["002_tenant_tag.sql"] and out["versions"] == [1, 2]
+    nxt = VERSIONS[-1] + 1
+    assert out["applied"] == [f"{nxt:03d}_tenant_tag.sql"] and out["versions"] == [*VERSIONS, nxt]
     assert out["naive"] != "inserted"                    # the new column list cannot take an old batch
     # every old row exactly once (one lost acknowledgement and a restart notwithstanding), with the
     # new column's default; rows written after the upgrade carry the value the new builder gives
