@@ -340,6 +340,8 @@ class ClientSession(asyncio.Protocol):
     def open_result(self, result: OpenResult) -> None:
         self.cancel_open = self.early_open = None
         self._opened = result.stream
+        if result.node:  # relayed: the request log names the node that holds the device (deviceNode)
+            self.core.attempt.device_node = result.node
         self._run(self.core.open_result(result.rep, result.reason, result.resolved_ip, result.bound_host,
                                         result.bound_port, result.stream is not None, _now()))
         stream, self._opened = self._opened, None

@@ -101,6 +101,7 @@ class Attempt:
     bytes_in: int = 0  # target -> client
     bytes_out: int = 0  # client -> target
     logged: bool = False
+    device_node: str = ""  # the node holding the device's tunnel when relayed ("" = this node)
     device_id: str | None = None  # the device routing chose (a pool member), when known
 
     @property
@@ -130,6 +131,7 @@ class Attempt:
             timestamp=started.wall if started else now.wall,
             connection_id=connection_id,
             device_id=self.device_id or device_id or "",
+            device_node=self.device_node,
             target=f"{shown}:{port}",
             target_type=target_type,
             port=port,
