@@ -165,12 +165,17 @@ async def test_relay_client_with_a_wrong_secret_is_refused(cluster):
     # a stream OPEN right behind the handshake must never be served
     writer.write(b"\x02\x00\x00\x00\x00\x01" + (40).to_bytes(4, "big") + json.dumps(
         {"host": "127.0.0.1", "port": 80, "window": 65536, "relay": {"device": "x"}}).encode()[:40])
-    answer = await asyncio.wait_for(reader.read(), 5)
-    assert json.loads(answer.splitlines()[0]) == {"ok": False}
-    assert len(answer.splitlines()) == 1  # nothing else: no HELLO, no stream
+    try:
+        answer = await asyncio.wait_for(reader.read(), 5)
+    except ConnectionResetError:  # the node closed with our unread OPEN in its buffer: the kernel sent RST
+        answer = b""
+    if answer:
+        assert json.loads(answer.splitlines()[0]) == {"ok": False}
+        assert len(answer.splitlines()) == 1  # nothing else: no HELLO, no stream
     writer.close()
-    after = (await cluster.dep(2).metrics())["proxyorch_relay_auth_failures_total"]
-    assert after == before + 1
+    metrics = await cluster.dep(2).metrics()
+    assert metrics["proxyorch_relay_auth_failures_total"] == before + 1
+    assert not any(k.startswith("proxyorch_relay_streams_total") and 'peer="intruder"' in k for k in metrics)
 
 
 async def test_silent_relay_connection_is_closed_within_10_s(cluster):

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 async def cluster(pg_root, redis_url, tmp_path_factory):
     url = await create_database(pg_root[0])
     base = tmp_path_factory.mktemp("cluster")
-    env = {"DIRECT_EXIT": "1", "DIRECT_EXIT_ALLOW_PRIVATE": "1", "REQUEST_LOG": "0", "REDIS_URL": redis_url}
+    env = {"DIRECT_EXIT": "1", "DIRECT_EXIT_ALLOW_PRIVATE": "1", "REQUEST_LOG": "0", "REDIS_URL": redis_url,
+           # a cluster shares its secret, RMS key and admin token (start-up refuses it otherwise)
+           "CLUSTER_SECRET": "limits-cluster-" + "s" * 16, "RMS_KEY": "cm90YXRpb24ta2V5LXJvdGF0aW9uLWtleS0zMmJ5dGU="}
     a = await NodeProcess(url, base / "a", {**env, "NODE_NAME": "node-a"}).start()
     b = await NodeProcess(url, base / "b", {**env, "NODE_NAME": "node-b"}).start()
     dep = Deployment(a)
