@@ -17,7 +17,7 @@ from proxyorch.tokens import hash_token
 from . import escrow_settlement as settlement
 from . import idempotency, ledger
 from .bodies import json_response
-from .context import POOL, SETTINGS
+from .context import SETTINGS, pool_of
 from .escrow_http import (
     EscrowError,
     bad,
@@ -40,10 +40,6 @@ SETTLEMENT_STATUSES = ("none", "pending_approval", "approved", "disputed", "canc
 
 def now() -> datetime:
     return datetime.now(UTC)
-
-
-def pool_of(request: web.Request) -> asyncpg.Pool:
-    return request.app[POOL]
 
 
 def settings_of(request: web.Request):  # noqa: ANN201

@@ -18,6 +18,7 @@ from proxyorch.tokens import hash_token
 
 from . import escrow_settlement as settlement
 from .bodies import json_response
+from .context import pool_of
 from .escrow_http import (
     EscrowError,
     bad,
@@ -31,7 +32,7 @@ from .escrow_http import (
     read_body,
     require_user,
 )
-from .escrow_jobs import now, pool_of, settings_of
+from .escrow_jobs import now, settings_of
 from .escrow_validation import Invalid, validate_answers, validate_profile, variant_accepts
 
 

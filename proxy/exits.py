@@ -30,11 +30,13 @@ class TunnelExit:
         """The device has a usable tunnel on this node."""
         return self.registry.is_online(device_id)
 
+    def _tunnel(self, device_id: str | None) -> NodeTunnel | None:
+        """A live tunnel of the device on this node, or None."""
+        return self.registry.pick(device_id) if device_id is not None else None
+
     def open(self, device_id: str | None, host: str, port: int, handler: OpenHandler) -> CancelOpen | None:
         """Start opening; None when the device has no live tunnel on this node."""
-        if device_id is None:
-            return None
-        tunnel = self.registry.pick(device_id)
+        tunnel = self._tunnel(device_id)
         if tunnel is None:
             return None
         sid = tunnel.open_stream(host, port, handler)
@@ -42,9 +44,7 @@ class TunnelExit:
 
     def open_udp(self, device_id: str | None, handler: OpenHandler) -> CancelOpen | None:
         """Start opening a UDP association stream; None when the device has no live tunnel here."""
-        if device_id is None:
-            return None
-        tunnel = self.registry.pick(device_id)
+        tunnel = self._tunnel(device_id)
         if tunnel is None:
             return None
         sid = tunnel.open_udp(handler)
@@ -52,9 +52,7 @@ class TunnelExit:
 
     def open_optimistic(self, device_id: str | None, host: str, port: int, handler: OpenHandler) -> EarlyOpen | None:
         """``open`` whose client bytes may be written before the outcome (OPTIMISTIC_OPEN)."""
-        if device_id is None:
-            return None
-        tunnel = self.registry.pick(device_id)
+        tunnel = self._tunnel(device_id)
         if tunnel is None:
             return None
         return EarlyOpen(tunnel, tunnel.open_stream_early(host, port, handler))

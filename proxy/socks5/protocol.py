@@ -130,6 +130,16 @@ def build_reply(code: int, bind_host: str = "0.0.0.0", bind_port: int = 0) -> by
     return bytes((SOCKS_VERSION, code, 0, ATYP_IPV4, 0, 0, 0, 0)) + port
 
 
+def decode_address(atyp: int, raw: bytes | memoryview) -> str:
+    """DST.ADDR / BND.ADDR as text: ``raw`` is the 4 or 16 address bytes, or length byte + name.
+    Raises UnicodeDecodeError for a name that is not UTF-8 (callers map it to their own error)."""
+    if atyp == ATYP_IPV4:
+        return str(ipaddress.IPv4Address(bytes(raw)))
+    if atyp == ATYP_IPV6:
+        return ipaddress.IPv6Address(bytes(raw)).compressed
+    return bytes(raw[1:]).decode("utf-8")
+
+
 def _request_error(reason: str, code: Socks5Reply) -> ProtocolError:
     return ProtocolError(reason, build_reply(code))
 
@@ -287,14 +297,9 @@ class Socks5ServerConnection:
             return None
         message = self._consume(size)
         raw, port = message[4:-2], int.from_bytes(message[-2:], "big")
-        if atyp == ATYP_IPV4:
-            host = str(ipaddress.IPv4Address(raw))
-        elif atyp == ATYP_IPV6:
-            host = ipaddress.IPv6Address(raw).compressed
-        else:
-            try:
-                host = raw[1:].decode("utf-8")
-            except UnicodeDecodeError:
-                return _request_error("domain name is not valid UTF-8", Socks5Reply.GENERAL_FAILURE)
+        try:
+            host = decode_address(atyp, raw)
+        except UnicodeDecodeError:
+            return _request_error("domain name is not valid UTF-8", Socks5Reply.GENERAL_FAILURE)
         self.state = State.DONE
         return Request(command, atyp, host, port)

@@ -16,11 +16,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from .protocol import ATYP_DOMAIN, ATYP_IPV4, ATYP_IPV6, decode_address
+
 __all__ = ["MAX_UDP_PAYLOAD", "UdpHeaderError", "UdpPacket", "build_udp_header", "parse_udp_packet"]
 
-ATYP_IPV4 = 1
-ATYP_DOMAIN = 3
-ATYP_IPV6 = 4
 MAX_UDP_PAYLOAD = 65_507
 
 
@@ -62,16 +61,10 @@ def parse_udp_packet(datagram: bytes | memoryview) -> UdpPacket:
         raise UdpHeaderError(f"unknown address type {atyp}")
     if n < end + 2:
         raise UdpHeaderError("truncated address or port")
-    raw = bytes(buf[4:end])
-    if atyp == ATYP_IPV4:
-        host = str(ipaddress.IPv4Address(raw))
-    elif atyp == ATYP_IPV6:
-        host = ipaddress.IPv6Address(raw).compressed
-    else:
-        try:
-            host = raw[1:].decode("utf-8")
-        except UnicodeDecodeError:
-            raise UdpHeaderError("domain name is not valid UTF-8") from None
+    try:
+        host = decode_address(atyp, buf[4:end])
+    except UnicodeDecodeError:
+        raise UdpHeaderError("domain name is not valid UTF-8") from None
     port = (buf[end] << 8) | buf[end + 1]
     return UdpPacket(frag, atyp, host, port, buf[end + 2:])
 
