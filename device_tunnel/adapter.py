@@ -143,6 +143,7 @@ class TunnelProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._closing = False
+        self._tls = False
 
     def now(self) -> float:
         return self._loop.time()
@@ -160,6 +161,9 @@ class TunnelProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.conn.connected_at = self.conn.last_rx = self.now()
         transport.set_write_buffer_limits(high=TUNNEL_WRITE_HIGH, low=TUNNEL_WRITE_LOW)
+        # TLS writes each buffer of writelines as its own record: one write of the joined frames
+        # makes full 16 KiB records instead of a record per 10-byte frame header.
+        self._tls = transport.get_extra_info("ssl_object") is not None
         sock = transport.get_extra_info("socket")
         if sock is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
             try:
@@ -222,14 +226,19 @@ class TunnelProtocol(asyncio.Protocol):
         if events:
             self.dispatch(events)
             self._write(drain=True)
+        self._arm_timer()  # an in-flight probe may be due before the next ping
 
     def _write(self, drain: bool) -> None:
         t = self.transport
         if t is None or self.closed:
             return
         conn = self.conn
-        while out := conn.data_to_send_list(drain):
-            t.writelines(out)
+        now = self._loop.time()
+        while out := conn.data_to_send_list(drain, now):
+            if self._tls and len(out) > 1:
+                t.write(b"".join(out))
+            else:
+                t.writelines(out)
             if not drain or conn.send_paused:
                 break
         if conn.closed and not self._closing:

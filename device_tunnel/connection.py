@@ -44,15 +44,27 @@ from .events import (
     WelcomeReceived,
 )
 from .frames import FLAG_ACK, FLAG_UDP, Frame, FrameDecoder, FrameType
+from .pacing import ACTIVE_RTT, Pacer
 from .replies import ReplyCode
 from .stream import Stream, StreamState, Transition, next_state
 from .windows import MemoryBudget, WindowManager, WindowSettings
 
 REASON_MAX = 200  # characters of a peer's OPEN_FAIL reason kept
 
-MAX_CHUNK = 64 * 1024       # largest DATA payload sent: bounds how long a small frame waits behind one
+MAX_CHUNK = 64 * 1024       # largest DATA payload sent on a paced (slow) path with a large limit
+SLOW_CHUNK = 16 * 1024      # ... with an in-flight limit under 1 MiB: a small frame waits behind less
+FAST_CHUNK = frames.MAX_PAYLOAD  # on an unpaced (LAN, loopback) path: fewer, larger frames
 PENDING_HIGH = 64 * 1024    # outbound bytes queued beyond the window before the source is paused
 OUT_HIGH = 32 * 1024        # queued output beyond which new DATA waits in its stream's queue
+# Scheduling classes: a stream that has sent less than URGENT_BYTES, or has at most SMALL_QUEUE queued,
+# goes before the others ("new and small first"); round-robin within a class. After URGENT_RUN bytes of
+# urgent data in a row a waiting bulk stream gets one turn, so bulk is never starved.
+URGENT_BYTES = 64 * 1024
+SMALL_QUEUE = 4 * 1024
+URGENT_RUN = 256 * 1024
+PROBE_INTERVAL = 0.05       # in-flight probes (PINGs) at most this often, 20/s: within a v2 peer's limit
+PROBE_INTERVAL_PACE = 0.01  # ... 100/s when both sides announced "pace" (their PING limit is raised)
+PING_PER_S_PACE = 250       # the PING limit when the peer announced "pace"
 EARLY_DATA_MAX = 64 * 1024  # most stream bytes a node sends before OPEN_OK (optimistic open)
 
 
@@ -122,7 +134,11 @@ class TunnelConnection:
         self._highest_id = 0             # node: last id allocated; agent: last OPEN seen
         self._out: list[bytes | memoryview] = []
         self._out_bytes = 0
-        self._waiting: set[Stream] = set()
+        self._waiting: dict[Stream, None] = {}  # streams with queued DATA, in round-robin order
+        self._taken = 0                  # output bytes handed to the transport so far
+        self._urgent_run = 0             # urgent bytes sent since bulk last had a turn
+        self._announced_pace = False     # we announced "pace" (our PING limit follows the peer's)
+        self.pacer = Pacer(PROBE_INTERVAL)
         self._dgram_waiting: dict[Stream, None] = {}  # UDP streams with queued DATAGRAMs, in order
         self.datagrams_dropped = 0       # DATAGRAMs not sent: their stream's queue was full
         self._dgram_queued = 0           # payload bytes queued over every UDP stream
@@ -159,8 +175,9 @@ class TunnelConnection:
         ``early_data``: how much DATA may follow an OPEN before OPEN_OK (optimistic open)."""
         body = {"version": frames.PROTOCOL_VERSION, "device_id": device_id, "token": token, "meta": meta,
                 "window": self.config.windows.conn_window, "early_data": self.config.windows.min_window}
-        if features:
-            body["features"] = list(features)
+        features = (*features, frames.FEATURE_PACE)
+        self._announced_pace = True
+        body["features"] = list(features)
         self._send_json(FrameType.HELLO, 0, body)
 
     def accept(self, node: str) -> None:
@@ -168,9 +185,13 @@ class TunnelConnection:
         if self.closed:
             return
         self.handshake_done = True
+        self._announced_pace = True
         self._send_json(FrameType.WELCOME, 0, {"ok": True, "node": node,
                                                "ping_interval": self.config.ping_interval,
-                                               "window": self.config.windows.conn_window})
+                                               "window": self.config.windows.conn_window,
+                                               "features": [frames.FEATURE_PACE]})
+        self._peer_features_known()
+        self._next_ping = self.now  # a first RTT sample at once (it decides whether to pace)
 
     def refuse(self, error: str) -> None:
         """Node: refuse the device (WELCOME not ok, queued before the close)."""
@@ -231,7 +252,7 @@ class TunnelConnection:
             head = frames.encode_datagram_head(stream_id, frames.encode_address(host, port), len(payload))
         except ValueError:
             return False
-        if not stream.dgrams and not self._congested:
+        if not stream.dgrams and self._room() > 0:
             self._out.append(head)
             self._out.append(payload)
             self._out_bytes += len(head) + len(payload)
@@ -279,15 +300,17 @@ class TunnelConnection:
             raise LocalUsageError(f"stream {stream_id} is not open yet or carries datagrams")
         n = len(data)
         if (not stream.pending and n <= stream.send_credit and n <= self.conn_send_credit
-                and not self._congested):
-            self._emit_data(stream, data)
-            return False
+                and (not self._waiting or self._urgent(stream))):
+            room = self._room()
+            if room > 0 and (n <= room or not self._paced):
+                self._emit_data(stream, data)
+                return False
         if isinstance(data, bytearray):
             data = bytes(data)  # the caller may reuse a mutable buffer
         stream.pending.append(memoryview(data))
         stream.pending_bytes += n
-        self._waiting.add(stream)
-        self._flush_stream(stream)
+        self._waiting[stream] = None
+        self._drain_waiting()
         if stream.pending_bytes > PENDING_HIGH and not stream.source_paused:
             stream.source_paused = True
             return True
@@ -365,6 +388,16 @@ class TunnelConnection:
         return sum(s.pending_bytes for s in self._waiting) + self._dgram_queued + self._out_bytes
 
     @property
+    def ping_limit(self) -> int:
+        """PING frames the peer may send per second (raised when it announced "pace")."""
+        return self._ping_rate.limit
+
+    @property
+    def in_flight(self) -> int:
+        """Bytes written (to the transport) that the peer has not yet confirmed reading (probes)."""
+        return self._taken + self._out_bytes - self.pacer.acked
+
+    @property
     def held_bytes(self) -> int:
         """Received bytes not yet acknowledged by the application (the memory the windows bound)."""
         return sum(s.recv.held for s in self.streams.values())
@@ -395,24 +428,65 @@ class TunnelConnection:
 
     # == output ===================================================================================
     @property
+    def _paced(self) -> bool:
+        return self.pacer.min_rtt >= ACTIVE_RTT
+
+    def _room(self) -> int:
+        """Bytes of DATA that may be framed now: the output list's room, and on a paced path what
+        the in-flight limit leaves (0 or less: wait)."""
+        if self.send_paused:
+            return 0
+        room = OUT_HIGH - self._out_bytes
+        p = self.pacer
+        if p.min_rtt >= ACTIVE_RTT:
+            room = min(room, p.cwnd - (self._taken + self._out_bytes - p.acked))
+        return room
+
+    @property
     def _congested(self) -> bool:
-        return self.send_paused or self._out_bytes >= OUT_HIGH
+        return self._room() <= 0
+
+    @property
+    def _chunk(self) -> int:
+        """The largest DATA frame to send now: large where the path is fast, small where it is slow."""
+        if not self._paced:
+            return FAST_CHUNK
+        return SLOW_CHUNK if self.pacer.cwnd < 1024 * 1024 else MAX_CHUNK
 
     @property
     def out_bytes(self) -> int:
         return self._out_bytes
 
-    def data_to_send_list(self, drain: bool = True) -> list[bytes | memoryview]:
+    def data_to_send_list(self, drain: bool = True, now: float | None = None) -> list[bytes | memoryview]:
         """Output as a list of buffers (for ``writelines``, no copy). With ``drain`` (and the
-        transport not paused) queued stream data is moved out first, smallest queue first, up to
-        about ``OUT_HIGH`` bytes: call again while the transport has room."""
+        transport not paused) queued stream data is moved out first (urgent streams first, see
+        ``URGENT_BYTES``), up to about ``OUT_HIGH`` bytes and within the in-flight limit: call again
+        while the transport has room. ``now`` (the clock) lets an in-flight probe go out when due."""
+        if now is not None:
+            self.now = now
+        if self._out_bytes or self._waiting:
+            self._maybe_probe()
         if drain and self._dgram_waiting and not self.send_paused:
             self._drain_datagrams()
         if drain and self._waiting and not self.send_paused:
             self._drain_waiting()
         out, self._out = self._out, []
+        self._taken += self._out_bytes
         self._out_bytes = 0
         return out
+
+    def _maybe_probe(self) -> None:
+        """Queue an in-flight probe (a PING behind the bytes written so far) when one is due."""
+        p = self.pacer
+        if not self.handshake_done or self.closed or p.min_rtt < ACTIVE_RTT:
+            return
+        sent = self._taken + self._out_bytes
+        if p.probe_due(self.now, sent):
+            # ahead of the output not yet handed out: its pong measures the queue in front of that
+            # output (the standing queue), not the burst that follows it
+            ping = frames.encode_ping(p.probe(self.now, self._taken))
+            self._out.insert(0, ping)
+            self._out_bytes += len(ping)
 
     def data_to_send(self) -> bytes:
         """Output as one bytes object (tests and simple transports)."""
@@ -433,6 +507,10 @@ class TunnelConnection:
         at = self.last_rx + self.config.dead_after
         if self.handshake_done:
             at = min(at, self._next_ping)
+            if self.pacer.min_rtt >= ACTIVE_RTT:
+                probe = self.pacer.next_probe(self._taken + self._out_bytes)
+                if probe is not None:
+                    at = min(at, probe)
         else:
             at = min(at, self.connected_at + self.config.handshake_timeout)
         return at
@@ -446,11 +524,13 @@ class TunnelConnection:
             self._terminate(ErrorCode.HANDSHAKE_FAILED, "no handshake in time", remote=False)
         elif now - self.last_rx >= self.config.dead_after:
             self._terminate(ErrorCode.DEAD_PEER, f"peer silent for {now - self.last_rx:.1f}s", remote=False)
-        elif now >= self._next_ping and self.handshake_done:
-            opaque = int(now * 1e9) & 0xFFFFFFFFFFFFFFFF
-            self._pings.append(opaque)
-            self._queue(frames.encode_ping(opaque))
-            self._next_ping = now + self.config.ping_interval
+        elif self.handshake_done:
+            if now >= self._next_ping:
+                opaque = int(now * 1e9) & 0x7FFFFFFFFFFFFFFF  # bit 63 clear: not a probe
+                self._pings.append(opaque)
+                self._queue(frames.encode_ping(opaque))
+                self._next_ping = now + self.config.ping_interval
+            self._maybe_probe()
         return self._take_events()
 
     # == input ====================================================================================
@@ -612,7 +692,8 @@ class TunnelConnection:
         if stream.send_credit > 0xFFFFFFFF:
             raise StreamError(stream.id, "stream window overflow", ErrorCode.FLOW_CONTROL_ERROR)
         if stream.pending:
-            self._flush_stream(stream)
+            self._waiting[stream] = None
+            self._drain_waiting()
 
     def _on_fin(self, stream_id: int) -> None:
         stream = self._live(stream_id)
@@ -645,11 +726,14 @@ class TunnelConnection:
             self._queue(frames.encode_ping(opaque, ack=True))
             return
         if opaque not in self._pings:
-            return  # not ours (or too old): no RTT sample
+            if self.pacer.on_pong(self.now, opaque) and self._waiting:
+                self._drain_waiting()  # the peer read what was in flight: room for more
+            return  # otherwise not ours (or too old): no RTT sample
         self._pings.remove(opaque)
         sample = max(0.0, self.now - opaque / 1e9)
         self.rtt = sample if self.rtt_samples == 0 else 0.8 * self.rtt + 0.2 * sample
         self.rtt_samples += 1
+        self.pacer.on_rtt(self.now, sample)
         self._events.append(PingAcknowledged(sample))
 
     def _on_open(self, frame: Frame) -> None:
@@ -703,8 +787,8 @@ class TunnelConnection:
         stream.send_credit = window - stream.bytes_sent if stream.early else window  # early DATA counts
         self._events.append(StreamOpened(sid, bound_host or "0.0.0.0", bound_port, resolved))
         if stream.pending or stream.fin_pending:
-            self._waiting.add(stream)
-            self._flush_stream(stream)
+            self._waiting[stream] = None
+            self._drain_waiting()
 
     def _on_hello(self, frame: Frame) -> None:
         if self._hello_seen:
@@ -717,6 +801,7 @@ class TunnelConnection:
         features = body.get("features")
         names = tuple(str(f) for f in features[:32]) if isinstance(features, list) else ()
         self.peer_features = frozenset(names)
+        self._peer_features_known()
         self._events.append(HelloReceived(str(body.get("device_id", "")), str(body.get("token", "")),
                                           _int(body.get("version"), 0), meta if isinstance(meta, dict) else {},
                                           names))
@@ -730,11 +815,24 @@ class TunnelConnection:
         if ok:
             self.handshake_done = True
             self.conn_send_credit = _window(body)
+            features = body.get("features")
+            if isinstance(features, list):
+                self.peer_features = frozenset(str(f) for f in features[:32])
+            self._peer_features_known()
+            self._next_ping = self.now  # a first RTT sample at once (it decides whether to pace)
         ping = body.get("ping_interval")
         self._events.append(WelcomeReceived(ok, str(body.get("node", "")), str(body.get("error", "")),
                                             float(ping) if isinstance(ping, int | float) else 0.0))
 
     # == internals ================================================================================
+    def _peer_features_known(self) -> None:
+        """A peer that announced "pace" probes up to 100/s: take its PINGs; probe as fast only when
+        we announced it too (then the peer takes ours)."""
+        if frames.FEATURE_PACE in self.peer_features:
+            self._ping_rate.limit = max(self._ping_rate.limit, PING_PER_S_PACE)
+            if self._announced_pace:
+                self.pacer.min_interval = PROBE_INTERVAL_PACE
+
     def _queue(self, data: bytes) -> None:
         if self.closed:
             return
@@ -751,23 +849,31 @@ class TunnelConnection:
         stream.bytes_sent += n
         self.data_bytes_sent += n
         out = self._out
-        if n <= MAX_CHUNK:
+        chunk = self._chunk
+        if n <= chunk:
             out.append(frames.header(FrameType.DATA, stream.id, n))
             out.append(data)
         else:
             view = memoryview(data)
-            for i in range(0, n, MAX_CHUNK):
-                part = view[i:i + MAX_CHUNK]
+            for i in range(0, n, chunk):
+                part = view[i:i + chunk]
                 out.append(frames.header(FrameType.DATA, stream.id, len(part)))
                 out.append(part)
-        self._out_bytes += n + frames.HEADER_SIZE * (1 + (n - 1) // MAX_CHUNK)
+        self._out_bytes += n + frames.HEADER_SIZE * (1 + (n - 1) // chunk)
 
-    def _flush_stream(self, stream: Stream) -> None:
+    def _flush_stream(self, stream: Stream, quantum: int) -> int:
+        """Move up to ``quantum`` queued bytes of one stream out, within its credit and the room;
+        returns how many. FIN follows the last byte; the source resumes below ``PENDING_HIGH``."""
         pending = stream.pending
-        while pending and not self._congested:
-            credit = min(stream.send_credit, self.conn_send_credit)
-            if credit <= 0:
+        sent = 0
+        paced = self._paced
+        while pending and sent < quantum:
+            room = self._room()
+            credit = min(stream.send_credit, self.conn_send_credit, quantum - sent)
+            if room <= 0 or credit <= 0:
                 break
+            if paced:
+                credit = min(credit, room)
             head = pending[0]
             n = len(head)
             if n <= credit:
@@ -777,15 +883,23 @@ class TunnelConnection:
                 pending[0] = head[n:]
                 head = head[:n]
             stream.pending_bytes -= n
+            sent += n
             self._emit_data(stream, head)
         if not pending:
-            self._waiting.discard(stream)
+            self._waiting.pop(stream, None)
             if stream.fin_pending and stream.state is not StreamState.OPENING:
                 stream.fin_pending = False
                 self._send_fin(stream)
         if stream.source_paused and stream.pending_bytes <= PENDING_HIGH and stream.id in self.streams:
             stream.source_paused = False
             self._events.append(StreamResumed(stream.id))
+        return sent
+
+    @staticmethod
+    def _urgent(stream: Stream) -> bool:
+        """New and small streams go first: under ``URGENT_BYTES`` sent, or at most ``SMALL_QUEUE``
+        queued (an interactive stream's reply)."""
+        return stream.bytes_sent < URGENT_BYTES or stream.pending_bytes <= SMALL_QUEUE
 
     def _drain_datagrams(self) -> None:
         """Send queued DATAGRAMs while there is room, one per UDP stream in turn."""
@@ -804,16 +918,39 @@ class TunnelConnection:
                     del waiting[stream]
 
     def _drain_waiting(self) -> None:
-        """Send queued stream data while there is room, smallest queue first (an interactive reply
-        overtakes bulk data)."""
-        while self._waiting and not self._congested and self.conn_send_credit > 0:
-            before = sum(s.pending_bytes for s in self._waiting)
-            for stream in sorted(self._waiting, key=lambda s: s.pending_bytes):
-                if self._congested:
-                    break
-                self._flush_stream(stream)
-            if sum(s.pending_bytes for s in self._waiting) == before:
+        """Send queued stream data while there is room: urgent streams first (``_urgent``), one
+        frame each in turn; bulk streams (one frame each) when no urgent one can send, and after
+        ``URGENT_RUN`` urgent bytes in a row (never starved)."""
+        waiting = self._waiting
+        while waiting and self.conn_send_credit > 0 and self._room() > 0:
+            urgent = [s for s in waiting if self._urgent(s)]
+            bulk = [s for s in waiting if not self._urgent(s)] if len(urgent) < len(waiting) else []
+            bulk_turn = bool(bulk) and (not urgent or self._urgent_run >= URGENT_RUN)
+            first, second = (bulk, urgent) if bulk_turn else (urgent, bulk)
+            if bulk_turn:
+                self._urgent_run = 0
+            if not self._serve(first, bulk_turn) and not self._serve(second, not bulk_turn):
                 break  # the rest wait for credit, not for room
+
+    def _serve(self, group: list[Stream], is_bulk: bool) -> bool:
+        """One frame for each stream of ``group`` in turn; True when any progressed."""
+        waiting = self._waiting
+        quantum = self._chunk
+        progressed = False
+        for stream in group:
+            if self._room() <= 0:
+                return True
+            if stream not in waiting:
+                continue
+            n = self._flush_stream(stream, quantum)
+            if n or stream not in waiting:
+                progressed = True
+            if n:
+                self._urgent_run = 0 if is_bulk else self._urgent_run + n
+                if stream in waiting:  # to the back of the round
+                    del waiting[stream]
+                    waiting[stream] = None
+        return progressed
 
     def _send_fin(self, stream: Stream) -> None:
         new = next_state(stream.state, Transition.SEND_FIN)
@@ -829,7 +966,7 @@ class TunnelConnection:
         if self.streams.pop(stream.id, None) is None:
             return
         stream.state = StreamState.CLOSED
-        self._waiting.discard(stream)
+        self._waiting.pop(stream, None)
         stream.pending.clear()
         stream.pending_bytes = 0
         if stream.dgrams:

@@ -60,6 +60,7 @@ class FrameType(IntEnum):
 
 FLAG_UDP = 0x02    # on OPEN: a UDP association stream (DATAGRAM frames, no DATA)
 FEATURE_UDP = "udp"  # HELLO ``features``: the device takes UDP streams
+FEATURE_PACE = "pace"  # HELLO / WELCOME ``features``: takes in-flight probes (PINGs) up to 100/s
 ATYP_IPV4, ATYP_DOMAIN, ATYP_IPV6 = 1, 3, 4
 
 

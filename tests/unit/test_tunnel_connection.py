@@ -11,7 +11,7 @@ import pytest
 from tunnel_pair import Pair
 
 from device_tunnel import frames
-from device_tunnel.connection import PENDING_HIGH, Role, TunnelConfig, TunnelConnection
+from device_tunnel.connection import PENDING_HIGH, PING_PER_S_PACE, Role, TunnelConfig, TunnelConnection
 from device_tunnel.errors import ErrorCode, LocalUsageError
 from device_tunnel.events import (
     ConnectionTerminated,
@@ -365,6 +365,10 @@ def test_one_stalled_reader_among_200_streams_does_not_stop_the_others_and_memor
 
 # -- keep-alive ------------------------------------------------------------------------------------
 def test_ping_measures_the_round_trip_time(pair):
+    # the first PING goes right after the handshake (its RTT decides whether to pace), then every 5 s
+    assert pair.agent.conn.get_timer() == pytest.approx(0.0)
+    pair.agent.take(pair.agent.conn.handle_timer(0.0))
+    assert pair.agent.conn.data_to_send()[:1] == bytes([frames.FrameType.PING])
     assert pair.agent.conn.get_timer() == pytest.approx(5.0)
     pair.now = 5.0
     pair.agent.take(pair.agent.conn.handle_timer(5.0))
@@ -568,6 +572,9 @@ def test_a_flood_closes_the_tunnel_with_enhance_your_calm(name, frame, limit_att
     p.node.conn.reset_stream(sid)
     p.pump()
     limit = getattr(p.node.conn.config, limit_attr)
+    if limit_attr == "ping_per_s":  # the agent announced "pace": it may probe up to 100/s
+        assert p.node.conn.ping_limit == PING_PER_S_PACE > limit
+        limit = p.node.conn.ping_limit
     events = p.node.conn.receive_data(frame * limit, 0.5)
     assert terminated(p.node) is None and not any(isinstance(e, ConnectionTerminated) for e in events)
     events = p.node.conn.receive_data(frame, 1.6)  # a new second: budget back
