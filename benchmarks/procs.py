@@ -268,9 +268,10 @@ def make_credential(node: Node, user_id: str, name: str) -> Credential:
 
 
 def start_agent(stack: Stack, name: str, node: Node, cred: Credential, tunnels: int = 1,
-                server_port: int | None = None, extra: tuple[str, ...] = ()) -> Proc:
-    """A device agent of ``node`` (dialling ``server_port`` when a link emulator sits in between)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+                server_port: int | None = None, extra: tuple[str, ...] = (), source: Path | None = None) -> Proc:
+    """A device agent of ``node`` (dialling ``server_port`` when a link emulator sits in between;
+    ``source``: run the code of another checkout, for A/B runs)."""
+    env = {**os.environ, "PYTHONPATH": str(source or ROOT)}
     return stack.spawn(name, [PY, "-m", "proxyorch", "device-agent", "--server",
                               f"{HOST}:{server_port or node.tunnel_port}", "--device-id", cred.device_id,
                               "--token", cred.device_token, "--allow-private", "--tunnels", str(tunnels),

@@ -443,7 +443,9 @@ class Bench:
         try:
             time.sleep(c.mobile_warm_s)
             sampler.start()
+            hol_from = time.monotonic()
             hol = self.lg.rtt(s.via, echo, duration=c.hol_s, interval_ms=20)
+            hol["window"] = (hol_from, time.monotonic())
         finally:
             stop.set()
             bg_res = lgmod.finish(self.stack, bg, timeout=30, interrupt=True)

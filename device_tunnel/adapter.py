@@ -356,6 +356,19 @@ class TunnelProtocol(asyncio.Protocol):
             total += self.transport.get_write_buffer_size()
         return total
 
+    def queue_stats(self) -> dict[str, float]:
+        """Where this side's outbound bytes wait, by layer (user space; the kernel's are ``ss``'s):
+        the core's per-stream queues, its output list, the transport's buffer (for TLS: the
+        records not yet handed to the socket), and the pacer's view of what is in flight."""
+        conn = self.conn
+        p = conn.pacer
+        transport = 0
+        if self.transport is not None and not self.closed:
+            transport = self.transport.get_write_buffer_size()
+        return {"stream_queues": conn.buffered_bytes - conn.out_bytes, "core_output": conn.out_bytes,
+                "transport": transport, "in_flight": conn.in_flight, "limit": p.cwnd if p.active else 0,
+                "min_rtt_ms": round(p.min_rtt * 1000, 2), "bandwidth_Bps": round(p.bandwidth)}
+
     def abort(self, reason: str = "") -> None:
         """Drop the tunnel at once (every stream fails)."""
         if self.transport is not None and not self.closed:

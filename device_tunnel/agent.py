@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import os
 import platform
@@ -71,6 +72,7 @@ class AgentConfig:
     # Every node the agent may use (``--server h1:p1,h2:p2``); empty = just (host, port). The agent
     # stays on one and moves to the next when it is gone, refuses the device, or sends GOAWAY.
     servers: list[tuple[str, int]] = field(default_factory=list)
+    stats_file: str | None = None  # every 100 ms: the tunnels' outbound queues by layer (JSON lines)
 
     def server_list(self) -> list[tuple[str, int]]:
         return list(self.servers) or [(self.host, self.port)]
@@ -392,6 +394,8 @@ class DeviceAgent:
             ip = await self.config.rotator.check_ip()  # reported in HELLO meta (public_ip)
             log.info("public IP %s (from %s)", ip, self.config.ip_echo_url)
         self.tasks = {asyncio.create_task(self._tunnel_loop(i)) for i in range(max(1, self.config.tunnels))}
+        if self.config.stats_file:
+            self.tasks.add(asyncio.create_task(self._write_stats(self.config.stats_file)))
         await self._stop.wait()
         self.config.rotator.close()
         for t in self.tasks:
@@ -402,6 +406,15 @@ class DeviceAgent:
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _write_stats(self, path: str) -> None:
+        """Append one JSON line of queue sizes per tunnel every 100 ms (diagnostics, benchmarks)."""
+        loop = asyncio.get_running_loop()
+        with open(path, "a", buffering=1) as f:
+            while True:
+                await asyncio.sleep(0.1)
+                rows = [t.queue_stats() for t in list(self.tunnels)]
+                f.write(json.dumps({"t": round(loop.time(), 3), "tunnels": rows}) + "\n")
 
     async def connect(self, server: tuple[str, int] | None = None) -> AgentTunnel:
         """Dial a node once (``server`` or the first of the list; TLS when ``config.ssl``) and wait

@@ -58,6 +58,8 @@ def add_agent_arguments(a: argparse.ArgumentParser) -> None:
                    help="after a rotation that left the IP unchanged, check it once more after this many seconds")
     a.add_argument("--automation-dir", default="./automations", help="where launchAutomation code is saved")
     a.add_argument("--log-level", default="INFO")
+    a.add_argument("--stats-file", metavar="PATH",
+                   help="append the tunnels' outbound queue sizes by layer here every 100 ms (diagnostics)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +123,7 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser):  # 
                        runner=make_runner(args.automation_dir), ssl=ssl_ctx, verify=verify,
                        server_hostname=host if args.ca_file else None, plaintext=args.plaintext,
                        rotate_command=args.rotate_command, ip_echo_url=args.ip_echo_url,
-                       rotate_recheck_s=args.rotate_recheck_s)
+                       rotate_recheck_s=args.rotate_recheck_s, stats_file=args.stats_file)
 
 
 def _run(coro) -> object:  # noqa: ANN001

@@ -439,7 +439,7 @@ class TunnelConnection:
         room = OUT_HIGH - self._out_bytes
         p = self.pacer
         if p.min_rtt >= ACTIVE_RTT:
-            room = min(room, p.cwnd - (self._taken + self._out_bytes - p.acked))
+            room = min(room, p.allowance(self._taken + self._out_bytes, self.now))
         return room
 
     @property
@@ -484,7 +484,7 @@ class TunnelConnection:
         if p.probe_due(self.now, sent):
             # ahead of the output not yet handed out: its pong measures the queue in front of that
             # output (the standing queue), not the burst that follows it
-            ping = frames.encode_ping(p.probe(self.now, self._taken))
+            ping = frames.encode_ping(p.probe(self.now, self._taken, bool(self._waiting)))
             self._out.insert(0, ping)
             self._out_bytes += len(ping)
 
@@ -511,6 +511,8 @@ class TunnelConnection:
                 probe = self.pacer.next_probe(self._taken + self._out_bytes)
                 if probe is not None:
                     at = min(at, probe)
+                if self._waiting:
+                    at = min(at, self.pacer.next_release())
         else:
             at = min(at, self.connected_at + self.config.handshake_timeout)
         return at
@@ -850,6 +852,8 @@ class TunnelConnection:
         self.data_bytes_sent += n
         out = self._out
         chunk = self._chunk
+        if chunk != FAST_CHUNK:
+            self.pacer.spend(n)
         if n <= chunk:
             out.append(frames.header(FrameType.DATA, stream.id, n))
             out.append(data)

@@ -33,6 +33,8 @@ CEILING = 64 * 1024 * 1024
 TARGET_MIN = 0.005            # standing queue tolerated: max(5 ms, min RTT / 16)
 RTT_WINDOW = 10.0             # seconds the minimum RTT is remembered
 RATE_WINDOW = 2.0             # seconds the maximum delivery rate is remembered
+BURST = 16 * 1024 + 10        # bytes released at once at least (one small DATA frame) ...
+BURST_TIME = 0.002            # ... or this long at the pacing rate
 GAMMA = 0.25                  # FAST TCP's smoothing of the limit per probe interval
 PROBE_BIT = 1 << 63           # probe opaques (keep-alive opaques are monotonic ns: bit 63 clear)
 
@@ -42,7 +44,8 @@ class Pacer:
     PINGs :meth:`probe` asks for, and reports their pongs to :meth:`on_pong`."""
 
     __slots__ = ("min_interval", "cwnd", "acked", "min_rtt", "_rtts", "_rates", "_acks", "_probes",
-                 "_seq", "last_probe_at", "last_probe_offset", "startup", "rtt", "queue_delay", "probes_sent", "_last_pong")
+                 "_seq", "last_probe_at", "last_probe_offset", "startup", "rtt", "queue_delay", "probes_sent", "_last_pong",
+                 "tokens", "_refill_at")
 
     def __init__(self, min_interval: float = 0.05) -> None:
         self.min_interval = min_interval   # the peer's PING flood limit decides it (see TunnelConnection)
@@ -52,7 +55,7 @@ class Pacer:
         self._rtts: deque[tuple[float, float]] = deque()     # (when, rtt), increasing rtt (monotonic deque)
         self._rates: deque[tuple[float, float]] = deque()    # (when, bytes/s), decreasing rate
         self._acks: deque[tuple[float, int]] = deque()       # (when, acked offset) for rate samples
-        self._probes: dict[int, tuple[float, int]] = {}       # opaque -> (sent at, offset)
+        self._probes: dict[int, tuple[float, int, bool]] = {}  # opaque -> (sent at, offset, backlogged)
         self._seq = 0
         self.last_probe_at = -1e18
         self.last_probe_offset = 0
@@ -61,6 +64,8 @@ class Pacer:
         self.queue_delay = 0.0
         self.probes_sent = 0
         self._last_pong = 0.0
+        self.tokens = float(BURST)
+        self._refill_at = 0.0
 
     # -- what the core asks ----------------------------------------------------------------------
     @property
@@ -75,12 +80,31 @@ class Pacer:
     def target(self) -> float:
         return max(TARGET_MIN, self.min_rtt / 16)
 
-    def allowance(self, sent: int) -> int:
-        """Bytes that may still be written given ``sent`` (the offset written so far); huge when the
-        path is too fast to need a limit."""
+    @property
+    def pacing_rate(self) -> float:
+        """Bytes per second released: the limit per minimum RTT (twice that in start-up), so the
+        limit is spread over the round trip instead of leaving in bursts that queue."""
+        return (2.0 if self.startup else 1.0) * self.cwnd / max(self.min_rtt, 1e-3)
+
+    def allowance(self, sent: int, now: float) -> int:
+        """Bytes that may be written now given ``sent`` (the offset written so far): within the
+        in-flight limit and the pacing rate; huge when the path is too fast to need a limit."""
         if not self.active:
             return CEILING
-        return self.cwnd - (sent - self.acked)
+        rate = self.pacing_rate
+        if now > self._refill_at:
+            self.tokens = min(max(BURST, rate * BURST_TIME), self.tokens + rate * (now - self._refill_at))
+            self._refill_at = now
+        return min(self.cwnd - (sent - self.acked), int(self.tokens))
+
+    def spend(self, n: int) -> None:
+        """``n`` bytes were released (may go negative by one frame)."""
+        self.tokens -= n
+
+    def next_release(self) -> float:
+        """When the pacing rate allows the next small frame."""
+        need = BURST / 2 - self.tokens
+        return self._refill_at + max(0.0, need) / self.pacing_rate
 
     def probe_due(self, now: float, sent: int) -> bool:
         """A probe should be queued now: bytes written since the last one, and its interval passed."""
@@ -92,11 +116,12 @@ class Pacer:
             return None
         return self.last_probe_at + self.interval
 
-    def probe(self, now: float, sent: int) -> int:
-        """Record a probe PING queued at offset ``sent``; returns its opaque value."""
+    def probe(self, now: float, sent: int, backlogged: bool) -> int:
+        """Record a probe PING queued at offset ``sent`` (``backlogged``: data was waiting for the
+        limit, so the limit, not the application, set the pace); returns its opaque value."""
         self._seq += 1
         opaque = PROBE_BIT | self._seq
-        self._probes[opaque] = (now, sent)
+        self._probes[opaque] = (now, sent, backlogged)
         if len(self._probes) > 64:  # a peer that stopped answering: forget the oldest
             del self._probes[next(iter(self._probes))]
         self.last_probe_at, self.last_probe_offset = now, sent
@@ -119,8 +144,8 @@ class Pacer:
         entry = self._probes.pop(opaque, None)
         if entry is None:
             return False
-        sent_at, offset = entry
-        for old in [k for k, (_, off) in self._probes.items() if off <= offset]:
+        sent_at, offset, was_limited = entry
+        for old in [k for k, (_, off, _b) in self._probes.items() if off <= offset]:
             del self._probes[old]  # answered in order: earlier probes are lost or late
         rtt = max(1e-6, now - sent_at)
         self.rtt = rtt
@@ -128,7 +153,6 @@ class Pacer:
         if offset <= self.acked:
             return True
         delivered = offset - self.acked
-        was_limited = delivered >= self.cwnd // 2  # in flight when the probe left: the limit mattered
         self.acked = offset
         self._rate_sample(now, offset)
         dt = min(rtt, now - self._last_pong) if self._last_pong else self.interval
