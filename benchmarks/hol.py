@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -73,6 +74,10 @@ def _stats_layers(path: Path, t0: float, t1: float) -> dict[str, dict[str, float
     return out
 
 
+def _terminate(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.hol", description=__doc__)
     p.add_argument("--baseline", default="HEAD", help="git revision to compare with (default HEAD)")
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plain", action="store_true", help="also the TLS-off tunnel of each version")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # stop everything started (the finally below)
     procs.set_pinning(True)
     cfg = Config.make(True)
     stack = Stack()

@@ -139,6 +139,7 @@ class TunnelConnection:
         self._urgent_run = 0             # urgent bytes sent since bulk last had a turn
         self._announced_pace = False     # we announced "pace" (our PING limit follows the peer's)
         self.pacer = Pacer(PROBE_INTERVAL)
+        self._probe_mark = 0             # data_bytes_sent at the last probe
         self._dgram_waiting: dict[Stream, None] = {}  # UDP streams with queued DATAGRAMs, in order
         self.datagrams_dropped = 0       # DATAGRAMs not sent: their stream's queue was full
         self._dgram_queued = 0           # payload bytes queued over every UDP stream
@@ -481,7 +482,8 @@ class TunnelConnection:
         if not self.handshake_done or self.closed or p.min_rtt < ACTIVE_RTT:
             return
         sent = self._taken + self._out_bytes
-        if p.probe_due(self.now, sent):
+        if self.data_bytes_sent > self._probe_mark and p.probe_due(self.now, sent):
+            self._probe_mark = self.data_bytes_sent  # no DATA since: no probe (pongs do not echo forever)
             # ahead of the output not yet handed out: its pong measures the queue in front of that
             # output (the standing queue), not the burst that follows it
             ping = frames.encode_ping(p.probe(self.now, self._taken, bool(self._waiting)))
@@ -508,10 +510,11 @@ class TunnelConnection:
         if self.handshake_done:
             at = min(at, self._next_ping)
             if self.pacer.min_rtt >= ACTIVE_RTT:
-                probe = self.pacer.next_probe(self._taken + self._out_bytes)
-                if probe is not None:
-                    at = min(at, probe)
-                if self._waiting:
+                if self.data_bytes_sent > self._probe_mark:
+                    probe = self.pacer.next_probe(self._taken + self._out_bytes)
+                    if probe is not None:
+                        at = min(at, probe)
+                if self._waiting:  # paced: the next frame's release
                     at = min(at, self.pacer.next_release())
         else:
             at = min(at, self.connected_at + self.config.handshake_timeout)
@@ -876,9 +879,13 @@ class TunnelConnection:
             credit = min(stream.send_credit, self.conn_send_credit, quantum - sent)
             if room <= 0 or credit <= 0:
                 break
-            if paced:
-                credit = min(credit, room)
             head = pending[0]
+            if paced:  # within the room, in whole frames, and no sliver frames
+                if room < min(len(head), credit, 1024):
+                    break
+                credit = min(credit, room)
+                if credit > self._chunk:
+                    credit -= credit % self._chunk
             n = len(head)
             if n <= credit:
                 pending.popleft()

@@ -35,6 +35,7 @@ RTT_WINDOW = 10.0             # seconds the minimum RTT is remembered
 RATE_WINDOW = 2.0             # seconds the maximum delivery rate is remembered
 BURST = 16 * 1024 + 10        # bytes released at once at least (one small DATA frame) ...
 BURST_TIME = 0.002            # ... or this long at the pacing rate
+GAIN = 1.0                    # the limit keeps at least this x the best rate x (RTT + interval) in flight
 GAMMA = 0.25                  # FAST TCP's smoothing of the limit per probe interval
 PROBE_BIT = 1 << 63           # probe opaques (keep-alive opaques are monotonic ns: bit 63 clear)
 
@@ -161,22 +162,27 @@ class Pacer:
             return True
         self.queue_delay = rtt - self.min_rtt
         alpha = max(FLOOR / 2, self.bandwidth * self.target)  # the bytes we let stand in the queue
+        if not was_limited:
+            return True  # the application set the pace: nothing learnt about the path
         if self.startup:
-            if self.queue_delay > self.target and self._rates:
+            if self.queue_delay > max(self.target, self.min_rtt / 4) and self._rates:
                 self.startup = False  # a standing queue: the link is full
-            elif was_limited:
+            else:
                 self.cwnd += delivered  # doubles per round trip
-        if not self.startup and (was_limited or self.queue_delay > self.target):
-            # FAST TCP's update: converge to alpha bytes queued (queueing delay ~ target)
+        if not self.startup:
+            # FAST TCP's update: converge to alpha bytes queued (queueing delay ~ target) ...
             goal = self.cwnd * self.min_rtt / rtt + alpha
             self.cwnd = int(self.cwnd + GAMMA * (goal - self.cwnd) * min(1.0, dt / max(self.interval, 1e-3)))
+            # ... but never below what keeps the best recent rate (x GAIN) flowing: a delay that is not
+            # queueing (a busy CPU at either end) cannot starve the stream, and the rate can still grow
+            self.cwnd = max(self.cwnd, int(GAIN * self.bandwidth * (self.min_rtt + self.interval)))
         self.cwnd = min(CEILING, max(FLOOR, self.cwnd))
         return True
 
     def _rate_sample(self, now: float, offset: int) -> None:
         acks = self._acks
         acks.append((now, offset))
-        span = max(0.04, self.min_rtt / 2)
+        span = max(0.05, self.min_rtt)
         while len(acks) > 2 and acks[1][0] <= now - span:
             acks.popleft()
         t0, o0 = acks[0]
