@@ -62,6 +62,7 @@ OUT_HIGH = 32 * 1024        # queued output beyond which new DATA waits in its s
 URGENT_BYTES = 64 * 1024
 SMALL_QUEUE = 4 * 1024
 URGENT_RUN = 256 * 1024
+URGENT_SLACK = 16 * 1024    # paced path: urgent bytes beyond the in-flight limit / pacing rate
 PROBE_INTERVAL = 0.05       # in-flight probes (PINGs) at most this often, 20/s: within a v2 peer's limit
 PROBE_INTERVAL_PACE = 0.01  # ... 100/s when both sides announced "pace" (their PING limit is raised)
 PING_PER_S_PACE = 250       # the PING limit when the peer announced "pace"
@@ -302,7 +303,7 @@ class TunnelConnection:
         n = len(data)
         if (not stream.pending and n <= stream.send_credit and n <= self.conn_send_credit
                 and (not self._waiting or self._urgent(stream))):
-            room = self._room()
+            room = self._room(self._urgent(stream))
             if room > 0 and (n <= room or not self._paced):
                 self._emit_data(stream, data)
                 return False
@@ -432,15 +433,16 @@ class TunnelConnection:
     def _paced(self) -> bool:
         return self.pacer.min_rtt >= ACTIVE_RTT
 
-    def _room(self) -> int:
+    def _room(self, urgent: bool = False) -> int:
         """Bytes of DATA that may be framed now: the output list's room, and on a paced path what
-        the in-flight limit leaves (0 or less: wait)."""
+        the in-flight limit and the pacing rate leave (0 or less: wait); an urgent stream may
+        exceed those by ``URGENT_SLACK`` (a small reply does not wait for the next release)."""
         if self.send_paused:
             return 0
         room = OUT_HIGH - self._out_bytes
         p = self.pacer
         if p.min_rtt >= ACTIVE_RTT:
-            room = min(room, p.allowance(self._taken + self._out_bytes, self.now))
+            room = min(room, p.allowance(self._taken + self._out_bytes, self.now) + (URGENT_SLACK if urgent else 0))
         return room
 
     @property
@@ -874,8 +876,9 @@ class TunnelConnection:
         pending = stream.pending
         sent = 0
         paced = self._paced
+        urgent = self._urgent(stream)
         while pending and sent < quantum:
-            room = self._room()
+            room = self._room(urgent)
             credit = min(stream.send_credit, self.conn_send_credit, quantum - sent)
             if room <= 0 or credit <= 0:
                 break

@@ -30,7 +30,7 @@ ACTIVE_RTT = 0.003            # paths faster than this are never limited
 INITIAL = 256 * 1024          # in-flight limit before the first measurements
 FLOOR = 32 * 1024             # never below (two full TLS records plus headers)
 CEILING = 64 * 1024 * 1024
-TARGET_MIN = 0.005            # standing queue tolerated: max(5 ms, min RTT / 16)
+TARGET_MIN = 0.005            # standing queue aimed at (FAST TCP's alpha, as time at the measured rate)
 RTT_WINDOW = 10.0             # seconds the minimum RTT is remembered
 RATE_WINDOW = 2.0             # seconds the maximum delivery rate is remembered
 BURST = 16 * 1024 + 10        # bytes released at once at least (one small DATA frame) ...
@@ -46,7 +46,7 @@ class Pacer:
 
     __slots__ = ("min_interval", "cwnd", "acked", "min_rtt", "_rtts", "_rates", "_acks", "_probes",
                  "_seq", "last_probe_at", "last_probe_offset", "startup", "rtt", "queue_delay", "probes_sent", "_last_pong",
-                 "tokens", "_refill_at")
+                 "tokens", "_refill_at", "_recent")
 
     def __init__(self, min_interval: float = 0.05) -> None:
         self.min_interval = min_interval   # the peer's PING flood limit decides it (see TunnelConnection)
@@ -56,6 +56,7 @@ class Pacer:
         self._rtts: deque[tuple[float, float]] = deque()     # (when, rtt), increasing rtt (monotonic deque)
         self._rates: deque[tuple[float, float]] = deque()    # (when, bytes/s), decreasing rate
         self._acks: deque[tuple[float, int]] = deque()       # (when, acked offset) for rate samples
+        self._recent: deque[tuple[float, float]] = deque()   # probe RTTs of the last round trip (min first)
         self._probes: dict[int, tuple[float, int, bool]] = {}  # opaque -> (sent at, offset, backlogged)
         self._seq = 0
         self.last_probe_at = -1e18
@@ -79,7 +80,7 @@ class Pacer:
 
     @property
     def target(self) -> float:
-        return max(TARGET_MIN, self.min_rtt / 16)
+        return TARGET_MIN
 
     @property
     def pacing_rate(self) -> float:
@@ -151,6 +152,13 @@ class Pacer:
         rtt = max(1e-6, now - sent_at)
         self.rtt = rtt
         self.on_rtt(now, rtt)
+        recent = self._recent
+        while recent and recent[-1][1] >= rtt:
+            recent.pop()
+        recent.append((now, rtt))
+        while recent[0][0] < now - max(self.min_rtt, 2 * self.interval):
+            recent.popleft()
+        rtt = recent[0][1]  # the lowest of the last round trip: a standing queue, not a CPU hiccup
         if offset <= self.acked:
             return True
         delivered = offset - self.acked
