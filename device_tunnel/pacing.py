@@ -15,10 +15,16 @@ often than the peer's PING flood limit allows), and the pongs give
 * round-trip samples: the windowed minimum is the path's RTT, the excess the queueing delay,
 * delivery-rate samples: the windowed maximum is the bottleneck rate (as in BBR).
 
-The limit (``cwnd``) starts at ``INITIAL``, doubles per round trip while the queueing delay stays
-under ``target`` (start-up), and from the first round with a standing queue is set to
-``rate × (min RTT + interval + target)`` — the BDP plus the bytes sent while the acknowledgement
-travels — then grows slowly again to follow a faster path. Paths with a minimum RTT under
+The limit (``cwnd``) starts at ``INITIAL`` and doubles per round trip (start-up) until the lowest
+probe RTT of a round trip exceeds the minimum by max(``TARGET_MIN``, RTT/4): the link is full. From
+then on it follows FAST TCP's update, ``cwnd += GAMMA × (cwnd × minRTT / RTT + alpha − cwnd)`` with
+RTT the lowest of the last round trip (a standing queue, not a CPU hiccup) and alpha the bytes of
+``TARGET_MIN`` at the measured rate, which converges on about ``TARGET_MIN`` of queueing; it never
+drops below ``GAIN ×`` the best recent rate × (minimum RTT + probe interval), so a delay that is not
+queueing (a busy CPU at either end) cannot starve the stream. The limit is updated only from probes
+sent while data waited for it (otherwise the application, not the path, set the pace). Bytes are
+released at ``cwnd`` per minimum RTT (twice that in start-up) in bursts of at most ``BURST_TIME`` or
+one small frame, so they do not leave in bursts that queue. Paths with a minimum RTT under
 ``ACTIVE_RTT`` (a LAN, loopback) are not limited: their buffers drain in well under a millisecond.
 """
 
