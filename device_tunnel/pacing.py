@@ -41,7 +41,7 @@ RTT_WINDOW = 10.0             # seconds the minimum RTT is remembered
 RATE_WINDOW = 2.0             # seconds the maximum delivery rate is remembered
 BURST = 16 * 1024 + 10        # bytes released at once at least (one small DATA frame) ...
 BURST_TIME = 0.002            # ... or this long at the pacing rate
-GAIN = 0.9                    # the limit keeps at least this x the best rate x (RTT + interval) in flight
+GAIN = 1.0                    # the limit keeps at least this x the best rate x (RTT + interval) in flight
 GAMMA = 0.25                  # FAST TCP's smoothing of the limit per probe interval
 PROBE_BIT = 1 << 63           # probe opaques (keep-alive opaques are monotonic ns: bit 63 clear)
 
