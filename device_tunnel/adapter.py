@@ -143,6 +143,7 @@ class TunnelProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._closing = False
+        self._tls = False  # the transport encrypts: frames are joined per write (see _write)
 
     def now(self) -> float:
         return self._loop.time()
@@ -158,6 +159,7 @@ class TunnelProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._tls = transport.get_extra_info("sslcontext") is not None
         self.conn.connected_at = self.conn.last_rx = self.now()
         transport.set_write_buffer_limits(high=TUNNEL_WRITE_HIGH, low=TUNNEL_WRITE_LOW)
         sock = transport.get_extra_info("socket")
@@ -229,7 +231,10 @@ class TunnelProtocol(asyncio.Protocol):
             return
         conn = self.conn
         while out := conn.data_to_send_list(drain):
-            t.writelines(out)
+            if self._tls and len(out) > 1:
+                t.write(b"".join(out))  # one TLS record per flush, not one per frame
+            else:
+                t.writelines(out)
             if not drain or conn.send_paused:
                 break
         if conn.closed and not self._closing:
