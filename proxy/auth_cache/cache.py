@@ -94,11 +94,22 @@ class AuthCache:
             return entry[1]
         return MISSING
 
+    def expires_soon(self, connection_id: str, within: float) -> bool:
+        """True when a cached *record* (not a negative entry) expires in less than ``within`` seconds
+        and no read of it is under way: a caller may :meth:`refresh` it before sessions miss."""
+        entry = self._entries.get(connection_id)
+        return (entry is not None and entry[1] is not None and connection_id not in self._inflight
+                and entry[0] - time.monotonic() < within)
+
     async def lookup(self, connection_id: str) -> CredentialRecord | None:
         """The record for ``connection_id`` (None if unknown), from cache or store."""
         cached = self.get_cached(connection_id)
         if cached is not MISSING:
             return cached  # type: ignore[return-value]
+        return await self.refresh(connection_id)
+
+    async def refresh(self, connection_id: str) -> CredentialRecord | None:
+        """Read ``connection_id`` from the store now (sharing a read under way) and cache it."""
         fut = self._inflight.get(connection_id)
         if fut is not None:
             return await asyncio.shield(fut)
