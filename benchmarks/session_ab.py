@@ -36,10 +36,18 @@ def log(msg: str) -> None:
     print(f"[session-ab {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def _tree(spec: str) -> tuple[str, Path, dict[str, str]]:
+    """``NAME=DIR[@KEY=VALUE,...]``: a source tree and extra node settings."""
+    name, _, rest = spec.partition("=")
+    path, _, extra = rest.partition("@")
+    env = dict(kv.split("=", 1) for kv in extra.split(",") if kv)
+    return name, Path(path).resolve(), env
+
+
 def start_node(stack: Stack, db: str, name: str, tree: Path, extra: dict[str, str]) -> Node:
     data_dir = stack.tmp / name
     data_dir.mkdir(parents=True, exist_ok=True)
-    env = procs.node_env(data_dir, db, name, {**extra, "PYTHONPATH": str(tree), "LOG_BATCH_S": str(LOG_BATCH_S)})
+    env = procs.node_env(data_dir, db, name, {"LOG_BATCH_S": str(LOG_BATCH_S), **extra, "PYTHONPATH": str(tree)})
     node = Node(name, int(env["PROXY_PORT"]), int(env["TUNNEL_PORT"]), int(env["API_PORT"]), data_dir, env)
     node.proc = stack.spawn(name, [procs.PY, "-m", "proxyorch", "serve"], env, cwd=data_dir, pin="product")
     try:
@@ -63,7 +71,7 @@ def cpu_of(pids: list[int]) -> list[float]:
 
 
 def measure_rate(lg: LoadGen, via: Via, echo: int, pids: list[int], conns: int, duration: float,
-                 warmup: float) -> dict[str, Any]:
+                 warmup: float, batch_s: float = LOG_BATCH_S) -> dict[str, Any]:
     """One session-rate run with the CPU of each pid per completed session (idle CPU subtracted)."""
     idle0, t0 = cpu_of(pids), time.monotonic()
     time.sleep(0.5)
@@ -71,7 +79,7 @@ def measure_rate(lg: LoadGen, via: Via, echo: int, pids: list[int], conns: int, 
     idle_rate = [(b - a) / (t1 - t0) for a, b in zip(idle0, idle1, strict=True)]
     c0, w0 = cpu_of(pids), time.monotonic()
     r = lg.rate(via, echo, conns, duration, warmup)
-    time.sleep(LOG_BATCH_S + 0.3)  # the writer's batch of these sessions
+    time.sleep(batch_s + 0.3)  # the writer's batch of these sessions
     c1, w1 = cpu_of(pids), time.monotonic()
     sessions = r.get("rate", 0) * (duration + warmup)  # the CPU window spans the warm-up too
     if sessions:
@@ -93,7 +101,8 @@ def flame(stack: Stack, pid: int, out: Path, seconds: float, fmt: str = "flamegr
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.session_ab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tree", action="append", default=[], help="NAME=DIR: a source tree to run (repeatable)")
+    p.add_argument("--tree", action="append", default=[],
+                   help="NAME=DIR[@KEY=VALUE,...]: a source tree to run, with extra node settings (repeatable)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--duration", type=float, default=4.0, help="seconds of each session-rate run")
     p.add_argument("--conns", type=int, default=50)
@@ -108,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     procs.set_pinning(not args.no_pin)
     procs.raise_nofile()
-    trees = [(t.split("=", 1)[0], Path(t.split("=", 1)[1]).resolve()) for t in args.tree] or [
-        ("current", procs.ROOT)]
+    trees = [_tree(t) for t in args.tree] or [("current", procs.ROOT, {})]
     tls_modes = {"on": ["1"], "off": ["0"], "both": ["1", "0"]}[args.tls]
     stack = Stack()
     results: dict[str, list[dict]] = {}
@@ -120,14 +128,16 @@ def main(argv: list[str] | None = None) -> int:
         log("starting embedded PostgreSQL")
         db = procs.start_postgres(stack)
         systems: list[tuple[str, Via, list[int]]] = []
+        waits: dict[str, float] = {}  # the node's LOG_BATCH_S: its CPU window waits for that batch
         first: Node | None = None
         user = None
-        for name, tree in trees:
+        for name, tree, env in trees:
             for tls in tls_modes:
                 key = f"{name}{'' if tls == '1' else '-plain'}"
-                log(f"starting {key} from {tree}")
+                log(f"starting {key} from {tree} {env or ''}")
                 node = start_node(stack, db, f"node-{key}", tree, {"REQUEST_LOG": args.request_log,
-                                                                    "TUNNEL_TLS": tls})
+                                                                    "TUNNEL_TLS": tls, **env})
+                waits[key] = float(env.get("LOG_BATCH_S", LOG_BATCH_S))
                 if first is None:
                     first = node
                     user = procs.admin(node, "create-user", "--name", "bench")["user_id"]
@@ -145,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             lg.rate(via, target.echo_port, args.conns, 1.0, 0.2)
         for rnd in range(args.rounds):
             for key, via, pids in systems:
-                r = measure_rate(lg, via, target.echo_port, pids, args.conns, args.duration, 0.3)
+                r = measure_rate(lg, via, target.echo_port, pids, args.conns, args.duration, 0.3,
+                                 waits.get(key, 0.0))
                 rt = lg.rtt(via, target.echo_port, count=args.rtt_count)
                 r["rtt_p50_us"], r["rtt_p99_us"] = rt.get("p50_us"), rt.get("p99_us")
                 results.setdefault(key, []).append(r)
