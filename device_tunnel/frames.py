@@ -19,13 +19,13 @@ try:  # orjson when present (the full install); the agent distribution runs on t
 except ImportError:  # pragma: no cover - exercised by the agent-distribution test
     import json
 
-    def _dumps(obj: object) -> bytes:
+    def _dumps(obj: object) -> bytes:  # type: ignore[misc]  # orjson's signature differs
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
-    def _loads(data: bytes | memoryview) -> object:
+    def _loads(data: bytes | memoryview) -> object:  # type: ignore[misc]
         return json.loads(bytes(data))
 
-    _JSONError = ValueError
+    _JSONError = ValueError  # type: ignore[assignment]
 
 from .errors import ErrorCode, TunnelError
 
@@ -227,7 +227,7 @@ class FrameDecoder:
                 if length > limit:
                     raise FrameError(f"frame too large: {length} > {limit}", ErrorCode.FRAME_SIZE_ERROR)
                 if end - pos >= length:  # the whole payload is here: slice it
-                    payload = view[pos:pos + length]
+                    payload: bytes | memoryview = view[pos:pos + length]
                     pos += length
                     frames.append(Frame(ftype, flags, sid, bytes(payload)))
                     continue

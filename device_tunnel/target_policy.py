@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from functools import lru_cache
 
 __all__ = ["is_forbidden_address", "parse_ip_literal", "parse_ipv4_loose"]
 
@@ -92,6 +93,7 @@ def parse_ipv4_loose(text: str) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(number)
 
 
+@lru_cache(maxsize=16384)  # pure (addresses are immutable); called for every OPEN
 def parse_ip_literal(host: str) -> IPAddress | None:
     """The IP address ``host`` denotes as a literal, or None if it is a name (or invalid).
 
@@ -128,6 +130,7 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
     return None
 
 
+@lru_cache(maxsize=16384)  # pure; a dozen network checks per call otherwise
 def is_forbidden_address(ip: IPAddress) -> bool:
     """True for addresses a proxy must not reach: anything not globally routable unicast.
 

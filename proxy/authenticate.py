@@ -22,6 +22,9 @@ from .username_params import NOT_A_CONNECTION, RouteParams, UsernameError, parse
 
 log = logging.getLogger(__name__)
 
+# A credential in use is re-read when its cache entry has less than this fraction of the TTL left.
+REFRESH_AHEAD = 0.3
+
 
 @dataclass(frozen=True, slots=True)
 class AuthOutcome:
@@ -63,15 +66,28 @@ class Authenticator:
             done(self._failed(client_addr, None, f"malformed username: {params.reason}"))
             return False
         assert conn_id is not None
-        cached = self.cache.get_cached(conn_id)
+        cache = self.cache
+        cached = cache.get_cached(conn_id)
         if cached is not MISSING:
+            if cache.expires_soon(conn_id, cache.ttl * REFRESH_AHEAD):
+                self._own(asyncio.get_running_loop().create_task(self._refresh(conn_id)))
             done(self._check(cached, client_addr, params, password, by_address))  # type: ignore[arg-type]
             return False
-        task = asyncio.get_running_loop().create_task(
-            self._lookup(client_addr, params, password, done, by_address))
+        self._own(asyncio.get_running_loop().create_task(
+            self._lookup(client_addr, params, password, done, by_address)))
+        return True
+
+    def _own(self, task: asyncio.Task[None]) -> None:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return True
+
+    async def _refresh(self, conn_id: str) -> None:
+        """Re-read a credential in use shortly before its cache entry expires, so its sessions do not
+        all miss (and wait for the store) at expiry; each record served is still at most TTL old."""
+        try:
+            await self.cache.refresh(conn_id)
+        except Exception as exc:  # the sessions' own lookup at expiry reports it
+            log.debug("credential refresh of %s failed: %s", conn_id, exc)
 
     def close(self) -> None:
         """Cancel the lookups in flight."""

@@ -166,4 +166,4 @@ class LogRow:
 
 Action = (Send | Close | PauseReading | ResumeReading | ArmTimer | DisarmTimer | Authenticate | OpenStream
           | CancelOpen | StartRelay | UpstreamWrite | CloseUpstreamStream | LeaveHandshake | Register
-          | Unregister | LogRow | StartUdp)
+          | Unregister | LogRow | StartUdp | EarlyData)

@@ -279,7 +279,7 @@ class SessionCore:
             return [*actions, Send(http.proxy_auth_required(reason)), Close()]
         self.record = record
         if self.phase is Phase.FORWARD:
-            actions: list[Action] = []
+            actions = []
             self._authed, self._pending_creds = self._pending_creds, None
             if not self._registered:
                 self._registered = True

@@ -12,6 +12,7 @@ import encodings.idna
 import ipaddress
 import re
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import ClassVar
 
 from device_tunnel.target_policy import parse_ipv4_loose
@@ -31,6 +32,7 @@ def _ip_text(address: IPAddress) -> str:
     return address.compressed
 
 
+@lru_cache(maxsize=16384)  # pure; every session's target passes here twice (policy, blacklist match)
 def normalize_host(host: str) -> str:
     """Canonical form of a target host, the form blacklist entries are compared in.
 
@@ -81,6 +83,7 @@ def parse_ip(host: str) -> IPAddress | None:
     return _address_of(normalize_host(host))
 
 
+@lru_cache(maxsize=16384)
 def _address_of(normalized: str) -> IPAddress | None:
     if ":" in normalized or normalized[-1].isdigit():
         try:

@@ -96,7 +96,7 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("DIRECT_EXIT_ALLOW_PRIVATE", "direct_exit_allow_private", bool, False, "Direct exit may reach private addresses"),
     ("REQUEST_LOG", "request_log", bool, True, "Write one ClickHouse row per proxy attempt"),
     ("LOG_BATCH_ROWS", "log_batch_rows", int, 10000, "Request-log batch size (rows)"),
-    ("LOG_BATCH_S", "log_batch_s", float, 1.0, "Request-log batch interval (seconds)"),
+    ("LOG_BATCH_S", "log_batch_s", float, 5.0, "Request-log batch interval (seconds)"),
     ("BANDWIDTH_FLUSH_S", "bandwidth_flush_s", float, 60.0, "Interim byte deltas of long sessions"),
     ("USAGE_FLUSH_S", "usage_flush_s", float, 1.0,
      "Per-connection usage counters (quotas) are written to PostgreSQL this often; a SIGKILL loses at most this"),

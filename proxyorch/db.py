@@ -37,9 +37,18 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
-async def create_pool(url: str, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
-    """An asyncpg pool with JSON/JSONB mapped to Python objects via orjson."""
-    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_connection)
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """No reset on release (see ``create_pool``)."""
+
+
+async def create_pool(url: str, min_size: int = 2, max_size: int = 20, reset: bool = True) -> asyncpg.Pool:
+    """An asyncpg pool with JSON/JSONB mapped to Python objects via orjson.
+
+    ``reset=False``: connections go back to the pool without asyncpg's reset (``RESET ALL``, ``UNLISTEN *``,
+    ...: one more round trip per release). Only for pools whose users run single read statements outside
+    transactions and change no session state (the data plane's credential reads)."""
+    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_connection,
+                                     **({} if reset else {"reset": _keep_session}))
 
 
 async def migrate(pool: asyncpg.Pool) -> list[str]:

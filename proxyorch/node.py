@@ -59,6 +59,7 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pool: asyncpg.Pool | None = None
+        self.read_pool: asyncpg.Pool | None = None  # the credential store's (see start)
         self.bus: InvalidationBus | None = None
         self.tunnels: TunnelServer | None = None
         self.proxy: ProxyServer | None = None
@@ -94,12 +95,15 @@ class Node:
         publish = self.bus.publish if isinstance(self.bus, RedisBus) else None
         self.rms = Rms(self.pool, box, publish)
 
-        store = PostgresCredentialStore(self.pool)
+        # credential reads (every cache miss) on their own small pool that skips asyncpg's reset round trip
+        self.read_pool = await db.create_pool(url, min_size=1, max_size=4, reset=False)
+        store = PostgresCredentialStore(self.read_pool)
         cache = AuthCache(store.fetch, ttl=s.auth_cache_ttl_ms / 1000)
         self.cluster = ClusterRouting(s, self.pool, self.bus)
         try:
             await self.cluster.start_presence()
         except SystemExit:
+            await self.read_pool.close()
             await self.pool.close()
             raise
         self.tunnels = TunnelServer(
@@ -261,6 +265,8 @@ class Node:
             await self.log_reader.close()
         if self.bus is not None:
             await self.bus.close()
+        if self.read_pool is not None:
+            await self.read_pool.close()
         if self.pool is not None:
             await self.pool.close()
         self.stopped.set()

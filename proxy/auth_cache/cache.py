@@ -78,7 +78,9 @@ class AuthCache:
         self.ttl = ttl
         self.stale_if_error = stale_if_error
         self._entries: dict[str, tuple[float, CredentialRecord | None]] = {}
-        self._inflight: dict[str, asyncio.Future[CredentialRecord | None]] = {}
+        # reads under way: (generation when it started, its result); a read that began before an
+        # invalidation is never shared with a lookup that comes after it
+        self._inflight: dict[str, tuple[int, asyncio.Future[CredentialRecord | None]]] = {}
         self._compiled: dict[tuple[str, ...], Blacklist] = {}
         self._generation = 0
         self.hits = 0
@@ -94,18 +96,29 @@ class AuthCache:
             return entry[1]
         return MISSING
 
+    def expires_soon(self, connection_id: str, within: float) -> bool:
+        """True when a cached *record* (not a negative entry) expires in less than ``within`` seconds
+        and no read of it is under way: a caller may :meth:`refresh` it before sessions miss."""
+        entry = self._entries.get(connection_id)
+        return (entry is not None and entry[1] is not None and connection_id not in self._inflight
+                and entry[0] - time.monotonic() < within)
+
     async def lookup(self, connection_id: str) -> CredentialRecord | None:
         """The record for ``connection_id`` (None if unknown), from cache or store."""
         cached = self.get_cached(connection_id)
         if cached is not MISSING:
             return cached  # type: ignore[return-value]
-        fut = self._inflight.get(connection_id)
-        if fut is not None:
-            return await asyncio.shield(fut)
+        return await self.refresh(connection_id)
+
+    async def refresh(self, connection_id: str) -> CredentialRecord | None:
+        """Read ``connection_id`` from the store now (sharing a read under way) and cache it."""
+        running = self._inflight.get(connection_id)
+        if running is not None and running[0] == self._generation:
+            return await asyncio.shield(running[1])
         self.misses += 1
         fut = asyncio.get_running_loop().create_future()
-        self._inflight[connection_id] = fut
         generation = self._generation
+        self._inflight[connection_id] = (generation, fut)
         try:
             stored = await self._fetch(connection_id)
             record = self._to_record(stored) if stored is not None else None
@@ -131,7 +144,8 @@ class AuthCache:
             fut.exception()
             raise
         finally:
-            self._inflight.pop(connection_id, None)
+            if self._inflight.get(connection_id, (0, None))[1] is fut:
+                del self._inflight[connection_id]
 
     def _compile(self, entries: list[str]) -> Blacklist:
         key = tuple(sorted(entries))

@@ -258,6 +258,7 @@ class RequestLogWriter:
         # writer-thread state
         self._current: dict[str, list[tuple]] = {REQUEST_LOG: [], TRAFFIC_DELTA: []}
         self._current_since: dict[str, float] = {}
+        self._last_drain = time.monotonic()
         self._outbox: deque[_Batch] = deque()
         self._outbox_rows = 0
         self._failing = False
@@ -282,10 +283,12 @@ class RequestLogWriter:
             self._push((ts, device_id, connection_id, bytes_in, bytes_out))
 
     def _push(self, item: Any) -> None:
+        # No wake-up per row: the writer thread comes by every batch_seconds on its own (a wake-up per
+        # row cost the event loop a Condition.notify and the writer a GIL hand-off per session); a full
+        # batch wakes it at once.
         q = self._queue
         q.append(item)
-        n = len(q)
-        if n == 1 or n % self.batch_rows == 0:
+        if len(q) % self.batch_rows == 0:
             self._wake.set()
 
     @property
@@ -376,10 +379,10 @@ class RequestLogWriter:
                 self._spool.close()
 
     def _wait_time(self) -> float:
-        if self._queue:
-            return 0.0
         now = time.monotonic()
         wait = self.batch_seconds
+        if self._queue:  # queued since the last drain: cut batch_seconds after it at the latest
+            wait = min(wait, self._last_drain + self.batch_seconds - now)
         for since in self._current_since.values():
             wait = min(wait, since + self.batch_seconds - now)
         if self._outbox or self._spool:
@@ -390,6 +393,8 @@ class RequestLogWriter:
         """Move queued items into the current batches; stop early when memory is full and
         ClickHouse is healthy (write first rather than spool)."""
         q, markers, now = self._queue, [], time.monotonic()
+        # the rows queued since the last drain are at most that old: a batch's age counts from there
+        since, self._last_drain = self._last_drain, now
         while self._failing or self._outbox_rows < self.max_memory_rows:
             try:
                 item = q.popleft()
@@ -407,7 +412,7 @@ class RequestLogWriter:
                 continue
             cur = self._current[table]
             if not cur:
-                self._current_since[table] = now
+                self._current_since[table] = since
             cur.append(row)
             if len(cur) >= self.batch_rows:
                 self._cut_table(table)

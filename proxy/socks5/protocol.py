@@ -157,6 +157,7 @@ class Socks5ServerConnection:
             return []
         self._buffer += data
         events: list[Event] = []
+        event: Event | None
         while True:
             if self.state is State.GREETING:
                 event = self._parse_greeting()

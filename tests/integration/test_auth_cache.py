@@ -153,3 +153,58 @@ async def test_authenticator_reports_an_unreachable_store(store):
                          FailureLimiter(), ProxyMetrics())
     pending, out = await _authenticate(auth, "198.51.100.3", str(uuid.uuid4()), "x")
     assert pending and out.record is None and out.unavailable
+
+
+async def test_a_credential_in_use_is_reread_before_it_expires_and_changes_still_land_within_the_ttl(store):
+    pool = store["pool"]
+    cid = await new_credential(pool, store["device"], "right-password!!")
+    cache = AuthCache(PostgresCredentialStore(pool).fetch, ttl=0.5)
+    auth = Authenticator(cache, FailureLimiter(limit=10000), ProxyMetrics())  # the wrong-password polls below
+    pending, out = await _authenticate(auth, "198.51.100.4", cid, "right-password!!")
+    assert pending and out.record is not None  # the first one reads the store
+    waited = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 1.6:  # three TTLs of a credential in steady use
+        pending, out = await _authenticate(auth, "198.51.100.4", cid, "right-password!!")
+        assert out.record is not None
+        waited += pending
+        await asyncio.sleep(0.01)
+    # without the re-read, every expiry made a session wait for the store (three here)
+    assert waited <= 1 and cache.misses >= 3
+    await pool.execute("UPDATE proxy_credentials SET password_hash = $2 WHERE connection_id = $1",
+                       cid, hash_password(cid, "new-password!!!!"))
+    changed = time.monotonic()
+    while True:
+        _p, out = await _authenticate(auth, "198.51.100.5", cid, "new-password!!!!")
+        if out.record is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert time.monotonic() - changed <= 0.5 + 0.1  # still at most the TTL (plus one query's slack)
+    auth.close()
+
+
+async def test_a_lookup_after_an_invalidation_never_joins_a_read_that_began_before_it(store):
+    pool = store["pool"]
+    cid = await new_credential(pool, store["device"])
+    real = PostgresCredentialStore(pool).fetch
+    gate, reads = asyncio.Event(), []
+
+    async def fetch(connection_id: str):  # the real store; the first read is held after it ran
+        reads.append(connection_id)
+        row = await real(connection_id)
+        if len(reads) == 1:
+            await gate.wait()
+        return row
+
+    cache = AuthCache(fetch, ttl=60)
+    early = asyncio.ensure_future(cache.refresh(cid))  # e.g. the re-read of a credential in use
+    while not reads:
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.05)  # that read has seen the old row
+    await pool.execute("UPDATE proxy_credentials SET device_id = NULL WHERE connection_id = $1", cid)
+    cache.invalidate(cid)  # the push of the change
+    fresh = await asyncio.wait_for(cache.lookup(cid), 5)
+    assert fresh is not None and fresh.device_id is None  # a new read, not the old one's answer
+    gate.set()
+    assert (await early).device_id == store["device"]
+    assert cache.get_cached(cid).device_id is None  # the late old read did not overwrite the fresh entry
