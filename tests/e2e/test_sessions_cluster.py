@@ -158,3 +158,56 @@ async def test_a_killed_node_does_not_break_the_call_and_leaves_it_after_its_pre
         await asyncio.sleep(0.2)
     assert body["missingNodes"] == []  # a dead node leaves the list of nodes to ask
     assert sorted((r["node"], r["bytesIn"]) for r in body["sessions"]) == [(c.name(1), 1_000), (c.name(2), 2_000)]
+
+
+async def test_workers_list_the_sessions_of_both_workers_from_either(pg_root, tmp_path, targets):
+    """``serve --workers 2``: each worker advertises its own private API port; asked there, each
+    lists the sessions held by both workers (which worker holds a session: from the kernel, psutil)."""
+    import collections
+
+    from conftest import AgentProcess, Deployment, create_database
+    from test_workers import Workers, tunnel_holders
+
+    url = await create_database(pg_root[0])
+    w = await Workers(url, tmp_path / "sup", 2).start()
+    dep = Deployment(w)
+    await dep.open()
+    writers = []
+    try:
+        _uid, token = await dep.user("workers-sessions")
+        device = await dep.device(token)
+        dep.agents.append(AgentProcess(w, device["remote_device_id"], device["device_token"], "--allow-private",
+                                       "--tunnels", "12").start())
+        await dep.wait_online(device["remote_device_id"])
+        deadline = time.time() + 20
+        while len(tunnel_holders(w)) < 2 and time.time() < deadline:
+            await asyncio.sleep(0.2)
+        conn = await dep.connection(token, device["remote_device_id"])
+        workers = {c.pid: c for c in w.children()}
+        names = {pid: p.environ()["NODE_NAME"] for pid, p in workers.items()}
+        apis = {names[pid]: p.environ()["API_ADVERTISE"] for pid, p in workers.items()}
+        assert len(set(apis.values())) == 2, apis
+        held: collections.Counter[str] = collections.Counter()
+        while min(held.get(n, 0) for n in apis) < 2 and len(writers) < 40:  # the kernel spreads them
+            reader, writer, _ = await socks5_open(w.proxy_port, conn["connectionId"], conn["password"],
+                                                  "127.0.0.1", targets.echo_port)
+            writer.write(b"w" * 100)
+            assert await asyncio.wait_for(reader.readexactly(100), 15) == b"w" * 100
+            writers.append(writer)
+            port = writer.get_extra_info("sockname")[1]
+            owner = [pid for pid, p in workers.items() if any(
+                k.raddr and k.raddr.port == port and k.laddr.port == w.proxy_port for k in p.net_connections("tcp"))]
+            assert len(owner) == 1, owner
+            held[names[owner[0]]] += 1
+        assert min(held.values()) >= 2 and len(held) == 2, held
+        for name, api in apis.items():
+            async with dep.http.get(api + "/api/v2/proxy/sessions", headers={"Authorization": f"Bearer {token}"}) as r:
+                body = await r.json()
+            assert r.status == 200 and body["missingNodes"] == [], (name, body)
+            assert collections.Counter(s["node"] for s in body["sessions"]) == held, (name, body)
+            assert len({s["sessionId"] for s in body["sessions"]}) == len(writers)
+    finally:
+        for writer in writers:
+            writer.close()
+        await dep.close()
+        await w.stop(timeout=60)
