@@ -211,3 +211,32 @@ async def test_workers_list_the_sessions_of_both_workers_from_either(pg_root, tm
             writer.close()
         await dep.close()
         await w.stop(timeout=60)
+
+
+async def test_without_redis_the_nodes_find_each_other_in_postgresql(pg_root, tmp_path, targets):
+    """Presence in PostgreSQL (``RELAY_PORT``, no ``REDIS_URL``): ``cluster_nodes.api`` (migration 016)."""
+    from cluster_fixtures import Cluster
+    from conftest import create_database
+
+    c = Cluster(await create_database(pg_root[0]), "", tmp_path, "pg" + os.urandom(3).hex())
+    nodes = [c.make_node(i, REDIS_URL="") for i in (1, 2)]
+    await asyncio.gather(*(n.start() for n in nodes))
+    for i, node in enumerate(nodes, 1):
+        await c.attach(i, node)
+    writer = None
+    try:
+        _uid, token = await c.dep(1).user("pg-presence")
+        device = await c.dep(2).device(token)
+        await c.dep(2).agent(device, "--allow-private", "--server", c.servers(2))
+        await c.wait_device_on(device["remote_device_id"], 2)
+        conn = await c.dep(1).connection(token, device["remote_device_id"])
+        writer = await open_echo(c, 1, conn, targets.echo_port, 700)  # relayed: client at node 1, device on 2
+        apis = {r["name"]: r["api"] for r in await c.dep(1).pool.fetch("SELECT name, api FROM cluster_nodes")}
+        assert apis == {c.name(i): c.nodes[i].api for i in (1, 2)}
+        body = await sessions(c, 2, token)
+        assert body["missingNodes"] == []
+        assert [(r["node"], r["bytesIn"]) for r in body["sessions"]] == [(c.name(1), 700)]
+    finally:
+        if writer is not None:
+            writer.close()
+        await c.close()
