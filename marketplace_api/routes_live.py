@@ -62,9 +62,10 @@ async def proxy_sessions(request: web.Request) -> web.Response:
     presence = getattr(app[CLUSTER], "presence", None)
     if presence is not None:
         remote, missing = await app[FANOUT].collect(presence, ask_conns, ask_devices)
-        seen = {r["sessionId"] for r in rows}
-        rows.extend(r for r in remote if r.get("sessionId") not in seen)
-        rows.sort(key=lambda r: (r.get("startedAt") or "", r.get("sessionId") or ""))
+        if remote:
+            seen = {r["sessionId"] for r in rows}
+            rows.extend(r for r in remote if r.get("sessionId") not in seen)
+            rows.sort(key=lambda r: (r.get("startedAt") or "", r.get("sessionId") or ""))
     rows = [r for r in rows if _keep(r, conns, devices, connection_id, device_id)]
     return json_response({"success": True, "total": len(rows), "sessions": rows, "missingNodes": missing})
 

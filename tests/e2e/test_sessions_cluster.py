@@ -128,6 +128,22 @@ async def test_internal_sessions_endpoint_needs_the_cluster_secret_and_checks_it
     assert [(s["node"], s["bytesIn"]) for s in body["sessions"]] == [(c.name(2), 2_000)]
 
 
+async def test_openapi_documents_missing_nodes_and_the_internal_route(rig):
+    status, doc = await rig.dep(1).call("GET", "/api/v2/openapi.json")
+    assert status == 200
+    op = doc["paths"]["/api/v2/proxy/sessions"]["get"]
+    schema = op["responses"]["200"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/ProxySessions"}
+    listing = doc["components"]["schemas"]["ProxySessions"]
+    assert "missingNodes" in listing["required"] and listing["properties"]["missingNodes"]["type"] == "array"
+    assert set(doc["components"]["schemas"]["ProxySession"]["required"]) == {
+        "sessionId", "connectionId", "deviceId", "node", "clientAddress", "target", "protocol", "startedAt",
+        "bytesIn", "bytesOut", "rateIn", "rateOut"}
+    internal = doc["paths"]["/internal/sessions"]["post"]
+    assert internal["tags"] == ["internal"]
+    assert any(p["name"] == "X-Cluster-Secret" and p["required"] for p in internal["parameters"])
+
+
 async def test_a_stopped_node_is_named_missing_and_the_others_still_answer(rig):
     c, a = rig, rig.a
     os.kill(c.nodes[3].proc.pid, signal.SIGSTOP)
