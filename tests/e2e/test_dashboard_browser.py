@@ -14,6 +14,7 @@ import time
 import pytest
 from conftest import ROOT, fresh_deployment
 from socks_client import socks5_code, socks5_open
+from test_ip_rotation import SCRIPT
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -82,8 +83,12 @@ async def test_dashboard_in_a_real_browser(pg_root, tmp_path, targets):
     try:
         _uid, token = await dep.user("browser-user")
         device = await dep.device(token, name=f"phone {EVIL}")
+        (tmp_path / "rotate").mkdir()
+        (tmp_path / "rotate" / "state").write_text(f"{EXIT_1}\n")  # the script switches 127.0.0.2 <-> 127.0.0.3
+        (tmp_path / "rotate" / "rotate.sh").write_text(SCRIPT.format(dir=tmp_path / "rotate", mode="switch", sleep=0))
         await dep.agent(device, "--allow-private", "--source-address", EXIT_1,
-                        "--ip-echo-url", f"http://127.0.0.1:{targets.http_port}/peer")  # reports its public IP
+                        "--ip-echo-url", f"http://127.0.0.1:{targets.http_port}/peer",  # reports its public IP
+                        "--rotate-command", f"sh {tmp_path / 'rotate' / 'rotate.sh'}", "--rotate-recheck-s", "0.5")
         device2 = await dep.device(token, name="second phone")
         await dep.agent(device2, "--allow-private", "--source-address", EXIT_2)
         conn = await dep.connection(token, device["remote_device_id"], name=f"conn {EVIL}")
@@ -262,6 +267,23 @@ async def test_dashboard_in_a_real_browser(pg_root, tmp_path, targets):
                 _s, bl = await dep.call("GET", f"/api/v2/devices/{device['remote_device_id']}/blacklist", token)
                 return "device-blocked.test" in bl["domains"]
             await _until(device_blacklisted, 10, "the device blacklist added through the page")
+
+            # Rotate the phone's IP from the devices view: the rotation history and the page show the new one.
+            answers[:] = [True]
+            await page.get_by_test_id("device-rotate-ip").first.click()
+
+            async def rotated() -> list | None:
+                _s, hist = await dep.call("GET", f"/api/v2/devices/{device['remote_device_id']}/rotations", token)
+                return hist["rotations"] or None
+            [rotation] = await _until(rotated, 40, "the rotation asked for on the page")
+            assert (rotation["trigger"], rotation["old_ip"], rotation["new_ip"], rotation["changed"]) == \
+                ("api", EXIT_1, EXIT_2, True)
+            ip_cell = page.get_by_test_id("devices-table").locator("tbody tr").first.locator("td").nth(5)
+
+            async def new_ip_shown() -> bool:
+                return await ip_cell.text_content() == EXIT_2
+            await _until(new_ip_shown, 10, "the new public IP on the devices view")
+            await page.screenshot(path=str(ARTIFACTS / "devices-after-actions.png"), full_page=True)
 
             # The admin token: every connection, live sessions of every tenant.
             await page.locator("#signout").click()

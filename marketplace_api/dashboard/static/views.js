@@ -65,10 +65,13 @@ export function devices(root, ctx) {
         case 6: return String(open.get(id) || 0);
         case 7: return rate(speed.get(id) || 0);
         case 8: return sparkline(history.get(id) || []);
-        default: return el("button", { class: "small", "data-testid": "device-blacklist", text: "Blacklist…", onclick: () => {
-          const domains = askDomains();
-          if (domains) confirmCall(`Blacklist ${domains.join(", ")} on this device?`, "POST", `/api/v2/devices/${id}/blacklist`, { domains });
-        } });
+        default: return el("span", {},
+          el("button", { class: "small", "data-testid": "device-rotate-ip", text: "Rotate IP", disabled: !d.online, onclick: () =>
+            confirmCall("Change this phone's public IP now? Its open sessions end.", "POST", `/api/v2/devices/${id}/rotate-ip`) }),
+          el("button", { class: "small", "data-testid": "device-blacklist", text: "Blacklist…", onclick: () => {
+            const domains = askDomains();
+            if (domains) confirmCall(`Blacklist ${domains.join(", ")} on this device?`, "POST", `/api/v2/devices/${id}/blacklist`, { domains });
+          } }));
       }
     }));
   });
