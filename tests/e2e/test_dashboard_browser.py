@@ -309,3 +309,67 @@ async def test_dashboard_in_a_real_browser(pg_root, tmp_path, targets):
                 await download
         await dep.close()
         await dep.node.stop()
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (scripts/test.sh installs it)")
+async def test_the_page_on_one_node_shows_a_session_held_by_another(pg_root, redis_url, tmp_path, targets):
+    """Two nodes: the device on node 2, a download through node 1; the page served by node 2 lists
+    that session with node 1 and counts it on the device and on the connection."""
+    from cluster_fixtures import start_cluster
+    from playwright.async_api import async_playwright
+
+    c = await start_cluster(pg_root, redis_url, tmp_path, count=2)
+    stop = asyncio.Event()
+    download = None
+    errors: list[str] = []
+    try:
+        _uid, token = await c.dep(1).user("browser-cluster")
+        device = await c.dep(2).device(token, name="phone on node 2")
+        await c.dep(2).agent(device, "--allow-private", "--server", c.servers(2))
+        await c.wait_device_on(device["remote_device_id"], 2)
+        conn = await c.dep(1).connection(token, device["remote_device_id"])
+        download = asyncio.create_task(_slow_download(c.dep(1), conn, targets.source_port, stop))
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                               args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+            page = await browser.new_page(viewport={"width": 1400, "height": 900})
+            page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            await page.goto(c.nodes[2].api + "/")
+            await page.get_by_test_id("signin-token").fill(token)
+            await page.get_by_test_id("signin-submit").click()
+            row = page.get_by_test_id("devices-table").locator("tbody tr").first
+
+            async def device_busy() -> bool:
+                cells = row.locator("td")
+                return await cells.count() > 6 and (await cells.nth(3).text_content(), await cells.nth(6).text_content()) \
+                    == (c.name(2), "1")
+            await _until(device_busy, 20, "the device on node 2 with the session held by node 1")
+
+            await page.get_by_test_id("nav-sessions").click()
+            table = page.get_by_test_id("sessions-table")
+
+            async def listed() -> bool:
+                return await table.count() > 0 and await table.get_attribute("data-rows") == "1" and \
+                    await table.locator("tbody tr td").nth(5).text_content() == c.name(1)
+            await _until(listed, 20, "node 1's session on node 2's page")
+            assert f"127.0.0.1:{targets.source_port}" in await table.text_content()
+            await page.screenshot(path=str(ARTIFACTS / "cluster-sessions.png"), full_page=True)
+
+            await page.get_by_test_id("nav-connections").click()
+            cell = page.get_by_test_id("connections-table").get_by_test_id("conn-sessions").first
+
+            async def counted() -> bool:
+                return await cell.count() > 0 and await cell.get_attribute("data-open") == "1"
+            await _until(counted, 20, "the open session counted on the connection")
+            await browser.close()
+        stop.set()
+        assert await download > 0
+        assert errors == []
+    finally:
+        stop.set()
+        if download is not None:
+            with contextlib.suppress(Exception):
+                await download
+        await c.close()
