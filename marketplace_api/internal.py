@@ -11,18 +11,24 @@ Log store (this node owns it when ``LOG_STORE_URL`` is empty):
 - ``POST /internal/log/query`` ``{"kind": "logs"|"bandwidth"|"domains", "args": {...}}``: the
   read queries of ``proxy/request_log``; the *calling* node has already scoped ``deviceIds`` to
   its tenant (tenant checks stay where PostgreSQL and the caller's token are).
+
+Sessions (every node):
+- ``POST /internal/sessions`` ``{"connectionIds": [...] | null, "deviceIds": [...] | null}``: this
+  node's open sessions of those connections or devices (``null`` for both: all), rows as in
+  ``GET /api/v2/proxy/sessions``. The calling node chose the ids for its caller and filters again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from typing import Any
 
 from aiohttp import web
 
 from .bodies import json_response, read_json
-from .context import REQUEST_LOG_READER, SETTINGS
+from .context import PROXY, REQUEST_LOG_READER, SETTINGS
 from .errors import ApiError
 
 SECRET_HEADER = "X-Cluster-Secret"
@@ -84,11 +90,30 @@ async def log_query(request: web.Request) -> web.Response:
     return json_response({"success": True, "result": result})
 
 
+def _id_list(body: dict, key: str) -> set[str] | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) and len(v) <= 64 for v in value):
+        raise ApiError(400, f"`{key}` must be null or a list of ids")
+    return set(value)
+
+
+async def sessions(request: web.Request) -> web.Response:
+    """Internal: this node's open sessions of some connections or devices (the caller filters by tenant)."""
+    body = await read_json(request)
+    conns, devices = _id_list(body, "connectionIds"), _id_list(body, "deviceIds")
+    node = request.config_dict[SETTINGS].node_name
+    rows = request.config_dict[PROXY].sessions.snapshot(time.monotonic(), node, connection_ids=conns,
+                                                        device_ids=devices)
+    return json_response({"success": True, "node": node, "sessions": rows})
+
+
 async def unknown(_request: web.Request) -> web.Response:
     raise ApiError(404, "no such route")
 
 
-for _handler in (ping, log_insert, log_query):
+for _handler in (ping, log_insert, log_query, sessions):
     _handler.openapi = {"operation": _DOC}  # type: ignore[attr-defined]
 
 
@@ -97,5 +122,6 @@ def setup(app: web.Application) -> None:
     sub.router.add_get("/ping", ping)
     sub.router.add_post("/log/insert", log_insert)
     sub.router.add_post("/log/query", log_query)
+    sub.router.add_post("/sessions", sessions)
     sub.router.add_route("*", "/{tail:.*}", unknown)
     app.add_subapp("/internal/", sub)

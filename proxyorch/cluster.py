@@ -40,6 +40,11 @@ class ClusterRouting:
         s = self.settings
         return s.relay_advertise or (f"127.0.0.1:{s.relay_port}" if s.relay_port else "")
 
+    def api_address(self) -> str:
+        """The API URL the other nodes call (``API_ADVERTISE``, default ``http://127.0.0.1:API_PORT``)."""
+        s = self.settings
+        return (s.api_advertise or f"http://127.0.0.1:{s.api_port}").rstrip("/")
+
     async def start_presence(self) -> None:
         """Register this node; SystemExit while another live node has its name (or without a secret)."""
         from .presence import NodeNameTaken, PostgresPresence, RedisPresence
@@ -51,9 +56,11 @@ class ClusterRouting:
             raise SystemExit("RELAY_PORT needs CLUSTER_SECRET (the secret every node of the cluster shares)")
         publish = self.bus.publish
         if s.redis_url:
-            presence = RedisPresence(s.redis_url, s.node_name, self.relay_address(), s.presence_ttl_s, publish)
+            presence = RedisPresence(s.redis_url, s.node_name, self.relay_address(), s.presence_ttl_s, publish,
+                                     self.api_address())
         else:
-            presence = PostgresPresence(self.pool, s.node_name, self.relay_address(), s.presence_ttl_s, publish)
+            presence = PostgresPresence(self.pool, s.node_name, self.relay_address(), s.presence_ttl_s, publish,
+                                        self.api_address())
         try:
             await presence.start()
         except NodeNameTaken as exc:

@@ -57,6 +57,10 @@ def problems(s: Settings, *, supervisor: bool = False) -> list[str]:
             out.append(f"LOG_STORE_URL must look like http://HOST:API_PORT (got {s.log_store_url!r})")
         elif s.clickhouse_url:
             out.append("LOG_STORE_URL and CLICKHOUSE_URL are exclusive: the log-store owner has the CLICKHOUSE_URL")
+    if s.api_advertise:
+        parts = urlsplit(s.api_advertise)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            out.append(f"API_ADVERTISE must look like http://HOST:PORT (got {s.api_advertise!r})")
     if s.rms_key:
         try:
             if len(base64.b64decode(s.rms_key, validate=True)) != 32:

@@ -66,6 +66,9 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("RELAY_PORT", "relay_port", int, 0, "Node-to-node relay listener port; 0 = no relay (single node)"),
     ("RELAY_ADVERTISE", "relay_advertise", str, "",
      "host:port the other nodes dial to relay to this one (default 127.0.0.1:RELAY_PORT)"),
+    ("API_ADVERTISE", "api_advertise", str, "",
+     "http://HOST:PORT the other nodes use to reach this node's API, e.g. for the cluster-wide sessions list "
+     "(default http://127.0.0.1:API_PORT; under --workers each worker's private port)"),
     ("PRESENCE_TTL_S", "presence_ttl_s", float, 5.0,
      "Device and node presence expire this long after the last heartbeat (a dead node's devices, its name)"),
     ("ADMIN_TOKEN", "admin_token", str, "", "Admin API token; empty = generated once under DATA_DIR"),
@@ -129,7 +132,7 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
      "http://HOST:API_PORT of the node owning the request log; empty = this node owns its own store"),
     ("WORKERS", "workers", int, 1, "Node processes on this machine sharing the ports (SO_REUSEPORT)"),
     ("INTERNAL_API_PORT", "internal_api_port", int, 0,
-     "Extra API listener on 127.0.0.1 (set by the supervisor for worker 0, which owns the log store)"),
+     "Extra API listener on 127.0.0.1 (set by the supervisor for each worker: its own API address; worker 0's also serves the log store)"),
     ("REUSE_PORT", "reuse_port", bool, False, "Listen with SO_REUSEPORT (set by the supervisor for its workers)"),
 ]
 
@@ -231,6 +234,7 @@ class Settings:
     cluster_secret: str
     relay_port: int
     relay_advertise: str
+    api_advertise: str
     presence_ttl_s: float
     log_store_url: str
     workers: int

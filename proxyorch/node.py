@@ -215,7 +215,7 @@ class Node:
         # accepted by the EMFILE-safe listener (aiohttp's TCPSite would spin at the descriptor limit)
         self.api_listener = Listener(self.api_runner.server)  # type: ignore[arg-type]
         await self.api_listener.start(s.bind_host, s.api_port, backlog=1024, reuse_port=s.reuse_port)
-        if s.internal_api_port:  # the supervisor's worker 0: reachable by the other workers alone
+        if s.internal_api_port:  # a supervisor's worker: its own address for the other workers (API_ADVERTISE)
             self.internal_listener = Listener(self.api_runner.server)  # type: ignore[arg-type]
             await self.internal_listener.start("127.0.0.1", s.internal_api_port, backlog=1024)
 

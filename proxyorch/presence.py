@@ -3,12 +3,15 @@
 Two backends behind one interface:
 
 * :class:`RedisPresence` (``REDIS_URL``): ``proxyorch:presence:<device>`` = ``node|epoch`` and
-  ``proxyorch:node:<name>`` = ``{"name", "relay", "last_seen"}``, both with a TTL of
+  ``proxyorch:node:<name>`` = ``{"name", "relay", "api", "last_seen"}``, both with a TTL of
   ``PRESENCE_TTL_S`` refreshed by a heartbeat every third of it. The epoch is a cluster-wide counter
   taken when a device's first tunnel comes up on a node, so the newest connection wins: a node only
   refreshes or deletes a device key that still carries its own value.
 * :class:`PostgresPresence` (no Redis): ``devices.node`` (kept by the tunnel server's presence hook)
   plus the ``cluster_nodes`` heartbeat table.
+
+Each node also publishes its API address (``API_ADVERTISE``) with its heartbeat:
+:meth:`Presence.api_addresses` is what a node fans out to (the cluster-wide sessions list).
 
 Every change is announced on the invalidation bus as ``presence:<device>`` so each node drops its
 cached answer at once; cached answers also expire after ``CACHE_S``.
@@ -36,9 +39,11 @@ class NodeNameTaken(RuntimeError):
 class Presence:
     """Interface and the per-node cache shared by both backends."""
 
-    def __init__(self, node_name: str, relay_address: str, ttl: float, publish: Publish | None) -> None:
+    def __init__(self, node_name: str, relay_address: str, ttl: float, publish: Publish | None,
+                 api_address: str = "") -> None:
         self.node_name = node_name
         self.relay_address = relay_address
+        self.api_address = api_address
         self.ttl = ttl
         self.publish = publish
         self.local: dict[str, int] = {}   # devices whose tunnel this node holds -> epoch
@@ -147,6 +152,10 @@ class Presence:
         """The live nodes: ``[{"name", "relay", "last_seen"}]``."""
         raise NotImplementedError
 
+    async def api_addresses(self) -> dict[str, str]:
+        """Live node name -> its advertised API URL (``""`` for a node that advertises none)."""
+        raise NotImplementedError
+
 
 _REFRESH_DEVICES = """
 for i, key in ipairs(KEYS) do
@@ -164,10 +173,10 @@ class RedisPresence(Presence):
     PREFIX = "proxyorch:"
 
     def __init__(self, redis_url: str, node_name: str, relay_address: str, ttl: float,
-                 publish: Publish | None) -> None:
+                 publish: Publish | None, api_address: str = "") -> None:
         import redis.asyncio as aioredis
 
-        super().__init__(node_name, relay_address, ttl, publish)
+        super().__init__(node_name, relay_address, ttl, publish, api_address)
         self.redis = aioredis.from_url(redis_url)
         self._ttl_ms = max(200, int(ttl * 1000))
 
@@ -178,7 +187,8 @@ class RedisPresence(Presence):
         return f"{self.PREFIX}presence:{device_id}"
 
     def _node_value(self) -> str:
-        return json.dumps({"name": self.node_name, "relay": self.relay_address, "last_seen": time.time()})
+        return json.dumps({"name": self.node_name, "relay": self.relay_address, "api": self.api_address,
+                           "last_seen": time.time()})
 
     async def _register(self) -> None:
         ok = await self.redis.set(self._node_key(self.node_name), self._node_value(), px=self._ttl_ms, nx=True)
@@ -220,14 +230,17 @@ class RedisPresence(Presence):
         relay = json.loads(info).get("relay")
         return (node, relay) if relay else None
 
-    async def nodes(self) -> list[dict[str, Any]]:
+    async def _node_infos(self) -> list[dict[str, Any]]:
         keys = [k async for k in self.redis.scan_iter(match=self._node_key("*"), count=500)]
         values = await self.redis.mget(keys) if keys else []
+        return [json.loads(raw) for raw in values if raw is not None]
+
+    async def api_addresses(self) -> dict[str, str]:
+        return {info["name"]: info.get("api") or "" for info in await self._node_infos() if info.get("name")}
+
+    async def nodes(self) -> list[dict[str, Any]]:
         out = []
-        for raw in values:
-            if raw is None:
-                continue
-            info = json.loads(raw)
+        for info in await self._node_infos():
             out.append({"name": info.get("name"), "relay": info.get("relay"),
                         "last_seen": _iso(float(info.get("last_seen") or 0))})
         return sorted(out, key=lambda n: n["name"] or "")
@@ -236,16 +249,17 @@ class RedisPresence(Presence):
 class PostgresPresence(Presence):
     """Presence in PostgreSQL: ``devices.node`` and the ``cluster_nodes`` heartbeat table."""
 
-    def __init__(self, pool: Any, node_name: str, relay_address: str, ttl: float, publish: Publish | None) -> None:
-        super().__init__(node_name, relay_address, ttl, publish)
+    def __init__(self, pool: Any, node_name: str, relay_address: str, ttl: float, publish: Publish | None,
+                 api_address: str = "") -> None:
+        super().__init__(node_name, relay_address, ttl, publish, api_address)
         self.pool = pool
 
     async def _register(self) -> None:
         row = await self.pool.fetchrow(
-            """INSERT INTO cluster_nodes(name, relay, last_seen) VALUES ($1, $2, now())
-               ON CONFLICT (name) DO UPDATE SET relay = EXCLUDED.relay, last_seen = now()
+            """INSERT INTO cluster_nodes(name, relay, api, last_seen) VALUES ($1, $2, $4, now())
+               ON CONFLICT (name) DO UPDATE SET relay = EXCLUDED.relay, api = EXCLUDED.api, last_seen = now()
                WHERE cluster_nodes.last_seen < now() - make_interval(secs => $3)
-               RETURNING name""", self.node_name, self.relay_address, self.ttl)
+               RETURNING name""", self.node_name, self.relay_address, self.ttl, self.api_address)
         if row is None:
             raise NodeNameTaken(f"node name {self.node_name!r} has a live presence in PostgreSQL "
                                 f"(another node runs with it, or it died less than {self.ttl:g}s ago)")
@@ -254,8 +268,8 @@ class PostgresPresence(Presence):
         await self.pool.execute("DELETE FROM cluster_nodes WHERE name = $1", self.node_name)
 
     async def _refresh(self) -> None:
-        await self.pool.execute("UPDATE cluster_nodes SET last_seen = now(), relay = $2 WHERE name = $1",
-                                self.node_name, self.relay_address)
+        await self.pool.execute("UPDATE cluster_nodes SET last_seen = now(), relay = $2, api = $3 WHERE name = $1",
+                                self.node_name, self.relay_address, self.api_address)
 
     async def _claim(self, device_id: str) -> int:
         return 0  # devices.node is written by the tunnel server's presence hook (newest wins there)
@@ -277,6 +291,11 @@ class PostgresPresence(Presence):
             "SELECT name, relay, last_seen FROM cluster_nodes WHERE last_seen > now() - make_interval(secs => $1) "
             "ORDER BY name", self.ttl)
         return [{"name": r["name"], "relay": r["relay"], "last_seen": _iso(r["last_seen"].timestamp())} for r in rows]
+
+    async def api_addresses(self) -> dict[str, str]:
+        rows = await self.pool.fetch(
+            "SELECT name, api FROM cluster_nodes WHERE last_seen > now() - make_interval(secs => $1)", self.ttl)
+        return {r["name"]: r["api"] or "" for r in rows}
 
 
 def _iso(ts: float) -> str:

@@ -14,6 +14,10 @@ The supervisor (this process) prepares what the workers share, then runs and wat
   ``127.0.0.1:INTERNAL_API_PORT`` (a free port chosen once here, kept across restarts); the
   other workers get ``LOG_STORE_URL=http://127.0.0.1:<that port>``: their batches go to worker 0
   (spooled in their own ``DATA_DIR/workers/<i>`` while it is down) and their log reads too.
+- **Per-worker API address**: the shared ``API_PORT`` reaches whichever worker the kernel picks, so
+  every worker also listens on a private ``127.0.0.1:INTERNAL_API_PORT`` of its own (worker 0's is
+  the log store's) and advertises it as ``API_ADVERTISE``: a worker that lists the open sessions
+  asks each other worker there.
 - **Identity and secrets**: worker ``i`` is ``NODE_NAME-i``, relays on ``RELAY_PORT + i`` (when
   set); ``CLUSTER_SECRET``, ``RMS_KEY`` and ``ADMIN_TOKEN`` come from the settings or from files
   under ``DATA_DIR`` (``cluster.secret``, ``rms.key``, ``admin.token``; created 0600 once). The
@@ -127,7 +131,10 @@ class Supervisor:
             print(f"admin token (stored in {data_dir / 'admin.token'}): {admin_token}", flush=True)
         redis_url = s.redis_url or self._start_redis(data_dir)
         own_store = s.request_log and not s.clickhouse_url and not s.log_store_url
-        internal_port = free_local_port() if own_store else 0
+        internal_ports = [free_local_port() for _ in range(s.workers)]
+        while len(set(internal_ports)) < len(internal_ports):  # free_local_port() may repeat itself
+            internal_ports = [free_local_port() for _ in range(s.workers)]
+        internal_port = internal_ports[0]
         base = s.node_name
         advertise = getattr(s, "relay_advertise", "")
         for i in range(s.workers):
@@ -137,18 +144,16 @@ class Supervisor:
                 "WORKERS": "1", "REUSE_PORT": "1", "NODE_NAME": f"{base}-{i}", "DATABASE_URL": database_url,
                 "CLUSTER_SECRET": secret, "RMS_KEY": rms_key, "ADMIN_TOKEN": admin_token,
                 "DATA_DIR": str(data_dir if i == 0 else data_dir / "workers" / str(i)),
-                "REDIS_URL": redis_url, "INTERNAL_API_PORT": "0",
+                "REDIS_URL": redis_url, "INTERNAL_API_PORT": str(internal_ports[i]),
+                "API_ADVERTISE": f"http://127.0.0.1:{internal_ports[i]}",
             })
             if s.relay_port:
                 env["RELAY_PORT"] = str(s.relay_port + i)
                 if advertise:
                     host, _, port = advertise.rpartition(":")
                     env["RELAY_ADVERTISE"] = f"{host}:{int(port) + i}"
-            if own_store:
-                if i == 0:
-                    env["INTERNAL_API_PORT"] = str(internal_port)
-                else:
-                    env["LOG_STORE_URL"] = f"http://127.0.0.1:{internal_port}"
+            if own_store and i > 0:
+                env["LOG_STORE_URL"] = f"http://127.0.0.1:{internal_port}"
             self.workers.append(Worker(i, env))
         coordination = ("Redis " + ("(REDIS_URL)" if s.redis_url else "(private redis-server)") if redis_url
                         else "PostgreSQL LISTEN/NOTIFY")

@@ -277,3 +277,20 @@ async def test_http_proxy_sessions_are_listed_with_their_protocol_and_bytes(rig,
     finally:
         w1.close()
         w2.close()
+
+
+async def test_presence_shows_the_public_ip_the_agent_reported(rig, targets):
+    dep = rig["dep"]
+    _uid, token = await dep.user("dash-ip")
+    device = await dep.device(token)
+    status, body = await dep.call("GET", "/api/v2/devices/presence", token)
+    assert status == 200 and [d["publicIp"] for d in body["devices"]] == [None]  # nothing reported yet
+    # The agent asks the echo URL for its address (from its source address) and reports it in HELLO.
+    await dep.agent(device, "--allow-private", "--source-address", "127.0.0.2",
+                    "--ip-echo-url", f"http://127.0.0.1:{targets.http_port}/peer")
+    status, body = await dep.call("GET", "/api/v2/devices/presence", token)
+    assert status == 200
+    assert [(d["deviceId"], d["online"], d["publicIp"]) for d in body["devices"]] == \
+        [(device["remote_device_id"], True, "127.0.0.2")]
+    status, body = await dep.call("GET", "/api/v2/devices/presence", rig["b"]["token"])
+    assert device["remote_device_id"] not in [d["deviceId"] for d in body["devices"]]

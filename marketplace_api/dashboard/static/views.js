@@ -65,64 +65,112 @@ export function devices(root, ctx) {
         case 6: return String(open.get(id) || 0);
         case 7: return rate(speed.get(id) || 0);
         case 8: return sparkline(history.get(id) || []);
-        default: return el("button", { class: "small", text: "Blacklist…", onclick: () => {
-          const domains = askDomains();
-          if (domains) confirmCall(`Blacklist ${domains.join(", ")} on this device?`, "POST", `/api/v2/devices/${id}/blacklist`, { domains });
-        } });
+        default: return el("span", {},
+          el("button", { class: "small", "data-testid": "device-rotate-ip", text: "Rotate IP", disabled: !d.online, onclick: () =>
+            confirmCall("Change this phone's public IP now? Its open sessions end.", "POST", `/api/v2/devices/${id}/rotate-ip`) }),
+          el("button", { class: "small", "data-testid": "device-blacklist", text: "Blacklist…", onclick: () => {
+            const domains = askDomains();
+            if (domains) confirmCall(`Blacklist ${domains.join(", ")} on this device?`, "POST", `/api/v2/devices/${id}/blacklist`, { domains });
+          } }));
       }
     }));
   });
 }
 
 // -- Connections -------------------------------------------------------------------------------
+const unlimited = "∞";
+const perS = (n) => (n === null || n === undefined ? unlimited : rate(n));
+
+// The limits, access mode and usage cells of one connection (`open`: its open sessions on every node).
+function usageCells(c, open) {
+  const L = c.limits || {}, U = c.usage || {}, A = c.access || {};
+  const ips = A.allowed_ips || [];
+  const access = el("span", { "data-testid": "conn-access", "data-mode": A.mode || "password",
+    text: (A.mode || "password") + (ips.length ? ` (${ips.join(", ")})` : "") });
+  const rates = el("span", { "data-testid": "conn-rates", text: `↓ ${perS(L.download_bytes_per_s)} ↑ ${perS(L.upload_bytes_per_s)}` });
+  const max = L.max_concurrent_sessions;
+  const sessions = el("span", { "data-testid": "conn-sessions", "data-open": open, text: `${open} / ${max ?? unlimited}` });
+  const used = U.used_bytes || 0;
+  const quota = el("span", { "data-testid": "conn-quota", "data-used": used,
+    "data-remaining": U.remaining_bytes ?? "", "data-quota": U.quota_bytes ?? "" });
+  if (U.quota_bytes === null || U.quota_bytes === undefined) {
+    quota.append(`${bytes(used)} used · no quota`);
+  } else {
+    const share = U.quota_bytes ? Math.min(1, used / U.quota_bytes) : 1;
+    quota.append(el("meter", { min: 0, max: 1, value: share, title: `${Math.round(share * 100)} %` }), " ",
+      `${bytes(used)} of ${bytes(U.quota_bytes)} per ${U.quota_period} · ${bytes(U.remaining_bytes)} left`);
+  }
+  return { access, rates, sessions, quota };
+}
+
+async function openByConnection() {
+  const live = await call("GET", "/api/v2/proxy/sessions");
+  const open = new Map();
+  for (const s of live.sessions) open.set(s.connectionId, (open.get(s.connectionId) || 0) + 1);
+  return open;
+}
+
 export function connections(root, ctx) {
   const holder = el("div");
+  const revealed = new Set();  // connection ids whose password is shown (kept across refreshes)
   root.append(el("h2", { text: "Connections" }), holder);
+  const usageCols = [["Access"], ["Speed limit"], ["Sessions", "num"], ["Quota"]];
   const load = async () => {
     if (ctx.admin) {
-      const data = await call("GET", "/api/v2/admin/proxies");
-      holder.replaceChildren(table("connections-table", [["Name"], ["Connection"], ["Device"], ["24 h", "num"], ["Lifetime", "num"]],
-        data.proxies, (p, i) => [p.name, p.connection_id, p.device ? `${p.device.name || ""} ${short(p.device.remote_device_id)}` : "none", bytes(p.bytes_last_24h), bytes(p.bytes_lifetime)][i]));
+      const [data, open] = await Promise.all([call("GET", "/api/v2/admin/proxies"), openByConnection()]);
+      holder.replaceChildren(table("connections-table", [["Name"], ["Connection"], ["Device"], ["24 h", "num"], ["Lifetime", "num"], ...usageCols],
+        data.proxies, (p, i) => {
+          if (i >= 5) { const u = usageCells(p, open.get(p.connection_id) || 0); return [u.access, u.rates, u.sessions, u.quota][i - 5]; }
+          return [p.name, p.connection_id, p.device ? `${p.device.name || ""} ${short(p.device.remote_device_id)}` : "none", bytes(p.bytes_last_24h), bytes(p.bytes_lifetime)][i];
+        }));
       return;
     }
-    const [conns, devs] = await Promise.all([call("GET", "/api/v2/proxy/connections"), call("GET", "/api/v2/devices")]);
+    const [conns, devs, open] = await Promise.all([call("GET", "/api/v2/proxy/connections"), call("GET", "/api/v2/devices"),
+      openByConnection()]);
     const names = new Map(devs.map((d) => [d.remote_device_id, d.name]));
     const list = conns.connections || conns;
-    holder.replaceChildren(table("connections-table", [["Name"], ["Connection (user name)"], ["Password"], ["Exit device"], ["Created"], ["Actions"]],
+    holder.replaceChildren(table("connections-table", [["Name"], ["Connection (user name)"], ["Password"], ["Exit device"], ...usageCols, ["Created"], ["Actions"]],
       list, (c, i) => {
         const id = c.connectionId;
+        const u = i >= 4 && i < 8 ? usageCells(c, open.get(id) || 0) : null;
         switch (i) {
           case 0: return c.name;
           case 1: return el("span", { class: "mono", text: id });
           case 2: {
-            const span = el("span", { class: "mono", text: "••••••••" });
-            const btn = el("button", { class: "small", "data-testid": "reveal-password", text: "Reveal", onclick: () => {
-              const shown = btn.textContent === "Hide";
-              span.textContent = shown ? "••••••••" : c.password;
+            const hidden = "••••••••";
+            const span = el("span", { class: "mono", text: revealed.has(id) ? c.password : hidden });
+            const btn = el("button", { class: "small", "data-testid": "reveal-password", text: revealed.has(id) ? "Hide" : "Reveal", onclick: () => {
+              const shown = revealed.has(id);
+              if (shown) revealed.delete(id); else revealed.add(id);
+              span.textContent = shown ? hidden : c.password;
               btn.textContent = shown ? "Reveal" : "Hide";
             } });
             return el("span", {}, span, " ", btn);
           }
-          case 3: return c.deviceId ? `${names.get(c.deviceId) || ""} ${short(c.deviceId)}` : "none";
-          case 4: return when(c.createdAt);
+          case 3: return el("span", { "data-testid": "conn-device", "data-device": c.deviceId || "",
+            text: c.deviceId ? `${names.get(c.deviceId) || ""} ${short(c.deviceId)}` : "none" });
+          case 4: return u.access;
+          case 5: return u.rates;
+          case 6: return u.sessions;
+          case 7: return u.quota;
+          case 8: return when(c.createdAt);
           default: return el("span", {},
-            el("button", { class: "small", text: "Rotate exit…", onclick: async () => {
+            el("button", { class: "small", "data-testid": "rotate-exit", text: "Rotate exit…", onclick: async () => {
               const options = devs.map((d) => `${d.remote_device_id}  ${d.name || ""}`).join("\n");
               const to = window.prompt(`New exit device id:\n${options}`);
-              if (to) { await confirmCall("Move this connection to that device?", "PUT", `/api/v2/proxy/connections/${id}/device`, { device_id: to.trim().split(/\s+/)[0] }); load(); }
+              if (to) { await confirmCall("Move this connection to that device?", "PUT", `/api/v2/proxy/connections/${id}/device`, { device_id: to.trim().split(/\s+/)[0] }); load().catch(status); }
             } }),
-            el("button", { class: "small", text: "Dissociate", onclick: async () => {
-              await confirmCall("Dissociate (open sessions end)?", "DELETE", `/api/v2/proxy/connections/${id}/device`); load();
+            el("button", { class: "small", "data-testid": "dissociate", text: "Dissociate", disabled: !c.deviceId, onclick: async () => {
+              await confirmCall("Dissociate (open sessions end)?", "DELETE", `/api/v2/proxy/connections/${id}/device`); load().catch(status);
             } }),
-            el("button", { class: "small", text: "Blacklist…", onclick: () => {
+            el("button", { class: "small", "data-testid": "blacklist", text: "Blacklist…", onclick: () => {
               const domains = askDomains();
               if (domains) confirmCall(`Blacklist ${domains.join(", ")}?`, "POST", `/api/v2/proxy/connections/${id}/blacklist`, { domains });
             } }));
         }
       }));
   };
-  load().catch(status);
-  return () => {};
+  return every(2000, load);
 }
 
 // -- Live sessions -----------------------------------------------------------------------------
