@@ -100,6 +100,7 @@ class TokenBucket:
 LEASE_TTL_S = 10.0     # a quota lease row counts this long after its last renewal (each usage flush)
 LEASE_MIN = 64 * 1024  # the first lease of a connection; it doubles while the node uses it up quickly
 LEASE_MAX = 64 * 1024 * 1024
+SPENT_KEEP_S = 5.0     # a used-up quota's state is kept this long after its sessions end (see drop_if_idle)
 
 
 @dataclass(slots=True)
@@ -127,6 +128,7 @@ class ConnState:
     lease_asked: bool = False  # a request is queued or under way
     lease_at: float = -1e9     # when the last grant arrived
     spent: bool = False        # the store said: nothing left for anyone (until the limits change)
+    spent_at: float = 0.0
     recent: int = 0            # bytes counted since the last flush (idle leases go back)
     give_back: int = 0         # unused lease taken back here, to subtract from the store's row
 
@@ -180,6 +182,7 @@ class ConnState:
             self.lease_at = asked_at
         elif self.lease <= 0 and others == 0:
             self.spent = True  # nothing left here, nothing held by another node: the quota is used up
+            self.spent_at = asked_at
 
     def apply(self, limits: Limits, used: int, now: float, wall: datetime, leased: bool = False) -> None:
         """New limits (from a fresh credential record whose store read saw ``used`` bytes)."""
@@ -190,7 +193,7 @@ class ConnState:
         key = period_start(limits.quota_period, limits.quota_start, wall) if limits.quota_bytes else None
         if key != self.period:
             self.period, self.db_used = key, used
-            self.lease, self.lease_until = 0, 0.0  # a lease is of one usage row
+            self.lease, self.lease_until, self.spent = 0, 0.0, False  # a lease is of one usage row
         else:
             self.db_used = max(self.db_used, used)  # the store's counter only grows within a period
         self.down = _bucket(self.down, limits.download_bytes_per_s, now, leased)
@@ -240,9 +243,12 @@ class LimitBook:
             st.sessions -= 1
             self.drop_if_idle(st)
 
-    def drop_if_idle(self, st: ConnState) -> None:
+    def drop_if_idle(self, st: ConnState, now: float | None = None) -> None:
+        """Forget an idle state; one whose quota was found used up stays ``SPENT_KEEP_S`` (it refuses
+        new sessions while the credential records the nodes read may not show the last bytes yet)."""
         if st.sessions == 0 and not st.pending and not st.inflight and not st.members and st.lease <= 0 \
-                and not st.lease_asked and not st.give_back:
+                and not st.lease_asked and not st.give_back \
+                and not (st.spent and (now is None or now - st.spent_at < SPENT_KEEP_S)):
             self.states.pop(st.connection_id, None)
 
     def live_usage(self, connection_id: str) -> tuple[int, int]:
@@ -277,7 +283,7 @@ class LimitBook:
             st.lease_until = max(st.lease_until, renewed_at + LEASE_TTL_S)
         if quota_row_value is not None:
             st.db_used = max(st.db_used, quota_row_value)  # includes every node's flushed bytes
-        self.drop_if_idle(st)
+        self.drop_if_idle(st, renewed_at)
 
     def flush_failed(self, st: ConnState, delta: int) -> None:
         """Put ``delta`` back to be written next time."""

@@ -31,7 +31,9 @@ BEGIN
            coalesce(sum(l.bytes) FILTER (WHERE l.node = p_node), 0)
         INTO others, mine FROM connection_quota_leases l
         WHERE l.connection_id = p_conn AND l.period = p_period AND l.period_start = p_start;
-    granted := greatest(0, least(p_want, p_quota - used - others - mine));
+    -- at most half of what is left (and 64 KiB at least), so a node never takes the last of a quota at once
+    granted := greatest(0, least(p_want, p_quota - used - others - mine,
+                                 greatest(65536, (p_quota - used - others - mine) / 2)));
     INSERT INTO connection_quota_leases(connection_id, period, period_start, node, bytes, expires_at)
         VALUES (p_conn, p_period, p_start, p_node, granted, now() + make_interval(secs => p_ttl))
         ON CONFLICT (connection_id, period, period_start, node) DO UPDATE
