@@ -232,6 +232,7 @@ class ClientSession(asyncio.Protocol):
         self.held_down = Held()  # target bytes a limit holds back (sink_ready is False meanwhile)
         self.source_paused = False  # the stream asked us to stop reading the client (back-pressure)
         self.cluster_slot: str | None = None  # the session's slot in the cluster-wide session count
+        self.upstream_cluster_slots: dict[int, str] = {}  # absolute-form upstreams' slots in that count
         self.unauth_counted = False  # counted in server.unauth until authenticated or gone
 
     @property
@@ -323,6 +324,10 @@ class ClientSession(asyncio.Protocol):
         slot, self.cluster_slot = self.cluster_slot, None
         if slot is not None and self.server.cluster is not None:
             self.server.cluster.release(slot)
+        if self.upstream_cluster_slots and self.server.cluster is not None:
+            for slot in self.upstream_cluster_slots.values():
+                self.server.cluster.release(slot)
+        self.upstream_cluster_slots.clear()
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.close_quietly()
@@ -725,6 +730,9 @@ class ClientSession(asyncio.Protocol):
         if up is not None:
             up.close()
         self._release(uid)
+        slot = self.upstream_cluster_slots.pop(uid, None)
+        if slot is not None and self.server.cluster is not None:
+            self.server.cluster.release(slot)
 
     def _timer_fired(self) -> None:
         self.timer = None
@@ -792,41 +800,68 @@ class ClientSession(asyncio.Protocol):
         up.cancel = lambda: (cancel_wait(), timer.cancel())
 
     def _open_now(self, a: OpenStream, device_id: str | None) -> None:
-        exit_ = self.server.exit
         if a.udp:
             self._open_udp(a)
             return
+        cluster, record = self.server.cluster, self.core.record
+        if cluster is not None and record is not None and record.limits.max_concurrent_sessions is not None:
+            # a slot of the cluster-wide session count first (Redis), for every kind of open
+            up = None
+            if a.upstream is not None:
+                up = self.upstreams[a.upstream] = Upstream(self, a.upstream)
+            task = asyncio.get_running_loop().create_task(self._cluster_open(cluster, a, record, device_id, up))
+            cluster.own(task)
+            if up is not None:
+                up.cancel = task.cancel
+            else:
+                self.cancel_open = task.cancel
+            return
         if a.optimistic:
-            early = exit_.open_optimistic(device_id, a.host, a.port, self)
-            if early is None:
-                self._run(self.core.open_unavailable(_now()))
-            elif self.core.phase is Phase.OPENING:
-                self.early_open, self.cancel_open = early, early.cancel
-                self._run(self.core.open_sent(_now()))
+            self._open_early(a, device_id)
             return
         if a.upstream is None:
-            cluster, record = self.server.cluster, self.core.record
-            if cluster is not None and record is not None and record.limits.max_concurrent_sessions is not None:
-                task = asyncio.get_running_loop().create_task(self._cluster_open(cluster, a, record, device_id))
-                cluster.own(task)
-                self.cancel_open = task.cancel
-                return
             self._open_own(a, device_id)
             return
-        up = self.upstreams[a.upstream] = Upstream(self, a.upstream)
-        cancel = exit_.open(device_id, a.host, a.port, up)
+        self._open_upstream(a, device_id, Upstream(self, a.upstream))
+
+    def _open_early(self, a: OpenStream, device_id: str | None) -> None:
+        early = self.server.exit.open_optimistic(device_id, a.host, a.port, self)
+        if early is None:  # no local tunnel: an ordinary open (a cluster exit relays it to the device's node)
+            self._open_own(a, device_id)
+        elif self.core.phase is Phase.OPENING:
+            self.early_open, self.cancel_open = early, early.cancel
+            self._run(self.core.open_sent(_now()))
+
+    def _open_upstream(self, a: OpenStream, device_id: str | None, up: Upstream) -> None:
+        self.upstreams[a.upstream] = up
+        cancel = self.server.exit.open(device_id, a.host, a.port, up)
         if cancel is None:
             self._run(self.core.upstream_unavailable(a.upstream, _now()))
         elif up.stream is None and self.upstreams.get(a.upstream) is up:
             up.cancel = cancel
 
-    async def _cluster_open(self, cluster, a: OpenStream, record, device_id: str | None) -> None:  # noqa: ANN001
-        """Take a slot of the cluster-wide session count first (Redis), then open."""
+    async def _cluster_open(self, cluster, a: OpenStream, record, device_id: str | None,  # noqa: ANN001
+                            up: Upstream | None) -> None:
+        """Take a slot of the cluster-wide session count (Redis), then open (a stream, an optimistic
+        open, or an absolute-form upstream ``up``)."""
         try:
             slot = await cluster.acquire(record.connection_id, record.limits.max_concurrent_sessions)
         except Exception as exc:  # Redis unreachable: this node's own count still holds
-            log.warning("cluster session slot unavailable, using the node's count: %s", exc)
+            cluster.unreachable(exc)
             slot = ""
+        if up is not None:
+            if self.upstreams.get(a.upstream) is not up or self.transport is None or self.transport.is_closing():
+                if slot:
+                    cluster.release(slot)
+                return
+            up.cancel = None
+            if slot is None:
+                self._run(self.core.upstream_admission_refused(a.upstream, SESSIONS_FULL, _now()))
+                return
+            if slot:
+                self.upstream_cluster_slots[a.upstream] = slot
+            self._open_upstream(a, device_id, up)
+            return
         if self.core.phase is not Phase.OPENING or self.transport is None or self.transport.is_closing():
             if slot:
                 cluster.release(slot)
@@ -836,7 +871,10 @@ class ClientSession(asyncio.Protocol):
             self._run(self.core.admission_refused(SESSIONS_FULL, _now()))
             return
         self.cluster_slot = slot or None
-        self._open_own(a, device_id)
+        if a.optimistic:
+            self._open_early(a, device_id)
+        else:
+            self._open_own(a, device_id)
 
     def _open_own(self, a: OpenStream, device_id: str | None) -> None:
         cancel = self.server.exit.open(device_id, a.host, a.port, self)
