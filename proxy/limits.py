@@ -4,9 +4,10 @@ One :class:`LimitBook` per node holds a :class:`ConnState` per connection that h
 or unflushed bytes. All sessions of a connection share its state: one download bucket, one upload
 bucket (burst at most 0.5 s of the rate), one session count, one quota. Times are passed in
 (``now``: monotonic seconds); nothing here does I/O. The adapter (``proxy/server.py``) asks
-:meth:`ConnState.allow` how many bytes of a chunk the quota still lets through, counts what it
-relayed with :meth:`ConnState.count`, and pauses the source side for the delay a bucket returns;
-``proxy/usage_flush.py`` writes the counted bytes to PostgreSQL as increments.
+:meth:`ConnState.allow` how many bytes of a chunk the quota (lease) still lets through and
+:meth:`TokenBucket.take` how many the bucket's tokens cover, relays only those, counts them with
+:meth:`ConnState.count`, and holds the rest (``proxy/pacing.py``) until :meth:`TokenBucket.until` or
+a new lease; ``proxy/usage_flush.py`` takes the leases and writes the counted bytes to PostgreSQL.
 """
 
 from __future__ import annotations
@@ -260,13 +261,14 @@ class LimitBook:
     def take_increments(self, now: float = 0.0) -> list[tuple[ConnState, int]]:
         """The bytes to write now, moved from pending to inflight (one entry per connection with a state).
 
-        Leasing: a lease that expired here, or that sat unused since the last flush, is taken back
+        Leasing: a lease that expired here, or that sat unused since the last flush (and is older than
+        a second), is taken back
         (``give_back``, written with the increments)."""
         out = []
         for st in list(self.states.values()):
             delta, st.pending = st.pending, 0
             st.inflight += delta
-            if st.leasing and st.lease > 0 and (now >= st.lease_until or not st.recent):
+            if st.leasing and st.lease > 0 and (now >= st.lease_until or (not st.recent and now - st.lease_at > 1.0)):
                 st.give_back += st.lease
                 st.lease = 0
             st.recent = 0

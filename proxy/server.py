@@ -524,9 +524,12 @@ class ClientSession(asyncio.Protocol):
         lim = self.lim
         if lim is None:
             return n
+        bucket = lim.down if down else lim.up
+        if bucket is None and lim.limits.quota_bytes is None:  # nothing limits this direction
+            lim.count(n)
+            return n
         now = time.monotonic()
         k = lim.allow(n, now)
-        bucket = lim.down if down else lim.up
         if k and bucket is not None:
             k = bucket.take(k, now)
         if k:

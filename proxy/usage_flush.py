@@ -188,7 +188,7 @@ class UsageKeeper:
                                                st.lease_request(asked), st.limits.quota_bytes, LEASE_TTL_S)
             except BaseException:
                 st.lease_asked = False
-                self._retry_at = time.monotonic() + LEASE_RETRY_S
+                self._retry_at = time.monotonic() + self.interval  # the store is failing: not every 100 ms
                 raise
             self.leases += 1
             st.leased(row["granted"], row["used"], row["others"], asked)
