@@ -228,8 +228,8 @@ class ClientSession(asyncio.Protocol):
         self.lim: ConnState | None = None
         self.up_throttle: asyncio.TimerHandle | None = None    # client reading paused by the upload bucket
         self.down_throttle: asyncio.TimerHandle | None = None  # stream paused by the download bucket
-        self.held_up = Held()    # client bytes a limit holds back (reading the client is paused meanwhile)
-        self.held_down = Held()  # target bytes a limit holds back (sink_ready is False meanwhile)
+        self.held_up: Held | None = None    # client bytes a limit holds back (client reading paused meanwhile)
+        self.held_down: Held | None = None  # target bytes a limit holds back (sink_ready False meanwhile)
         self.source_paused = False  # the stream asked us to stop reading the client (back-pressure)
         self.cluster_slot: str | None = None  # the session's slot in the cluster-wide session count
         self.upstream_cluster_slots: dict[int, str] = {}  # absolute-form upstreams' slots in that count
@@ -482,8 +482,10 @@ class ClientSession(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self.up_throttle = self.down_throttle = None
-        self.held_up.clear()
-        self.held_down.clear()
+        for held in (self.held_up, self.held_down):
+            if held is not None:
+                held.clear()  # a drain in progress stops here too
+        self.held_up = self.held_down = None
         self._leave_members()
 
     def _leave_members(self) -> None:
@@ -516,6 +518,12 @@ class ClientSession(asyncio.Protocol):
             return
         if n:
             sink(data[:n])
+        if held is None:
+            held = Held()
+            if down:
+                self.held_down = held
+            else:
+                self.held_up = held
         held.push(sink, memoryview(data)[n:])
         self._wait(down)
 
