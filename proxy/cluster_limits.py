@@ -11,8 +11,13 @@
   buckets (``TokenBucket(leased=True)``) are filled only by those grants.
 
 Without Redis nothing here runs and the node's own :class:`proxy.limits.LimitBook` is the truth.
-Quota usage is shared through PostgreSQL (``proxy/usage_flush.py``): every node adds its bytes and
-reads the total back each ``USAGE_FLUSH_S``.
+The quota does not go through Redis at all: nodes lease it from PostgreSQL (``proxy/usage_flush.py``).
+
+**Redis down.** The first failed call logs one warning and the node falls back to its own counts:
+a new session takes a slot of the node's own count only (so the cluster may hold up to N per node),
+and each node grants itself the full rate (up to the rate per node). Redis is probed again every
+``PROBE_S``; the first success logs that the shared counts are back (slots taken meanwhile are not
+in Redis: they count on their node only until they end). The quota stays exact throughout.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
 SLOT_TTL_S = 5.0
 LEASE_TICK_S = SLICE_S / 2
+PROBE_S = 1.0  # Redis down: the shared counts are tried again this often (the node's own counts meanwhile)
+REDIS_TIMEOUT_S = 1.0
 
 _ACQUIRE = """
 local t = redis.call('TIME')
@@ -75,7 +82,8 @@ class ClusterLimits:
     def __init__(self, redis_url: str, node_name: str, book: LimitBook) -> None:
         import redis.asyncio as aioredis
 
-        self.redis: Any = aioredis.from_url(redis_url)
+        self.redis: Any = aioredis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S,
+                                            socket_connect_timeout=REDIS_TIMEOUT_S)
         self.node = node_name
         self.book = book
         self.slots: dict[str, tuple[str, str]] = {}  # member -> (key, connection id): this node's slots
@@ -86,6 +94,26 @@ class ClusterLimits:
         self._renew = self.redis.register_script(_RENEW)
         self._lease = self.redis.register_script(_LEASE)
         self.errors = 0
+        self.down_until = 0.0  # Redis failed: the node's own counts until this (monotonic) time
+        self.degraded = False
+
+    def unreachable(self, exc: BaseException) -> None:
+        """A Redis call failed: use the node's own counts for ``PROBE_S`` (logged once per outage)."""
+        self.errors += 1
+        self.down_until = asyncio.get_running_loop().time() + PROBE_S
+        if not self.degraded:
+            self.degraded = True
+            log.warning("Redis unreachable (%s): session slots and rate limits fall back to this node's own "
+                        "counts (up to the limit per node); quotas stay exact through PostgreSQL", exc)
+
+    def _reachable(self) -> None:
+        if self.degraded:
+            self.degraded = False
+            log.warning("Redis reachable again: session slots and rate limits are shared by the cluster again")
+
+    def _skip(self) -> bool:
+        """Redis failed less than ``PROBE_S`` ago: do not wait for it."""
+        return self.degraded and asyncio.get_running_loop().time() < self.down_until
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._leases())]
@@ -111,10 +139,13 @@ class ClusterLimits:
     # -- session slots ---------------------------------------------------------------------------
     async def acquire(self, connection_id: str, cap: int) -> str | None:
         """A slot of the connection's ``cap`` over the whole cluster: its member name, or None (all taken)."""
+        if self._skip():
+            raise ConnectionError("Redis down (probing again shortly)")
         self._seq += 1
         member = f"{self.node}:{self._seq}"
         key = f"proxyorch:slots:{connection_id}"
         ok = await self._acquire(keys=[key], args=[cap, member, SLOT_TTL_S])
+        self._reachable()
         if not ok:
             return None
         self.slots[member] = (key, connection_id)
@@ -135,11 +166,12 @@ class ClusterLimits:
         task.add_done_callback(self._releases.discard)
 
     async def _zrem(self, key: str, member: str) -> None:
+        if self._skip():
+            return  # it expires by itself
         try:
             await self.redis.zrem(key, member)
         except Exception as exc:
-            self.errors += 1
-            log.warning("slot release failed (it expires in %.0f s): %s", SLOT_TTL_S, exc)
+            self.unreachable(exc)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -147,29 +179,43 @@ class ClusterLimits:
             if not self.slots:
                 continue
             members = list(self.slots.items())
+            if self._skip():
+                continue
             try:
                 await self._renew(keys=[k for _m, (k, _c) in members], args=[SLOT_TTL_S, *[m for m, _ in members]])
             except Exception as exc:
-                self.errors += 1
-                log.warning("slot heartbeat failed: %s", exc)
+                self.unreachable(exc)
 
     # -- rate leases -----------------------------------------------------------------------------
     async def _leases(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
         while True:
             await asyncio.sleep(LEASE_TICK_S)
+            now = loop.time()
+            elapsed, last = now - last, now
+            if self._skip():
+                self._grant_locally(elapsed)
+                continue
             try:
-                await self._lease_once()
+                if await self._lease_once():
+                    self._reachable()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis down: each node goes on at the full rate rather than stall
-                self.errors += 1
-                log.warning("rate lease failed, granting locally: %s", exc)
-                for st in list(self.book.states.values()):
-                    for bucket in (st.down, st.up):
-                        if bucket is not None:
-                            bucket.grant(int(bucket.rate * LEASE_TICK_S))
+                self.unreachable(exc)
+                self._grant_locally(elapsed)
 
-    async def _lease_once(self) -> None:
+    def _grant_locally(self, elapsed: float) -> None:
+        """Redis down: each bucket gets the rate for the time that passed (the node's own budget)."""
+        for st in list(self.book.states.values()):
+            for bucket in (st.down, st.up):
+                if bucket is not None:
+                    bucket.grant(int(bucket.rate * min(elapsed, SLICE_S)))
+
+    async def _lease_once(self) -> bool:
+        """One round of rate leases; True when Redis was asked."""
+        asked = False
         for st in list(self.book.states.values()):
             if not st.members:
                 continue
@@ -179,7 +225,9 @@ class ClusterLimits:
                 want = bucket.want()
                 if want <= 0:
                     continue
+                asked = True
                 granted = await self._lease(keys=[f"proxyorch:rate:{st.connection_id}:{direction}"],
                                             args=[want, int(bucket.rate * SLICE_S), self.node])
                 if granted:
                     bucket.grant(int(granted))
+        return asked

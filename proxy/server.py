@@ -26,6 +26,7 @@ from .auth_cache.cache import AuthCache
 from .authenticate import Authenticator, AuthOutcome
 from .http_forward import Upstream
 from .limits import SESSIONS_FULL, ConnState, LimitBook
+from .pacing import Held, Sink
 from .pool_routing import Lease, PoolRouter
 from .ratelimit import FailureLimiter
 from .request_log.writer import SessionRecord
@@ -118,6 +119,7 @@ class ProxyServer:
         self.access = AccessIndex()   # ip_only ranges (kept fresh by proxy/usage_flush.py)
         self.on_connection_changed = None  # callback(connection_id | None) set by the usage keeper
         self.on_quota_reached = None  # callback() set by the usage keeper (flush soon)
+        self.on_lease_needed = None  # callback() set by the usage keeper (a quota lease runs low)
         self.cluster = None  # proxy.cluster_limits.ClusterLimits with REDIS_URL: limits shared by the nodes
         self.bind_host = "0.0.0.0"  # UDP relay sockets bind here (see proxy/udp_relay.py)
         self.max_unauth_per_ip = max_unauth_per_ip
@@ -226,8 +228,11 @@ class ClientSession(asyncio.Protocol):
         self.lim: ConnState | None = None
         self.up_throttle: asyncio.TimerHandle | None = None    # client reading paused by the upload bucket
         self.down_throttle: asyncio.TimerHandle | None = None  # stream paused by the download bucket
+        self.held_up: Held | None = None    # client bytes a limit holds back (client reading paused meanwhile)
+        self.held_down: Held | None = None  # target bytes a limit holds back (sink_ready False meanwhile)
         self.source_paused = False  # the stream asked us to stop reading the client (back-pressure)
         self.cluster_slot: str | None = None  # the session's slot in the cluster-wide session count
+        self.upstream_cluster_slots: dict[int, str] = {}  # absolute-form upstreams' slots in that count
         self.unauth_counted = False  # counted in server.unauth until authenticated or gone
 
     @property
@@ -281,9 +286,8 @@ class ClientSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.relaying:
-            lim = self.lim
-            if lim is not None:
-                self._relay_up(lim, data)
+            if self.lim is not None:
+                self._send(False, self._to_stream, data)
                 return
             self.bytes_out += len(data)
             self.stream.write(data)
@@ -291,6 +295,12 @@ class ClientSession(asyncio.Protocol):
         self._run(self.core.receive_data(data, _now()))
 
     def eof_received(self) -> bool:
+        if self.held_up and (self.relaying or self.core.phase is Phase.FORWARD):
+            self.held_up.push_event(self._client_eof)  # after the bytes a limit still holds
+            return True
+        return self._client_eof()
+
+    def _client_eof(self) -> bool:
         if self.relaying and self.stream is not None:
             self.client_eof = True
             self.stream.write_eof()
@@ -314,6 +324,10 @@ class ClientSession(asyncio.Protocol):
         slot, self.cluster_slot = self.cluster_slot, None
         if slot is not None and self.server.cluster is not None:
             self.server.cluster.release(slot)
+        if self.upstream_cluster_slots and self.server.cluster is not None:
+            for slot in self.upstream_cluster_slots.values():
+                self.server.cluster.release(slot)
+        self.upstream_cluster_slots.clear()
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.close_quietly()
@@ -328,9 +342,10 @@ class ClientSession(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.down_throttle is not None or self.held_down:
+            return  # the limit's timer (or the keeper's lease) resumes the source
         if self.stream is not None:
-            if self.down_throttle is None:
-                self.stream.sink_drained()
+            self.stream.sink_drained()
         else:
             for up in list(self.upstreams.values()):
                 if up.stream is not None:
@@ -349,14 +364,19 @@ class ClientSession(asyncio.Protocol):
             stream.close_quietly()
 
     def stream_data(self, data: bytes) -> None:
-        lim = self.lim
-        if lim is not None:
-            self._relay_down(lim, data)
+        if self.lim is not None:
+            self._send(True, self._to_client, data)
             return
         self.bytes_in += len(data)
         self.transport.write(data)
 
     def stream_eof(self) -> None:
+        if self.held_down:
+            self.held_down.push_event(self._stream_eof)
+            return
+        self._stream_eof()
+
+    def _stream_eof(self) -> None:
         self.upstream_eof = True
         t = self.transport
         if t is not None and not t.is_closing():
@@ -369,6 +389,12 @@ class ClientSession(asyncio.Protocol):
         self.stream = None
         self.relaying = False
         self.core.stream_closed(error)
+        if self.held_down:  # the bytes a limit holds back go first
+            self.held_down.push_event(self._close_client)
+            return
+        self._close_client()
+
+    def _close_client(self) -> None:
         t = self.transport
         if t is not None and not t.is_closing():
             # close() still flushes what the device already sent before the stream ended.
@@ -389,13 +415,13 @@ class ClientSession(asyncio.Protocol):
             self.resume_reading()
 
     def resume_reading(self) -> None:
-        if self.up_throttle is not None:  # the upload bucket's timer resumes
+        if self.up_throttle is not None or self.held_up:  # the limit's timer (or a lease) resumes
             return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def sink_ready(self) -> bool:
-        return not self.write_paused and self.down_throttle is None
+        return not self.write_paused and self.down_throttle is None and not self.held_down
 
     def terminate(self, reason: str) -> None:
         """Close this session now (connection deleted/dissociated, node shutdown)."""
@@ -448,12 +474,18 @@ class ClientSession(asyncio.Protocol):
         if lim is not None:
             self.lim = lim
             lim.members.add(self)
+            if lim.wants_lease(time.monotonic()) and self.server.on_lease_needed is not None:
+                self.server.on_lease_needed()  # before the first byte arrives
 
     def _leave_limits(self) -> None:
         for timer in (self.up_throttle, self.down_throttle):
             if timer is not None:
                 timer.cancel()
         self.up_throttle = self.down_throttle = None
+        for held in (self.held_up, self.held_down):
+            if held is not None:
+                held.clear()  # a drain in progress stops here too
+        self.held_up = self.held_down = None
         self._leave_members()
 
     def _leave_members(self) -> None:
@@ -461,83 +493,123 @@ class ClientSession(asyncio.Protocol):
         if lim is not None:
             lim.members.discard(self)
 
-    def _relay_up(self, lim: ConnState, data: bytes) -> None:
-        """Client -> target: at most what the quota leaves, paced by the upload bucket."""
-        n = lim.allow(len(data))
+    def _to_stream(self, data: bytes) -> None:
+        if self.stream is not None:
+            self.bytes_out += len(data)
+            self.stream.write(data)
+
+    def _to_client(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.transport.write(data)
+
+    def _send(self, down: bool, sink: Sink, data: bytes) -> None:
+        """Relay ``data`` to ``sink`` as far as the connection's quota lease and the direction's bucket
+        let it; the rest waits in order (``proxy/pacing.py``) and its source is paused."""
+        held = self.held_down if down else self.held_up
+        if held:  # behind what already waits
+            held.push(sink, data)
+            return
+        n = self._grant(down, len(data))
+        if n == len(data):
+            sink(data)
+            lim = self.lim
+            if lim is not None and lim.limits.quota_bytes is not None and lim.exhausted():
+                self._quota_reached()  # exactly at the quota (a node that caps alone)
+            return
         if n:
-            chunk = data if n == len(data) else data[:n]
-            lim.count(n)
-            self.bytes_out += n
-            self.stream.write(chunk)
-        if n < len(data) or lim.exhausted():
-            self._quota_reached()
-            return
-        self._pace(lim, n, down=False)
+            sink(data[:n])
+        if held is None:
+            held = Held()
+            if down:
+                self.held_down = held
+            else:
+                self.held_up = held
+        held.push(sink, memoryview(data)[n:])
+        self._wait(down)
 
-    def _relay_down(self, lim: ConnState, data: bytes) -> None:
-        """Target -> client: at most what the quota leaves, paced by the download bucket."""
-        n = lim.allow(len(data))
-        if n:
-            lim.count(n)
-            self.bytes_in += n
-            self.transport.write(data if n == len(data) else data[:n])
-        if n < len(data) or lim.exhausted():
-            self._quota_reached()
-            return
-        self._pace(lim, n, down=True)
-
-    def _pace(self, lim: ConnState, n: int, down: bool) -> None:
-        """Charge ``n`` relayed bytes to the direction's bucket; in debt, pause that direction's source
-        (download: the stream, via ``sink_ready``; upload: reading the client) until a loop timer."""
-        bucket = lim.down if down else lim.up
-        if bucket is None:
-            return
-        delay = bucket.consume(n, time.monotonic())
-        if delay <= 0:
-            return
-        loop = asyncio.get_running_loop()
-        if down:
-            if self.down_throttle is None:
-                self.down_throttle = loop.call_later(delay, self._down_unthrottle)
-        elif self.up_throttle is None and self.transport is not None:
-            self.transport.pause_reading()
-            self.up_throttle = loop.call_later(delay, self._up_unthrottle)
-
-    def _up_unthrottle(self) -> None:
-        self.up_throttle = None
+    def _grant(self, down: bool, n: int) -> int:
+        """How many of ``n`` bytes may go now (taken from the lease and the bucket, and counted)."""
         lim = self.lim
-        if lim is not None and lim.up is not None:
-            delay = lim.up.wait(time.monotonic())
-            if delay > 0:  # other sessions of the connection spent the budget meanwhile
-                self.up_throttle = asyncio.get_running_loop().call_later(delay, self._up_unthrottle)
+        if lim is None:
+            return n
+        bucket = lim.down if down else lim.up
+        if bucket is None and lim.limits.quota_bytes is None:  # nothing limits this direction
+            lim.count(n)
+            return n
+        now = time.monotonic()
+        k = lim.allow(n, now)
+        if k and bucket is not None:
+            k = bucket.take(k, now)
+        if k:
+            lim.count(k)
+        if lim.leasing and lim.wants_lease(now) and self.server.on_lease_needed is not None:
+            self.server.on_lease_needed()
+        return k
+
+    def _wait(self, down: bool) -> None:
+        """Something is held: close at the quota, else wait for a lease (the keeper wakes us through
+        ``lease_changed``) or for the bucket's tokens (a loop timer); the source stays paused."""
+        lim = self.lim
+        if lim is None:
+            return
+        if lim.exhausted():
+            self._quota_reached()
+            return
+        if not down and self.transport is not None:
+            self.transport.pause_reading()
+        now = time.monotonic()
+        if lim.allow(1, now) == 0:  # the quota lease: requested, the keeper answers
+            if self.server.on_lease_needed is not None:
+                self.server.on_lease_needed()
+            return
+        bucket = lim.down if down else lim.up
+        held = self.held_down if down else self.held_up
+        delay = bucket.until(held.first_size() or 1, now) if bucket is not None else 0.0
+        name = "down_throttle" if down else "up_throttle"
+        if getattr(self, name) is None:
+            setattr(self, name, asyncio.get_running_loop().call_later(max(delay, 0.0), self._resume, down))
+
+    def _resume(self, down: bool) -> None:
+        """Relay what waits; when nothing does, let the source go again."""
+        if down:
+            self.down_throttle = None
+        else:
+            self.up_throttle = None
+        held = self.held_down if down else self.held_up
+        if held and not held.drain(lambda n: self._grant(down, n)):
+            self._wait(down)
+            return
+        if down:
+            if self.write_paused or self.held_down:
                 return
-        if (self.relaying or self.core.phase is Phase.FORWARD) and not self.source_paused:
+            if self.stream is not None:
+                self.stream.sink_drained()
+            else:  # absolute-form forwarding: its upstream streams
+                for up in list(self.upstreams.values()):
+                    if up.stream is not None:
+                        up.stream.sink_drained()
+        elif (self.relaying or self.core.phase is Phase.FORWARD) and not self.source_paused and not self.held_up:
             self.resume_reading()
 
-    def _down_unthrottle(self) -> None:
-        self.down_throttle = None
-        lim = self.lim
-        if lim is not None and lim.down is not None:
-            delay = lim.down.wait(time.monotonic())
-            if delay > 0:
-                self.down_throttle = asyncio.get_running_loop().call_later(delay, self._down_unthrottle)
-                return
-        if self.write_paused:
-            return
-        if self.stream is not None:
-            self.stream.sink_drained()
-        else:  # absolute-form forwarding: its upstream streams
-            for up in list(self.upstreams.values()):
-                if up.stream is not None:
-                    up.stream.sink_drained()
-
     def limits_changed(self) -> None:
-        """The connection's rates changed: re-time the throttles now (a lowered or lifted limit)."""
-        for name, fire in (("up_throttle", self._up_unthrottle), ("down_throttle", self._down_unthrottle)):
-            timer = getattr(self, name)
+        """The connection's rates changed: re-time the waits now (a lowered or lifted limit)."""
+        for down in (True, False):
+            timer = self.down_throttle if down else self.up_throttle
             if timer is not None:
                 timer.cancel()
-                fire()
+                self._resume(down)
+
+    def lease_changed(self) -> None:
+        """The keeper answered a quota lease request: relay what waits, or close at the quota."""
+        lim = self.lim
+        if lim is None:
+            return
+        if lim.exhausted():
+            self._quota_reached()
+            return
+        for down in (True, False):
+            if (self.held_down if down else self.held_up) and (self.down_throttle if down else self.up_throttle) is None:
+                self._resume(down)
 
     def _quota_reached(self) -> None:
         """The quota is used up: nothing more is relayed and the session closes (what was written flushes)."""
@@ -563,34 +635,33 @@ class ClientSession(asyncio.Protocol):
                                                  result.stream is not None, _now()))
 
     def upstream_data(self, uid: int, data: bytes) -> None:
-        data, reached = self._forward_quota(data, down=True)
-        if data:
+        if self._forward_limits():
+            self._send(True, lambda d: self._run(self.core.upstream_data(uid, d, _now())), data)
+        else:
             self._run(self.core.upstream_data(uid, data, _now()))
-        if reached:
-            self._quota_reached()
 
-    def _forward_quota(self, data: bytes, down: bool) -> tuple[bytes, bool]:
-        """Absolute-form forwarding: count ``data`` against the quota and pace it by the direction's
-        bucket; (what may pass, quota reached)."""
+    def _forward_limits(self) -> bool:
+        """Absolute-form forwarding: join the connection's limits state (True when it has one)."""
         record = self.core.record
         lim = self.server.limits.states.get(record.connection_id) if record is not None else None
         if lim is None:
-            return data, False
+            return False
         if self.lim is not lim:  # join the connection's state (limit changes re-time our throttles)
             self._leave_members()
             self.lim = lim
             lim.members.add(self)
-        n = lim.allow(len(data))
-        lim.count(n)
-        reached = n < len(data) or lim.exhausted()
-        if not reached:
-            self._pace(lim, n, down)
-        return (data if n == len(data) else data[:n]), reached
+        return True
 
     def upstream_eof(self, uid: int) -> None:
+        if self.held_down:
+            self.held_down.push_event(lambda: self._run(self.core.upstream_eof(uid, _now())))
+            return
         self._run(self.core.upstream_eof(uid, _now()))
 
     def upstream_closed(self, uid: int, error: str | None) -> None:
+        if self.held_down:
+            self.held_down.push_event(lambda: self._run(self.core.upstream_closed(uid, error, _now())))
+            return
         self._run(self.core.upstream_closed(uid, error, _now()))
 
     # -- carrying out the core's actions ----------------------------------------------------------
@@ -624,7 +695,7 @@ class ClientSession(asyncio.Protocol):
                 self._join_limits()
                 if a.early:
                     if self.lim is not None:
-                        self._relay_up(self.lim, a.early)
+                        self._send(False, self._to_stream, a.early)
                     else:
                         self.bytes_out += len(a.early)
                         self.stream.write(a.early)
@@ -642,16 +713,15 @@ class ClientSession(asyncio.Protocol):
             elif kind is UpstreamWrite:
                 up = self.upstreams.get(a.upstream)
                 if up is not None:
-                    data, reached = self._forward_quota(a.data, down=False)
-                    if data:
-                        up.write(data)
-                    if reached:
-                        self._quota_reached()
+                    if self._forward_limits():
+                        self._send(False, up.write, a.data)
+                    else:
+                        up.write(a.data)
             elif kind is CloseUpstreamStream:
-                up = self.upstreams.pop(a.upstream, None)
-                if up is not None:
-                    up.close()
-                self._release(a.upstream)
+                if self.held_up:  # after the bytes a limit still holds for it
+                    self.held_up.push_event(lambda uid=a.upstream: self._close_upstream(uid))
+                else:
+                    self._close_upstream(a.upstream)
             elif kind is LogRow:
                 self._log(a)
             elif kind is CancelOpen:
@@ -665,6 +735,15 @@ class ClientSession(asyncio.Protocol):
                 self.server.sessions.add(self)
             elif kind is Unregister:
                 self.server.sessions.remove(self)
+
+    def _close_upstream(self, uid: int) -> None:
+        up = self.upstreams.pop(uid, None)
+        if up is not None:
+            up.close()
+        self._release(uid)
+        slot = self.upstream_cluster_slots.pop(uid, None)
+        if slot is not None and self.server.cluster is not None:
+            self.server.cluster.release(slot)
 
     def _timer_fired(self) -> None:
         self.timer = None
@@ -732,41 +811,68 @@ class ClientSession(asyncio.Protocol):
         up.cancel = lambda: (cancel_wait(), timer.cancel())
 
     def _open_now(self, a: OpenStream, device_id: str | None) -> None:
-        exit_ = self.server.exit
         if a.udp:
             self._open_udp(a)
             return
+        cluster, record = self.server.cluster, self.core.record
+        if cluster is not None and record is not None and record.limits.max_concurrent_sessions is not None:
+            # a slot of the cluster-wide session count first (Redis), for every kind of open
+            up = None
+            if a.upstream is not None:
+                up = self.upstreams[a.upstream] = Upstream(self, a.upstream)
+            task = asyncio.get_running_loop().create_task(self._cluster_open(cluster, a, record, device_id, up))
+            cluster.own(task)
+            if up is not None:
+                up.cancel = task.cancel
+            else:
+                self.cancel_open = task.cancel
+            return
         if a.optimistic:
-            early = exit_.open_optimistic(device_id, a.host, a.port, self)
-            if early is None:
-                self._run(self.core.open_unavailable(_now()))
-            elif self.core.phase is Phase.OPENING:
-                self.early_open, self.cancel_open = early, early.cancel
-                self._run(self.core.open_sent(_now()))
+            self._open_early(a, device_id)
             return
         if a.upstream is None:
-            cluster, record = self.server.cluster, self.core.record
-            if cluster is not None and record is not None and record.limits.max_concurrent_sessions is not None:
-                task = asyncio.get_running_loop().create_task(self._cluster_open(cluster, a, record, device_id))
-                cluster.own(task)
-                self.cancel_open = task.cancel
-                return
             self._open_own(a, device_id)
             return
-        up = self.upstreams[a.upstream] = Upstream(self, a.upstream)
-        cancel = exit_.open(device_id, a.host, a.port, up)
+        self._open_upstream(a, device_id, Upstream(self, a.upstream))
+
+    def _open_early(self, a: OpenStream, device_id: str | None) -> None:
+        early = self.server.exit.open_optimistic(device_id, a.host, a.port, self)
+        if early is None:  # no local tunnel: an ordinary open (a cluster exit relays it to the device's node)
+            self._open_own(a, device_id)
+        elif self.core.phase is Phase.OPENING:
+            self.early_open, self.cancel_open = early, early.cancel
+            self._run(self.core.open_sent(_now()))
+
+    def _open_upstream(self, a: OpenStream, device_id: str | None, up: Upstream) -> None:
+        self.upstreams[a.upstream] = up
+        cancel = self.server.exit.open(device_id, a.host, a.port, up)
         if cancel is None:
             self._run(self.core.upstream_unavailable(a.upstream, _now()))
         elif up.stream is None and self.upstreams.get(a.upstream) is up:
             up.cancel = cancel
 
-    async def _cluster_open(self, cluster, a: OpenStream, record, device_id: str | None) -> None:  # noqa: ANN001
-        """Take a slot of the cluster-wide session count first (Redis), then open."""
+    async def _cluster_open(self, cluster, a: OpenStream, record, device_id: str | None,  # noqa: ANN001
+                            up: Upstream | None) -> None:
+        """Take a slot of the cluster-wide session count (Redis), then open (a stream, an optimistic
+        open, or an absolute-form upstream ``up``)."""
         try:
             slot = await cluster.acquire(record.connection_id, record.limits.max_concurrent_sessions)
         except Exception as exc:  # Redis unreachable: this node's own count still holds
-            log.warning("cluster session slot unavailable, using the node's count: %s", exc)
+            cluster.unreachable(exc)
             slot = ""
+        if up is not None:
+            if self.upstreams.get(a.upstream) is not up or self.transport is None or self.transport.is_closing():
+                if slot:
+                    cluster.release(slot)
+                return
+            up.cancel = None
+            if slot is None:
+                self._run(self.core.upstream_admission_refused(a.upstream, SESSIONS_FULL, _now()))
+                return
+            if slot:
+                self.upstream_cluster_slots[a.upstream] = slot
+            self._open_upstream(a, device_id, up)
+            return
         if self.core.phase is not Phase.OPENING or self.transport is None or self.transport.is_closing():
             if slot:
                 cluster.release(slot)
@@ -776,7 +882,10 @@ class ClientSession(asyncio.Protocol):
             self._run(self.core.admission_refused(SESSIONS_FULL, _now()))
             return
         self.cluster_slot = slot or None
-        self._open_own(a, device_id)
+        if a.optimistic:
+            self._open_early(a, device_id)
+        else:
+            self._open_own(a, device_id)
 
     def _open_own(self, a: OpenStream, device_id: str | None) -> None:
         cancel = self.server.exit.open(device_id, a.host, a.port, self)

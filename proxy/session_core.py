@@ -422,6 +422,12 @@ class SessionCore:
         """OpenStream of upstream ``uid`` found no live tunnel."""
         return self._upstream_refused(uid, DEVICE_OFFLINE, now)
 
+    def upstream_admission_refused(self, uid: int, refusal: Refusal, now: Instant) -> list[Action]:
+        """The cluster-wide session count (Redis) had no free slot for upstream ``uid``."""
+        if refusal.blocked:
+            self.metrics.sessions_blocked += 1
+        return self._upstream_refused(uid, refusal, now)
+
     def upstream_open_result(self, uid: int, rep: int, reason: str, resolved_ip: str, opened: bool,
                              now: Instant) -> list[Action]:
         """The device's answer for upstream ``uid``."""

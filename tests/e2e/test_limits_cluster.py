@@ -99,3 +99,74 @@ async def test_one_quota_over_two_nodes(cluster, targets):
     await asyncio.sleep(2.5)
     status, usage = await cluster["dep"].call("GET", f"/api/v2/proxy/connections/{cid}/usage", cluster["token"])
     assert usage["used_bytes"] == quota and usage["remaining_bytes"] == 0
+
+
+async def test_concurrent_downloads_on_two_nodes_never_pass_one_quota(cluster, targets):
+    """Both nodes relay at once through one quota: together they stop exactly at it (quota leases)."""
+    quota = 3_000_000
+    conn = await new_connection(cluster, {"quota_bytes": quota})
+    cid, pw = conn["connectionId"], conn["password"]
+
+    async def fetch(port: int) -> tuple[int, bool]:
+        r, w, _ = await socks5_open(port, cid, pw, "127.0.0.1", targets.http_port)
+        req = b"GET /bytes/50000000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        w.write(req)
+        got, closed = 0, False
+        try:
+            while chunk := await asyncio.wait_for(r.read(65536), 20):
+                got += len(chunk)
+            closed = True
+        except (TimeoutError, ConnectionError):
+            pass
+        w.close()
+        return got + len(req), closed
+
+    (got_a, closed_a), (got_b, closed_b) = await asyncio.gather(fetch(cluster["a"].proxy_port),
+                                                                fetch(cluster["b"].proxy_port))
+    total = got_a + got_b
+    print(f"one {quota} B quota over two nodes at once: node A {got_a} + node B {got_b} = {total} B, "
+          f"overshoot {total - quota} B")
+    assert closed_a and closed_b, "a session that reached the quota was not closed"
+    assert got_a > 0.05 * quota and got_b > 0.05 * quota  # both nodes really relayed concurrently
+    assert total == quota
+    for node in ("a", "b"):
+        assert await socks5_code(cluster[node].proxy_port, cid, pw, "127.0.0.1", targets.http_port) == 0x02
+    await asyncio.sleep(2.5)
+    status, usage = await cluster["dep"].call("GET", f"/api/v2/proxy/connections/{cid}/usage", cluster["token"])
+    assert status == 200 and usage["used_bytes"] == total and usage["remaining_bytes"] == 0
+
+
+async def forward_get(port: int, cid: str, pw: str, http_port: int) -> tuple[int, dict, asyncio.StreamWriter]:
+    """One absolute-form GET through the node, keep-alive (the upstream stays open): (status, headers, writer)."""
+    import base64
+
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    auth = base64.b64encode(f"{cid}:{pw}".encode()).decode()
+    w.write(f"GET http://127.0.0.1:{http_port}/hello HTTP/1.1\r\nHost: 127.0.0.1:{http_port}\r\n"
+            f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+    head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    await asyncio.wait_for(r.readexactly(int(headers.get("content-length", "0"))), 10)
+    return int(lines[0].split()[1]), headers, w
+
+
+async def test_absolute_form_forwarding_takes_a_cluster_session_slot(cluster, targets):
+    conn = await new_connection(cluster, {"max_concurrent_sessions": 1})
+    cid, pw = conn["connectionId"], conn["password"]
+    a, b = cluster["a"].proxy_port, cluster["b"].proxy_port
+    status, _h, wa = await forward_get(a, cid, pw, targets.http_port)
+    assert status == 200  # node A forwards; its upstream (keep-alive) holds the connection's one slot
+    status, headers, wb = await forward_get(b, cid, pw, targets.http_port)
+    wb.close()
+    assert status == 429 and headers.get("retry-after")  # node B's own count is 0: the cluster refused
+    assert await socks5_code(b, cid, pw, "127.0.0.1", targets.echo_port) == 0x02
+    wa.close()
+    deadline = time.monotonic() + 5
+    while True:
+        status, _h, wb = await forward_get(b, cid, pw, targets.http_port)
+        wb.close()
+        if status == 200:
+            break
+        assert time.monotonic() < deadline, "closing node A's forwarding connection never freed the slot"
+        await asyncio.sleep(0.05)

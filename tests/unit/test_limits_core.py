@@ -24,23 +24,30 @@ def rec(**limits: object) -> CredentialRecord:
 
 
 # -- token bucket ----------------------------------------------------------------------------------
-def test_bucket_burst_is_half_a_second_and_the_long_run_rate_holds() -> None:
+def test_bucket_burst_is_half_a_second_and_never_gives_more_than_its_tokens() -> None:
     b = TokenBucket(1000, now=0.0)
-    assert b.consume(500, 0.0) == 0.0          # the burst: 0.5 s of the rate
-    assert b.consume(100, 0.0) == pytest.approx(0.1)  # then a debt: pause 0.1 s
-    sent_bytes, t = 600, 0.0
-    while t < 10.0:                             # a source that sends 100 B whenever allowed
-        t += b.wait(t) or 0.01
-        b.consume(100, t)
-        sent_bytes += 100
-    assert sent_bytes <= 1000 * 10 + 500 + 200
+    assert b.take(262_144, 0.0) == 500         # a whole socket read gets only the burst: 0.5 s of the rate
+    assert b.take(100, 0.0) == 0                # nothing more until tokens come back
+    assert b.until(100, 0.0) == pytest.approx(0.1)
+    sent_bytes, t = 500, 0.0
+    while t < 10.0:                             # a source that always has 256 KiB waiting
+        t += b.until(262_144, t) or 0.001
+        sent_bytes += b.take(262_144, t)
+    assert 1000 * 10 <= sent_bytes <= 1000 * 10 + 500 + 100  # the rate plus the burst, not plus a read
+
+
+def test_bucket_wakes_a_waiting_source_for_a_grain_not_for_every_byte() -> None:
+    b = TokenBucket(50_000, now=0.0)
+    b.take(25_000, 0.0)
+    assert b.grain() == 4096 and b.until(262_144, 0.0) == pytest.approx(4096 / 50_000)
+    assert TokenBucket(10, 0.0).grain() == 5    # never more than the burst
 
 
 def test_bucket_rate_change_applies_to_the_next_bytes() -> None:
     b = TokenBucket(1000, 0.0)
-    b.consume(500, 0.0)
+    b.take(500, 0.0)
     b.set_rate(100, 0.0)
-    assert b.burst == 50 and b.consume(100, 0.0) == pytest.approx(1.0)
+    assert b.burst == 50 and b.take(100, 0.0) == 0 and b.until(50, 0.0) == pytest.approx(0.5)
 
 
 def test_leased_bucket_only_fills_from_grants() -> None:
@@ -48,7 +55,8 @@ def test_leased_bucket_only_fills_from_grants() -> None:
     assert b.tokens == 0 and b.want() == 100   # one 100 ms slice
     b.grant(10_000)
     assert b.tokens == 100                      # capped at a slice
-    assert b.consume(150, 5.0) == pytest.approx(0.05)  # no refill by time
+    assert b.take(150, 5.0) == 100 and b.take(1, 10.0) == 0  # no refill by time
+    assert b.until(50, 10.0) == pytest.approx(0.05)         # the next lease tick
 
 
 # -- session slots and quota -----------------------------------------------------------------------
@@ -85,6 +93,56 @@ def test_flush_moves_bytes_once_and_reads_back_other_nodes() -> None:
     st.count(50)                          # relayed while the flush is in flight
     book.flushed(st, 300, 300 + 1000)     # another node added 1000
     assert st.used() == 1350 and book.take_increments()[0][1] == 50
+
+
+def test_leasing_relays_only_the_lease_and_stops_when_it_is_void() -> None:
+    book = LimitBook()
+    book.leasing = True
+    r = rec(quota_bytes=1_000_000, quota_period="total")
+    assert book.admit(r, 0.0, T0) is None
+    st = book.states[CID]
+    assert st.allow(100, 0.0) == 0 and st.wants_lease(0.0)   # nothing before a lease
+    st.lease_asked = True
+    assert not st.wants_lease(0.0)                           # one request at a time
+    st.leased(granted=300, used=0, others=0, asked_at=0.0)
+    assert st.allow(1000, 1.0) == 300 and not st.exhausted()
+    st.count(300)
+    assert st.allow(1, 1.0) == 0 and st.wants_lease(1.0)
+    st.leased(granted=500, used=0, others=0, asked_at=1.0)
+    assert st.allow(1000, 1.0 + 9.9) == 500
+    assert st.allow(1000, 1.0 + 10.0) == 0                   # past LEASE_TTL_S without renewal: void
+
+
+def test_no_grant_waits_while_another_node_holds_a_lease_and_is_spent_when_none_does() -> None:
+    book = LimitBook()
+    book.leasing = True
+    book.admit(rec(quota_bytes=1000, quota_period="total"), 0.0, T0)
+    st = book.states[CID]
+    st.leased(granted=0, used=600, others=400, asked_at=0.0)  # another node holds the rest
+    assert not st.spent and not st.exhausted()
+    st.leased(granted=0, used=1000, others=0, asked_at=0.1)
+    assert st.spent and st.exhausted()
+    refusal = book.admit(rec(quota_bytes=1000, quota_period="total"), 0.2, T0)
+    assert refusal is not None and refusal.block_reason == "quota"
+    book.state(rec(quota_bytes=5000, quota_period="total"), 0.3, T0)  # a raised quota: ask again
+    assert not st.spent and not st.exhausted()
+
+
+def test_flush_gives_back_an_idle_or_expired_lease_and_renews_the_rest() -> None:
+    book = LimitBook()
+    book.leasing = True
+    book.admit(rec(quota_bytes=10_000, quota_period="total"), 0.0, T0)
+    st = book.states[CID]
+    st.leased(granted=4000, used=0, others=0, asked_at=0.0)
+    st.count(1000)
+    [(_, delta)] = book.take_increments(1.0)       # in use: kept
+    assert delta == 1000 and st.lease == 3000 and st.give_back == 0
+    book.flushed(st, delta, 1000, 0, renewed_at=1.0)
+    assert st.lease_until == pytest.approx(11.0)
+    book.take_increments(2.0)                      # nothing relayed since: the lease goes back
+    assert st.lease == 0 and st.give_back == 3000
+    book.flushed(st, 0, 1000, 3000, renewed_at=2.0)
+    assert st.give_back == 0
 
 
 def test_usage_periods_are_utc_day_month_and_total() -> None:
