@@ -104,7 +104,8 @@ async def test_one_quota_over_two_nodes(cluster, targets):
 async def test_concurrent_downloads_on_two_nodes_never_pass_one_quota(cluster, targets):
     """Both nodes relay at once through one quota: together they stop exactly at it (quota leases)."""
     quota = 3_000_000
-    conn = await new_connection(cluster, {"quota_bytes": quota})
+    # a shared 1 MB/s keeps both downloads running for about 3 s, so both nodes hold leases at once
+    conn = await new_connection(cluster, {"quota_bytes": quota, "download_bytes_per_s": 1_000_000})
     cid, pw = conn["connectionId"], conn["password"]
 
     async def fetch(port: int) -> tuple[int, bool]:
