@@ -66,6 +66,9 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("RELAY_PORT", "relay_port", int, 0, "Node-to-node relay listener port; 0 = no relay (single node)"),
     ("RELAY_ADVERTISE", "relay_advertise", str, "",
      "host:port the other nodes dial to relay to this one (default 127.0.0.1:RELAY_PORT)"),
+    ("RELAY_TLS", "relay_tls", bool, True,
+     "Relay links over TLS 1.3 with the tunnel certificate (TUNNEL_TLS_CERT/KEY, which the nodes share), the "
+     "dialer pinning it; 0 = plaintext links with only the HMAC handshake, for a private network"),
     ("PRESENCE_TTL_S", "presence_ttl_s", float, 5.0,
      "Device and node presence expire this long after the last heartbeat (a dead node's devices, its name)"),
     ("ADMIN_TOKEN", "admin_token", str, "", "Admin API token; empty = generated once under DATA_DIR"),
@@ -231,6 +234,7 @@ class Settings:
     cluster_secret: str
     relay_port: int
     relay_advertise: str
+    relay_tls: bool
     presence_ttl_s: float
     log_store_url: str
     workers: int
