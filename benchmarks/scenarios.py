@@ -104,8 +104,10 @@ class Bench:
             self.pnode: Node = f_plain.result()
             self.onode: Node = f_opt.result()
             self.dnode: Node = f_dir.result()
+        shared_tls = self.node.data_dir / "tunnel-tls"  # the relay link is TLS, pinned to one shared certificate
         self.xnode: Node = procs.start_node(self.stack, db_url, "node-relay", {
-            "REQUEST_LOG": rl, "CLUSTER_SECRET": secret, "RELAY_PORT": str(procs.free_port())})
+            "REQUEST_LOG": rl, "CLUSTER_SECRET": secret, "RELAY_PORT": str(procs.free_port()),
+            "TUNNEL_TLS_CERT": str(shared_tls / "cert.pem"), "TUNNEL_TLS_KEY": str(shared_tls / "key.pem")})
         user = procs.admin(self.node, "create-user", "--name", "bench")["user_id"]
         keys = ["loop", "plain", "opt", *[p["key"] for p in PROFILES], *[p["key"] + "-opt" for p in PROFILES],
                 *[p["key"] + "-plain" for p in PROFILES]]

@@ -441,12 +441,13 @@ async def test_sigterm_sends_goaway_and_the_device_moves_to_the_next_server(clus
 
 
 async def test_without_redis_presence_and_relay_work_through_postgresql(pg_root, redis_url, tmp_path, targets):
+    """Also the one plaintext relay here: RELAY_TLS=0, which a private network may choose explicitly."""
     from cluster_fixtures import Cluster
     from conftest import create_database
 
     url = await create_database(pg_root[0])
     c = Cluster(url, "", tmp_path, "pg")
-    nodes = [c.make_node(i, REDIS_URL="") for i in (1, 2)]
+    nodes = [c.make_node(i, REDIS_URL="", RELAY_TLS="0") for i in (1, 2)]
     await asyncio.gather(*(n.start() for n in nodes))
     for i, n in enumerate(nodes, 1):
         await c.attach(i, n)
@@ -460,6 +461,11 @@ async def test_without_redis_presence_and_relay_work_through_postgresql(pg_root,
                              targets.peer_port) == EXIT_A
         _s, health = await c.dep(1).call("GET", "/healthz")
         assert {n["name"] for n in health["nodes"]} == {c.name(1), c.name(2)}
+        # RELAY_TLS=0: the relay port speaks the HMAC handshake in the clear
+        reader, writer = await asyncio.open_connection("127.0.0.1", c.nodes[2].relay_port)
+        assert json.loads(await asyncio.wait_for(reader.readline(), 5))["node"] == c.name(2)
+        writer.close()
+        assert "RELAY_TLS=0" in c.nodes[2].log_path.read_text()
         # the name of a live node is refused here too
         twin = c.make_node(2, REDIS_URL="")
         with pytest.raises(RuntimeError, match="live presence"):
