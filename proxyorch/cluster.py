@@ -35,6 +35,7 @@ class ClusterRouting:
         self.exit: Any = None
         self.registry: Any = None
         self.relay_fingerprint: str | None = None  # the pinned certificate; None = plaintext links
+        self.pools: Any = None  # proxy.pool_cluster.ClusterPools (relaying node)
         self._relay_ssl: Any = None
 
     @property
@@ -92,6 +93,16 @@ class ClusterRouting:
                          metrics=self.relay_metrics, ssl=client_ssl, verify=verify)
         self.exit = ClusterExit(tunnels.registry, pool, self.presence.locate, self.presence.forget)
         return self.exit
+
+    def make_pools(self) -> Any:
+        """Pool routing across the nodes (members anywhere; sticky bindings in Redis when set), or None
+        when this node does not relay. Call after :meth:`make_exit`."""
+        from proxy.pool_cluster import ClusterPools
+
+        if self.exit is None:
+            return None
+        self.pools = ClusterPools(self.presence.locate, self.registry.is_online, self.settings.redis_url)
+        return self.pools
 
     def _relay_tls(self) -> tuple[Any, Any]:
         """(client context, pin verifier) for dialling peers; the listener's context is kept for
@@ -181,3 +192,5 @@ class ClusterRouting:
             self.relay_server.close_all()
         if self.exit is not None:
             self.exit.close()
+        if self.pools is not None:
+            await self.pools.close()

@@ -343,6 +343,46 @@ async def test_a_task_assigned_through_node_1_is_delivered_to_the_device_on_node
     assert record["remote_device_id"] == device["remote_device_id"]
 
 
+async def test_a_pool_and_its_sticky_token_work_through_every_node(cluster, targets, redis_url):
+    """Pool members on nodes 2 and 3, clients through any node; a sticky token picks the same device
+    whichever node its sessions land on (binding shared in Redis, gone ttl after its last session)."""
+    ids = [cluster.dev_a["remote_device_id"], cluster.dev_b["remote_device_id"]]
+    status, data = await cluster.dep(1).call("POST", BASE, cluster.token, json={"pool": {"device_ids": ids}})
+    assert status == 200, data
+    conn = data["connection"]
+    cid, pw = conn["connectionId"], conn["password"]
+    for i in (1, 2, 3):  # node 1 holds no member: both relayed
+        assert await exit_of(cluster.nodes[i].proxy_port, cid, pw, targets.peer_port) in (EXIT_A, EXIT_B)
+    # a session held open on node 1 takes device A (pool order), so the token binds to device B there
+    reader, held, _ = await socks5_open(cluster.nodes[1].proxy_port, cid, pw, "127.0.0.1", targets.peer_port)
+    assert (await asyncio.wait_for(reader.readline(), 5)).decode().strip() == EXIT_A
+    token = "sticky_" + uuid.uuid4().hex[:8]
+    assert await exit_of(cluster.nodes[1].proxy_port, f"{cid}-session-{token}-ttl-2", pw,
+                         targets.peer_port) == EXIT_B
+    held.close()
+    # nodes 2 and 3 have no load and no binding of their own: pool order alone would give device A
+    for i in (2, 3, 1, 3):
+        assert await exit_of(cluster.nodes[i].proxy_port, f"{cid}-session-{token}-ttl-2", pw,
+                             targets.peer_port) == EXIT_B, i
+    import redis.asyncio as aioredis
+
+    r = aioredis.from_url(redis_url)
+    key = f"proxyorch:sticky:{cid}:{token}"
+    assert await r.get(key) == cluster.dev_b["remote_device_id"].encode()
+    await asyncio.sleep(0.3)
+    assert 0 < await r.pttl(key) <= 2000  # the last session ended: ttl from then
+    await asyncio.sleep(2.5)
+    assert await r.get(key) is None
+    await r.aclose()
+    # expired everywhere: node 2 (fresh) routes the token by pool order again
+    assert await exit_of(cluster.nodes[2].proxy_port, f"{cid}-session-{token}-ttl-2", pw,
+                         targets.peer_port) == EXIT_A
+    # a sticky token on a one-device connection whose device is on another node
+    single = await cluster.dep(1).connection(cluster.token, cluster.dev_b["remote_device_id"])
+    assert await exit_of(cluster.nodes[1].proxy_port, f"{single['connectionId']}-session-one", single["password"],
+                         targets.peer_port) == EXIT_B
+
+
 async def test_relayed_clients_that_never_read_stall_without_growing_x_or_y(cluster, targets):
     from test_tunnel_memory import rss_mib, settle
 
