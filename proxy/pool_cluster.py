@@ -17,6 +17,7 @@ Redis trouble never fails a session: the node then routes with what it knows.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 Locate = Callable[[str], Awaitable[tuple[str, str] | None]]
 SEEN_S = 1.0       # a member found on another node stays usable this long without asking again
 HOLD_S = 600       # a binding with sessions somewhere lives at least this long (refreshed on use)
+MAX_PENDING_WRITES = 10_000
 PREPARE_TIMEOUT = 2.0
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -53,6 +55,8 @@ class ClusterPools:
             self.redis = aioredis.from_url(redis_url)
             self._release_script = self.redis.register_script(_RELEASE)
         self.tasks: set[asyncio.Task[Any]] = set()
+        self._writes: collections.deque[Callable[[], Awaitable[Any]]] = collections.deque()
+        self._writer: asyncio.Task[None] | None = None
         self.errors = 0
 
     def online_elsewhere(self, device_id: str) -> bool:
@@ -98,22 +102,33 @@ class ClusterPools:
     def bound(self, connection_id: str, token: str, device_id: str) -> None:
         """A session of ``token`` uses ``device_id``: (re)write the shared binding."""
         if self.redis is not None:
-            self._spawn(self.redis.set(sticky_key(connection_id, token), device_id, ex=HOLD_S))
+            key = sticky_key(connection_id, token)
+            self._write(lambda: self.redis.set(key, device_id, ex=HOLD_S))
 
     def idle(self, connection_id: str, token: str, device_id: str, ttl: float) -> None:
         """The token's last session on this node ended: the binding expires ``ttl`` from now."""
         if self._release_script is not None:
-            self._spawn(self._release_script(keys=[sticky_key(connection_id, token)],
-                                             args=[device_id, max(1, int(ttl * 1000))]))
+            key, ms = sticky_key(connection_id, token), max(1, int(ttl * 1000))
+            self._write(lambda: self._release_script(keys=[key], args=[device_id, ms]))
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        async def run() -> None:
+    def _write(self, command: Callable[[], Awaitable[Any]]) -> None:
+        """Queue a Redis write; one writer sends them in order (a binding's SET before its expiry)."""
+        if len(self._writes) >= MAX_PENDING_WRITES:
+            self.errors += 1
+            return
+        self._writes.append(command)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+            self.own(self._writer)
+
+    async def _drain(self) -> None:
+        while self._writes:
+            command = self._writes.popleft()
             try:
-                await coro
+                await command()
             except Exception as exc:
                 self.errors += 1
                 log.warning("sticky binding not shared: %s", exc)
-        self.own(asyncio.get_running_loop().create_task(run()))
 
     def own(self, task: asyncio.Task[Any]) -> None:
         """Keep ``task`` referenced until it ends; cancelled by :meth:`close`."""

@@ -37,6 +37,7 @@ class ClusterRouting:
         self.relay_fingerprint: str | None = None  # the pinned certificate; None = plaintext links
         self.pools: Any = None  # proxy.pool_cluster.ClusterPools (relaying node)
         self._relay_ssl: Any = None
+        self._relay_client: tuple[Any, Any] = (None, None)  # (client context, pin verifier)
 
     @property
     def enabled(self) -> bool:
@@ -55,6 +56,8 @@ class ClusterRouting:
             return
         if s.relay_port and not s.cluster_secret:
             raise SystemExit("RELAY_PORT needs CLUSTER_SECRET (the secret every node of the cluster shares)")
+        if s.relay_port:  # a bad certificate fails the start before this node is announced
+            self._relay_client = self._relay_tls()
         publish = self.bus.publish
         if s.redis_url:
             presence = RedisPresence(s.redis_url, s.node_name, self.relay_address(), s.presence_ttl_s, publish)
@@ -88,7 +91,7 @@ class ClusterRouting:
         self.relay_metrics = RelayMetrics()
         self.relay_server = RelayServer(node_name=s.node_name, secret=s.cluster_secret, registry=tunnels.registry,
                                         config=config, budget=tunnels.budget, metrics=self.relay_metrics)
-        client_ssl, verify = self._relay_tls()
+        client_ssl, verify = self._relay_client
         pool = RelayPool(node_name=s.node_name, secret=s.cluster_secret, config=config, budget=tunnels.budget,
                          metrics=self.relay_metrics, ssl=client_ssl, verify=verify)
         self.exit = ClusterExit(tunnels.registry, pool, self.presence.locate, self.presence.forget)
