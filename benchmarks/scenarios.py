@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import collections
 import concurrent.futures
 import os
@@ -94,7 +95,9 @@ class Bench:
             # node-tunnel holds the device (Y); node-relay (X) serves clients for it through the
             # node-to-node relay (presence in PostgreSQL: no Redis needed for the benchmark)
             secret = uuid.uuid4().hex
-            cluster = {"CLUSTER_SECRET": secret, "RELAY_PORT": str(procs.free_port())}
+            # a cluster setting needs RMS_KEY (and ADMIN_TOKEN, which node_env sets) explicitly
+            rms_key = base64.b64encode(os.urandom(32)).decode()
+            cluster = {"CLUSTER_SECRET": secret, "RELAY_PORT": str(procs.free_port()), "RMS_KEY": rms_key}
             f_tun = ex.submit(procs.start_node, self.stack, db_url, "node-tunnel", {"REQUEST_LOG": rl, **cluster})
             f_plain = ex.submit(procs.start_node, self.stack, db_url, "node-plain",
                                 {"REQUEST_LOG": rl, "TUNNEL_TLS": "0"})
@@ -106,8 +109,10 @@ class Bench:
             self.pnode: Node = f_plain.result()
             self.onode: Node = f_opt.result()
             self.dnode: Node = f_dir.result()
+        shared_tls = self.node.data_dir / "tunnel-tls"  # the relay link is TLS, pinned to one shared certificate
         self.xnode: Node = procs.start_node(self.stack, db_url, "node-relay", {
-            "REQUEST_LOG": rl, "CLUSTER_SECRET": secret, "RELAY_PORT": str(procs.free_port())})
+            "REQUEST_LOG": rl, "CLUSTER_SECRET": secret, "RELAY_PORT": str(procs.free_port()), "RMS_KEY": rms_key,
+            "TUNNEL_TLS_CERT": str(shared_tls / "cert.pem"), "TUNNEL_TLS_KEY": str(shared_tls / "key.pem")})
         user = procs.admin(self.node, "create-user", "--name", "bench")["user_id"]
         keys = ["loop", "plain", "opt", *[p["key"] for p in PROFILES], *[p["key"] + "-opt" for p in PROFILES],
                 *[p["key"] + "-plain" for p in PROFILES]]

@@ -7,6 +7,13 @@ an OPEN by opening a stream on the device's real tunnel (:class:`_Bridge`). Cred
 Y acknowledges bytes of one leg only once the other leg's queue took them below its high-water mark,
 so a client that does not read stalls its own stream on X, Y and the device, and nothing grows.
 
+A link also carries CONTROL messages for a device on Y (:meth:`RelayLink.control`): Y sends the
+message on the device's tunnel and returns the device's CONTROL_REPLY (or why it could not).
+
+TLS: with ``ssl`` the link is TLS 1.3 (Y serves the cluster's shared tunnel certificate) and X checks
+the certificate with ``verify`` (a pin) before reading or sending a byte of the handshake; the HMAC
+handshake runs inside it. Without ``ssl`` the link is plain TCP with only the HMAC handshake.
+
 :class:`RelayPool` keeps the authenticated links of X per peer; :class:`RelayServer` accepts them.
 """
 
@@ -23,6 +30,8 @@ from .adapter import TunnelProtocol, TunnelStream
 from .connection import Role, TunnelConfig
 from .errors import LocalUsageError
 from .events import (
+    ControlReceived,
+    ControlReplyReceived,
     DataReceived,
     Event,
     HelloReceived,
@@ -36,12 +45,19 @@ from .registry import DeviceRegistry
 from .relay_auth import DialerAuth, ListenerAuth, RelayAuthError
 from .replies import ReplyCode
 from .server import OpenHandler, OpenResult
+from .tls import TunnelTlsError, Verifier
 from .windows import MemoryBudget
 
 log = logging.getLogger(__name__)
 
-AUTH_TIMEOUT = 10.0     # a relay connection that has not proved the secret by then is closed
-CONNECT_TIMEOUT = 3.0
+AUTH_TIMEOUT = 10.0     # a relay connection that has not proved the secret by then is closed (TLS included)
+CONNECT_TIMEOUT = 3.0   # TCP connect and TLS handshake of a new link
+CONTROL_MARGIN = 5.0    # X waits this much longer than the device's timeout for Y's answer
+MAX_CONTROL_TIMEOUT = 600.0
+
+
+class DeviceOffline(ConnectionError):
+    """No live tunnel of the device where it was looked for (this node, or the peer asked)."""
 
 
 class RelayMetrics:
@@ -128,6 +144,28 @@ class RelayLink(_LinkBase):
         self.expected_peer = expected_peer
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self._opening: dict[int, OpenHandler] = {}
+        self._control: dict[str, asyncio.Future[dict]] = {}
+        self._control_ids = 0
+        self.refused = False
+
+    def on_connected(self) -> None:
+        """TLS is up (or plain TCP): check the peer's certificate before any handshake byte."""
+        verify = self.pool.verify
+        if verify is None:
+            return
+        assert self.transport is not None
+        try:
+            verify(self.transport)
+        except TunnelTlsError as exc:
+            log.warning("relay link to %s refused: %s", self.expected_peer, exc)
+            if not self.ready.done():
+                self.ready.set_exception(exc)
+            self.refused = True
+            self.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.refused:  # nothing from a peer whose certificate failed is read
+            super().data_received(data)
 
     def auth_failed(self, reason: str) -> None:
         log.warning("relay link to %s refused: %s", self.expected_peer, reason)
@@ -160,6 +198,35 @@ class RelayLink(_LinkBase):
             if handler is not None:
                 handler.open_result(OpenResult(rep=event.rep, reason=event.reason,  # type: ignore[attr-defined]
                                                resolved_ip=event.resolved_ip, node=self.peer))  # type: ignore[attr-defined]
+        elif cls is ControlReplyReceived:
+            fut = self._control.pop(str(event.body.get("id")), None)  # type: ignore[attr-defined]
+            if fut is not None and not fut.done():
+                fut.set_result(event.body)  # type: ignore[attr-defined]
+
+    async def control(self, device_id: str, body: dict, timeout: float) -> dict:
+        """Send CONTROL ``body`` to ``device_id``'s tunnel on the peer; the device's CONTROL_REPLY.
+
+        Raises :class:`DeviceOffline` (no tunnel of the device on the peer), TimeoutError (the device
+        did not answer within ``timeout``) or ConnectionError (the device or the link went away)."""
+        self._control_ids += 1
+        cid = str(self._control_ids)
+        fut: asyncio.Future[dict] = self._loop.create_future()
+        self._control[cid] = fut
+        self.conn.send_control({"id": cid, "device": device_id, "timeout": timeout, "body": body})
+        self.output_ready()
+        try:
+            answer = await asyncio.wait_for(fut, timeout + CONTROL_MARGIN)
+        finally:
+            self._control.pop(cid, None)
+        error = answer.get("error")
+        if error is None and isinstance(answer.get("reply"), dict):
+            return answer["reply"]
+        reason = str(answer.get("reason") or error)
+        if error == "offline":
+            raise DeviceOffline(reason)
+        if error == "timeout":
+            raise TimeoutError(reason)
+        raise ConnectionError(reason)
 
     @property
     def usable(self) -> bool:
@@ -193,6 +260,9 @@ class RelayLink(_LinkBase):
         opening, self._opening = self._opening, {}
         for handler in opening.values():
             handler.open_result(OpenResult(rep=ReplyCode.NETWORK_UNREACHABLE, reason="relay link lost", node=self.peer))
+        for fut in self._control.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("relay link lost"))
 
 
 class RelayPool:
@@ -200,11 +270,13 @@ class RelayPool:
 
     def __init__(self, *, node_name: str, secret: str, config: TunnelConfig, budget: MemoryBudget | None,
                  metrics: RelayMetrics | None = None, ssl: ssl_module.SSLContext | None = None,
-                 server_hostname: str | None = None) -> None:
+                 server_hostname: str | None = None, verify: Verifier | None = None) -> None:
+        """``ssl``: dial links over TLS; ``verify(transport)`` then checks the peer (raises
+        :class:`~device_tunnel.tls.TunnelTlsError`), e.g. ``tls.pin_verifier(shared_fingerprint)``."""
         self.node_name, self.secret = node_name, secret
         self.config, self.budget = config, budget
         self.metrics = metrics or RelayMetrics()
-        self.ssl, self.server_hostname = ssl, server_hostname
+        self.ssl, self.server_hostname, self.verify = ssl, server_hostname, verify
         self.links: dict[str, list[RelayLink]] = {}
         self._connecting: dict[str, asyncio.Task[RelayLink]] = {}
 
@@ -226,7 +298,8 @@ class RelayPool:
         try:
             _tr, link = await asyncio.wait_for(loop.create_connection(
                 lambda: RelayLink(self, peer), host.strip("[]"), int(port), ssl=self.ssl,
-                server_hostname=self.server_hostname if self.ssl is not None else None), CONNECT_TIMEOUT)
+                server_hostname=self.server_hostname if self.ssl is not None else None,
+                ssl_handshake_timeout=CONNECT_TIMEOUT if self.ssl is not None else None), CONNECT_TIMEOUT)
             try:
                 await asyncio.wait_for(link.ready, AUTH_TIMEOUT)
             except BaseException:
@@ -366,7 +439,9 @@ class RelayPeer(_LinkBase):
         assert self.transport is not None
         self.server.connections.add(self)
         self.transport.write(self.auth.start())  # type: ignore[union-attr]
-        self._auth_timer = self._loop.call_later(self.server.auth_timeout, self._auth_timeout)
+        # with TLS, half the budget went to the TLS handshake (ssl_handshake_timeout of the listener)
+        left = self.server.auth_timeout / 2 if self.server.tls else self.server.auth_timeout
+        self._auth_timer = self._loop.call_later(left, self._auth_timeout)
 
     def _auth_timeout(self) -> None:
         self._auth_timer = None
@@ -399,8 +474,30 @@ class RelayPeer(_LinkBase):
                 bridge.cancel()
                 bridge.cancel = None
                 bridge.done()
+        elif cls is ControlReceived:
+            self.spawn(self._control(event.body))  # type: ignore[attr-defined]
         elif cls is WelcomeReceived and not event.ok:  # type: ignore[attr-defined]
             self.abort()
+
+    async def _control(self, msg: dict) -> None:
+        """A CONTROL for a device here: send it on the device's tunnel, answer with its reply."""
+        answer: dict[str, Any] = {"id": msg.get("id")}
+        device, body, timeout = msg.get("device"), msg.get("body"), msg.get("timeout")
+        tunnel = self.server.registry.pick(device) if isinstance(device, str) and device else None
+        if not isinstance(body, dict) or not isinstance(timeout, int | float) or not 0 < timeout <= MAX_CONTROL_TIMEOUT:
+            answer.update(error="invalid", reason="malformed relayed CONTROL")
+        elif tunnel is None:
+            answer.update(error="offline", reason=f"device offline (not on node {self.server.node_name})")
+        else:
+            try:
+                answer["reply"] = await tunnel.control(body, timeout=float(timeout))
+            except TimeoutError:
+                answer.update(error="timeout", reason="the device did not answer in time")
+            except (ConnectionError, OSError) as exc:
+                answer.update(error="disconnected", reason=f"device disconnected: {exc}")
+        if not self.closed:
+            self.conn.send_control_reply(answer)
+            self.output_ready()
 
     def _open(self, ev: StreamOpenRequested) -> None:
         relay = ev.relay or {}
@@ -444,15 +541,21 @@ class RelayServer:
         self.config, self.budget = config, budget
         self.metrics = metrics or RelayMetrics()
         self.auth_timeout = auth_timeout
+        self.tls = False
         self.connections: set[RelayPeer] = set()
         self._by_connection: dict[str, set[_Bridge]] = {}
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int, ssl: ssl_module.SSLContext | None = None) -> None:
-        """Listen for relay links (``ssl``: TLS as the device tunnel; None = plain TCP)."""
+        """Listen for relay links (``ssl``: TLS 1.3 with the tunnel certificate; None = plain TCP).
+
+        With TLS, a connection gets ``auth_timeout / 2`` for the TLS handshake and the rest for the
+        relay handshake, so one that sends nothing is closed within ``auth_timeout`` either way."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: RelayPeer(self), host, port, reuse_address=True,
-                                                backlog=1024, ssl=ssl)
+        self.tls = ssl is not None
+        self._server = await loop.create_server(
+            lambda: RelayPeer(self), host, port, reuse_address=True, backlog=1024, ssl=ssl,
+            ssl_handshake_timeout=self.auth_timeout / 2 if ssl is not None else None)
 
     @property
     def port(self) -> int:
@@ -501,4 +604,4 @@ def relay_config(base: TunnelConfig) -> TunnelConfig:
                         handshake_timeout=AUTH_TIMEOUT + base.handshake_timeout, windows=base.windows)
 
 
-__all__: list[Any] = ["RelayLink", "RelayMetrics", "RelayPeer", "RelayPool", "RelayServer", "relay_config"]
+__all__: list[Any] = ["DeviceOffline", "RelayLink", "RelayMetrics", "RelayPeer", "RelayPool", "RelayServer", "relay_config"]

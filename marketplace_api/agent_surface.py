@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -22,6 +23,7 @@ import orjson
 from aiohttp import web
 
 from device_tunnel.registry import DeviceRegistry
+from device_tunnel.relay import DeviceOffline
 from proxyorch.tasks import TaskSet
 from proxyorch.tokens import hash_token
 
@@ -45,6 +47,7 @@ MAX_DATA_CHARS = 100_000
 MAX_FILES = 20
 MAX_VARIABLES_BYTES = 64 * 1024
 DELIVERY_TIMEOUT_S = 10.0
+DeviceControl = Callable[[str, dict, float], Awaitable[dict]]
 
 
 def _bad(message: str) -> ApiError:
@@ -343,7 +346,9 @@ async def put_bucket(pool: asyncpg.Pool, agent: AgentIdentity, body: dict) -> di
 
 
 # -- launchAutomation -----------------------------------------------------------------------------------
-async def launch(pool: asyncpg.Pool, registry: DeviceRegistry, node_name: str, user_id: str, body: dict) -> dict:
+async def launch(pool: asyncpg.Pool, control: DeviceControl, user_id: str, body: dict) -> dict:
+    """``control(device_id, message, timeout)`` reaches the device on whichever node holds its tunnel
+    (raises :class:`DeviceOffline` when none does)."""
     device_id = parse_uuid(body.get("device_id"))
     if device_id is None:
         raise _bad("device_id is required" if not body.get("device_id") else "Invalid device_id")
@@ -365,23 +370,19 @@ async def launch(pool: asyncpg.Pool, registry: DeviceRegistry, node_name: str, u
         raise _bad("automationId is required to stop an automation")
     automation_id = automation_id or uuid.uuid4().hex
     device = await pool.fetchrow(
-        "SELECT user_id, rented_by, payment_type, online, node FROM devices WHERE remote_device_id = $1",
+        "SELECT user_id, rented_by, payment_type FROM devices WHERE remote_device_id = $1",
         device_id)
     uid = uuid.UUID(user_id)
     if device is None or not (device["user_id"] == uid
                               or (device["rented_by"] == uid and device["payment_type"] == "live")):
         raise ApiError(404, "Device not found")
-    tunnel = registry.pick(device_id)
-    if tunnel is None:
-        if device["online"] and device["node"] and device["node"] != node_name:
-            raise _bad(f"Device is connected to node '{device['node']}', not this one;"
-                       " launch it through that node")
-        raise _bad("Device is offline: it has no live tunnel, so the automation cannot be delivered")
     message = {"command": command, "automationId": automation_id}
     if code is not None:
         message["code"] = code
     try:
-        reply = await tunnel.control(message, timeout=DELIVERY_TIMEOUT_S)
+        reply = await control(device_id, message, DELIVERY_TIMEOUT_S)
+    except DeviceOffline:
+        raise _bad("Device is offline: it has no live tunnel, so the automation cannot be delivered") from None
     except TimeoutError:
         raise ApiError(504, "The device did not answer the launch request in time") from None
     except (ConnectionError, OSError) as exc:

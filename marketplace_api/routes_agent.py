@@ -12,11 +12,13 @@ from collections.abc import AsyncIterator
 import asyncpg
 from aiohttp import web
 
+from device_tunnel.relay import DeviceOffline
+
 from . import agent_surface as surface
 from .agent_auth import agent_from_request
 from .auth import bearer_token, require_user
 from .bodies import json_response, read_json
-from .context import DEVICE_REGISTRY, POOL, SETTINGS
+from .context import CLUSTER, DEVICE_REGISTRY, POOL, SETTINGS
 from .errors import ApiError
 from .storage import read_json_limited
 
@@ -114,8 +116,21 @@ async def launch_automation(request: web.Request) -> web.Response:
     """Launch (or stop) automation code on a device the caller owns, over its live tunnel."""
     user = await require_user(request)
     body = await read_json_limited(request, 6 * 1024 * 1024)
-    return json_response(await surface.launch(_pool(request), request.app[DEVICE_REGISTRY],
-                                          request.app[SETTINGS].node_name, user, body))
+    return json_response(await surface.launch(_pool(request), _device_control(request.app), user, body))
+
+
+def _device_control(app: web.Application) -> surface.DeviceControl:
+    """CONTROL to a device's tunnel here, else (a cluster node) over the relay to the node holding it."""
+    registry, cluster = app[DEVICE_REGISTRY], app[CLUSTER]
+
+    async def control(device_id: str, message: dict, timeout: float) -> dict:
+        tunnel = registry.pick(device_id)
+        if tunnel is not None:
+            return await tunnel.control(message, timeout=timeout)
+        if cluster is None:
+            raise DeviceOffline("device offline")
+        return await cluster.control(device_id, message, timeout)
+    return control
 
 
 async def _delivery(app: web.Application) -> AsyncIterator[None]:

@@ -4,6 +4,9 @@ Same interface as :class:`proxy.exits.TunnelExit` (``open(device_id, host, port,
 ``handler.open_result``), so sessions do not know whether their device is here or on a peer. A
 relayed result carries the peer in ``OpenResult.node``. A device online nowhere answers
 ``NETWORK_UNREACHABLE`` ("device offline"), as a local offline device does.
+
+:meth:`ClusterExit.control` does the same for CONTROL messages (``launchAutomation``): the local
+tunnel, else the relay link to the device's node.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from device_tunnel.relay import RelayPool
+from device_tunnel.relay import DeviceOffline, RelayPool
 from device_tunnel.replies import ReplyCode
 from device_tunnel.server import OpenHandler, OpenResult
 
@@ -74,6 +77,31 @@ class ClusterExit(TunnelExit):
             return
         state["link"] = link
         state["sid"] = link.open_stream(host, port, handler, device_id, getattr(handler, "connection_id", None))
+
+    async def control(self, device_id: str, body: dict, timeout: float) -> dict:
+        """Send CONTROL ``body`` to the device wherever its tunnel is; its CONTROL_REPLY.
+
+        Raises :class:`DeviceOffline` when it is online nowhere (or its node cannot be reached),
+        TimeoutError when the device does not answer within ``timeout``, ConnectionError when it or
+        the link goes away meanwhile: the same as for a tunnel on this node."""
+        tunnel = self.registry.pick(device_id)
+        if tunnel is not None:
+            return await tunnel.control(body, timeout=timeout)
+        try:
+            where = await self.locate(device_id)
+        except Exception as exc:
+            log.warning("presence lookup failed: %s", exc)
+            where = None
+        if where is None:
+            raise DeviceOffline("device offline")
+        node, address = where
+        try:
+            link = await self.pool.link(node, address)
+        except ConnectionError as exc:
+            log.warning("%s", exc)
+            self.forget(device_id)
+            raise DeviceOffline(f"device offline (its node {node} cannot be reached)") from None
+        return await link.control(device_id, body, timeout)
 
     def close(self) -> None:
         for task in list(self.tasks):

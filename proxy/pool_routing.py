@@ -4,6 +4,7 @@ Each new session goes to a usable device of the pool with the fewest active sess
 pool's order). A session with a sticky token (``-session-TOKEN`` in the username) goes to the
 device the token is bound to while that device stays usable; the binding lasts while the token has
 sessions and ``ttl`` seconds after its last one ended. ``-country-CC`` narrows the pool first.
+On a cluster node the binding another node made (``hint``, from Redis) takes precedence.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ class PoolRouter:
         self._calls = 0
 
     def choose(self, connection_id: str, candidates: Sequence[Candidate], params: RouteParams,
-               usable: Callable[[str], bool], now: float, busy: Callable[[str], bool] | None = None) -> Lease | None:
+               usable: Callable[[str], bool], now: float, busy: Callable[[str], bool] | None = None,
+               hint: str | None = None) -> Lease | None:
         """A lease on the device for a new session, or None when no device of the pool is usable.
 
         ``busy`` devices (rotating their IP: a session there waits) are chosen freely only when no
-        other member is usable; a sticky token keeps its busy device.
+        other member is usable; a sticky token keeps its busy device. ``hint``: the device the token
+        is bound to cluster-wide (another node's binding), used when it is a usable member.
         """
         self._calls += 1
         if self._calls % PURGE_EVERY == 0:
@@ -58,6 +61,9 @@ class PoolRouter:
         key = (connection_id, params.session) if params.session is not None else None
         if key is not None:
             bound = self._sticky.get(key)
+            if hint is not None and hint in members and usable(hint) and (bound is None or bound.device_id != hint):
+                bound = self._sticky[key] = _Sticky(hint, bound.active if bound is not None else 0,
+                                                    now + params.ttl, params.ttl)
             if bound is not None and (bound.active > 0 or bound.expires > now) and bound.device_id in members \
                     and usable(bound.device_id):
                 bound.active += 1
@@ -82,8 +88,8 @@ class PoolRouter:
             self._sticky[key] = _Sticky(best, active + 1, 0.0, params.ttl)
         return Lease(best, key)
 
-    def release(self, lease: Lease, now: float) -> None:
-        """The session of ``lease`` ended."""
+    def release(self, lease: Lease, now: float) -> float | None:
+        """The session of ``lease`` ended; the binding's ttl when that left it without sessions."""
         n = self.load[lease.device_id] - 1
         if n > 0:
             self.load[lease.device_id] = n
@@ -95,6 +101,8 @@ class PoolRouter:
                 bound.active -= 1
                 if bound.active == 0:
                     bound.expires = now + bound.ttl
+                    return bound.ttl
+        return None
 
     def bound_device(self, connection_id: str, token: str, now: float) -> str | None:
         """The device ``token`` is bound to right now (None: not bound or expired)."""

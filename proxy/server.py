@@ -121,6 +121,7 @@ class ProxyServer:
         self.on_quota_reached = None  # callback() set by the usage keeper (flush soon)
         self.on_lease_needed = None  # callback() set by the usage keeper (a quota lease runs low)
         self.cluster = None  # proxy.cluster_limits.ClusterLimits with REDIS_URL: limits shared by the nodes
+        self.pools = None  # proxy.pool_cluster.ClusterPools on a relaying node: members and bindings cluster-wide
         self.bind_host = "0.0.0.0"  # UDP relay sockets bind here (see proxy/udp_relay.py)
         self.max_unauth_per_ip = max_unauth_per_ip
         self.unauth: dict[str, int] = {}  # client address -> connections not authenticated yet
@@ -177,9 +178,11 @@ class ProxyServer:
                 log.info("terminated %d sessions of %s", n, ev.ident)
 
     def device_usable(self, device_id: str) -> bool:
-        """A pool member can take a new session: online here, or rotating (the session waits)."""
+        """A pool member can take a new session: online here (or on another node of the cluster), or
+        rotating (the session waits)."""
         online = getattr(self.exit, "is_online", None)
-        return self.gate.is_rotating(device_id) or online is None or online(device_id)
+        return (self.gate.is_rotating(device_id) or online is None or online(device_id)
+                or (self.pools is not None and self.pools.online_elsewhere(device_id)))
 
     def record_row(self, row: AttemptRow) -> None:
         """Hand one request-log row to the writer; never blocks."""
@@ -749,17 +752,27 @@ class ClientSession(asyncio.Protocol):
         self.timer = None
         self._run(self.core.timer_fired(_now()))
 
-    def _open(self, a: OpenStream) -> None:
-        """Route (pool member, sticky session), wait out an IP rotation of the device, then open."""
+    def _open(self, a: OpenStream, prepared: bool = False, hint: str | None = None) -> None:
+        """Route (pool member, sticky session), wait out an IP rotation of the device, then open.
+
+        On a cluster node the route is prepared first when this node does not know enough
+        (members held by other nodes, the token's cluster-wide binding): see proxy/pool_cluster.py."""
         server = self.server
         device_id = a.device_id
         record = self.core.record
         params = self.route_params
         if record is not None and not self.core.needs_no_device and (
                 record.is_pool or (params is not None and not params.plain)):
-            lease = server.router.choose(record.connection_id, record.pool or ((device_id, None),),
+            candidates = record.pool or ((device_id, None),)
+            pools, token = server.pools, params.session if params is not None else None
+            if pools is not None and not prepared and (record.pool or device_id) and pools.needs_prepare(
+                    [c[0] for c in candidates], token):
+                self._prepare_route(pools, a, record.connection_id, [c[0] for c in candidates], token)
+                return
+            lease = server.router.choose(record.connection_id, candidates,
                                          params or RouteParams(record.connection_id), server.device_usable,
-                                         time.monotonic(), server.gate.is_rotating) if (record.pool or device_id) else None
+                                         time.monotonic(), server.gate.is_rotating,
+                                         hint) if (record.pool or device_id) else None
             if lease is None:
                 if a.upstream is None:
                     self._run(self.core.open_unavailable(_now()))
@@ -769,16 +782,47 @@ class ClientSession(asyncio.Protocol):
                 return
             self.leases[a.upstream] = lease
             device_id = lease.device_id
+            if pools is not None and lease.sticky_key is not None:
+                pools.bound(record.connection_id, lease.sticky_key[1], device_id)
             self.core.routed(device_id, a.upstream)
         if device_id is not None and server.gate.is_rotating(device_id):
             self._defer(a, device_id)
             return
         self._open_now(a, device_id)
 
+    def _prepare_route(self, pools, a: OpenStream, connection_id: str, members: list[str],  # noqa: ANN001
+                       token: str | None) -> None:
+        """Ask the cluster where the members are (and the token's binding), then route."""
+        task = asyncio.get_running_loop().create_task(pools.prepare(connection_id, members, token))
+        pools.own(task)
+        up = None
+        if a.upstream is None:
+            self.cancel_open = task.cancel
+        else:
+            up = self.upstreams[a.upstream] = Upstream(self, a.upstream)
+            up.cancel = task.cancel
+
+        def prepared(t: asyncio.Task) -> None:
+            if t.cancelled() or self.transport is None or self.transport.is_closing():
+                return
+            if up is None:
+                if self.core.phase is not Phase.OPENING:
+                    return
+                self.cancel_open = None
+            elif self.upstreams.get(a.upstream) is up:
+                del self.upstreams[a.upstream]
+            else:
+                return
+            self._open(a, prepared=True, hint=t.result())
+        task.add_done_callback(prepared)
+
     def _release(self, key: int | None) -> None:
         lease = self.leases.pop(key, None)
         if lease is not None:
-            self.server.router.release(lease, time.monotonic())
+            ttl = self.server.router.release(lease, time.monotonic())
+            pools = self.server.pools
+            if ttl is not None and pools is not None and lease.sticky_key is not None:
+                pools.idle(lease.sticky_key[0], lease.sticky_key[1], lease.device_id, ttl)
 
     def _defer(self, a: OpenStream, device_id: str) -> None:
         """Park the open until the device's rotation ends (bounded by ROTATE_WAIT_S), without blocking."""

@@ -1,6 +1,9 @@
 """Cluster routing of one node: presence, the relay listener and pool, the dead-node sweep.
 
 Active when ``REDIS_URL`` or ``RELAY_PORT`` is set; a single node without either runs none of it.
+Relay links are TLS 1.3 with the tunnel certificate, which the nodes of a cluster share; the dialer
+pins that certificate (its own fingerprint), so a node with another certificate can neither be dialled
+nor pass for a peer. ``RELAY_TLS=0`` makes them plain TCP with only the HMAC handshake.
 The node calls, in order: :meth:`ClusterRouting.start_presence` (refuses a live ``NODE_NAME``),
 :meth:`device_presence` as the tunnel server's presence hook, :meth:`make_exit`, :meth:`bus_event`
 for every bus event, :meth:`start_listeners`, :meth:`started` (returns the sweeper to own), and at
@@ -31,6 +34,10 @@ class ClusterRouting:
         self.relay_metrics: Any = None
         self.exit: Any = None
         self.registry: Any = None
+        self.relay_fingerprint: str | None = None  # the pinned certificate; None = plaintext links
+        self.pools: Any = None  # proxy.pool_cluster.ClusterPools (relaying node)
+        self._relay_ssl: Any = None
+        self._relay_client: tuple[Any, Any] = (None, None)  # (client context, pin verifier)
 
     @property
     def enabled(self) -> bool:
@@ -54,6 +61,8 @@ class ClusterRouting:
             return
         if s.relay_port and not s.cluster_secret:
             raise SystemExit("RELAY_PORT needs CLUSTER_SECRET (the secret every node of the cluster shares)")
+        if s.relay_port:  # a bad certificate fails the start before this node is announced
+            self._relay_client = self._relay_tls()
         publish = self.bus.publish
         if s.redis_url:
             presence = RedisPresence(s.redis_url, s.node_name, self.relay_address(), s.presence_ttl_s, publish,
@@ -89,10 +98,40 @@ class ClusterRouting:
         self.relay_metrics = RelayMetrics()
         self.relay_server = RelayServer(node_name=s.node_name, secret=s.cluster_secret, registry=tunnels.registry,
                                         config=config, budget=tunnels.budget, metrics=self.relay_metrics)
+        client_ssl, verify = self._relay_client
         pool = RelayPool(node_name=s.node_name, secret=s.cluster_secret, config=config, budget=tunnels.budget,
-                         metrics=self.relay_metrics)
+                         metrics=self.relay_metrics, ssl=client_ssl, verify=verify)
         self.exit = ClusterExit(tunnels.registry, pool, self.presence.locate, self.presence.forget)
         return self.exit
+
+    def make_pools(self) -> Any:
+        """Pool routing across the nodes (members anywhere; sticky bindings in Redis when set), or None
+        when this node does not relay. Call after :meth:`make_exit`."""
+        from proxy.pool_cluster import ClusterPools
+
+        if self.exit is None:
+            return None
+        self.pools = ClusterPools(self.presence.locate, self.registry.is_online, self.settings.redis_url)
+        return self.pools
+
+    def _relay_tls(self) -> tuple[Any, Any]:
+        """(client context, pin verifier) for dialling peers; the listener's context is kept for
+        :meth:`start_listeners`. The certificate is the tunnel's (TUNNEL_TLS_CERT/KEY, else the one
+        under DATA_DIR), also when TUNNEL_TLS=0: a TLS terminator in front of the tunnel port does not
+        cover the relay port."""
+        from device_tunnel.tls import client_context, pin_verifier
+
+        from .tunnel_cert import load_or_create
+
+        if not self.settings.relay_tls:
+            log.warning("RELAY_TLS=0: relay links are PLAINTEXT (client traffic in the clear between nodes); "
+                        "use it only on a private network")
+            return None, None
+        cert = load_or_create(self.settings)
+        self.relay_fingerprint = cert.fingerprint
+        self._relay_ssl = cert.context()
+        log.info("relay links over TLS with %s, peers pinned to %s", cert.cert_file, cert.fingerprint)
+        return client_context(pin=cert.fingerprint), pin_verifier(cert.fingerprint)
 
     def bus_event(self, event: str) -> None:
         """Presence invalidations; ``kill:<id>`` also ends the relayed streams this node holds."""
@@ -101,10 +140,19 @@ class ClusterRouting:
         if self.relay_server is not None and event.startswith("kill:"):
             self.relay_server.terminate_connection(event[5:], "connection deleted or dissociated")
 
-    async def start_listeners(self, host: str, ssl: Any = None) -> None:
-        """The relay listener (``ssl``: TLS as the device tunnel; None = plain TCP)."""
+    async def start_listeners(self, host: str) -> None:
+        """The relay listener (TLS unless RELAY_TLS=0)."""
         if self.relay_server is not None:
-            await self.relay_server.start(host, self.settings.relay_port, ssl=ssl)
+            await self.relay_server.start(host, self.settings.relay_port, ssl=self._relay_ssl)
+
+    async def control(self, device_id: str, body: dict, timeout: float) -> dict:
+        """CONTROL to a device whose tunnel is on another node (see :meth:`ClusterExit.control`);
+        :class:`~device_tunnel.relay.DeviceOffline` when relaying is off."""
+        from device_tunnel.relay import DeviceOffline
+
+        if self.exit is None:
+            raise DeviceOffline("device offline (no tunnel on this node, and this node does not relay)")
+        return await self.exit.control(device_id, body, timeout)
 
     async def started(self, registry: Any) -> Any:
         """The node is up: one heartbeat now (start-up work may have delayed it); returns the
@@ -154,3 +202,5 @@ class ClusterRouting:
             self.relay_server.close_all()
         if self.exit is not None:
             self.exit.close()
+        if self.pools is not None:
+            await self.pools.close()

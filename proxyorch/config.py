@@ -69,6 +69,9 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("API_ADVERTISE", "api_advertise", str, "",
      "http://HOST:PORT the other nodes use to reach this node's API, e.g. for the cluster-wide sessions list "
      "(default http://127.0.0.1:API_PORT; under --workers each worker's private port)"),
+    ("RELAY_TLS", "relay_tls", bool, True,
+     "Relay links over TLS 1.3 with the tunnel certificate (TUNNEL_TLS_CERT/KEY, which the nodes share), the "
+     "dialer pinning it; 0 = plaintext links with only the HMAC handshake, for a private network"),
     ("PRESENCE_TTL_S", "presence_ttl_s", float, 5.0,
      "Device and node presence expire this long after the last heartbeat (a dead node's devices, its name)"),
     ("ADMIN_TOKEN", "admin_token", str, "", "Admin API token; empty = generated once under DATA_DIR"),
@@ -235,6 +238,7 @@ class Settings:
     relay_port: int
     relay_advertise: str
     api_advertise: str
+    relay_tls: bool
     presence_ttl_s: float
     log_store_url: str
     workers: int

@@ -125,6 +125,7 @@ class Node:
             handshake_timeout=s.handshake_timeout_s, open_timeout=s.connect_timeout_s + 5,
             rotate_wait=s.rotate_wait_s, optimistic_open=s.optimistic_open,
             max_unauth_per_ip=s.max_unauth_per_ip)
+        self.proxy.pools = self.cluster.make_pools()
         self.rotations = RotationManager(self)
         if s.redis_url:  # several nodes: session slots and rate budget shared through Redis
             from proxy.cluster_limits import ClusterLimits

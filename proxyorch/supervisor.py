@@ -22,7 +22,8 @@ The supervisor (this process) prepares what the workers share, then runs and wat
   set); ``CLUSTER_SECRET``, ``RMS_KEY`` and ``ADMIN_TOKEN`` come from the settings or from files
   under ``DATA_DIR`` (``cluster.secret``, ``rms.key``, ``admin.token``; created 0600 once). The
   tunnel TLS certificate (``TUNNEL_TLS_CERT``/``_KEY``, else the one created once under
-  ``DATA_DIR``) is handed to every worker: an agent pins one fingerprint, whichever worker it reaches.
+  ``DATA_DIR``) is handed to every worker: an agent pins one fingerprint, whichever worker it reaches,
+  and the workers' relay links (TLS unless ``RELAY_TLS=0``) pin it too.
 
 SIGTERM / SIGINT: forwarded to every worker as SIGTERM (each drains as a single node does; worker 0
 last, so the others' final log batches reach its store); after
@@ -117,7 +118,8 @@ class Supervisor:
         data_dir = Path(s.data_dir).resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
         shared_env: dict[str, str] = {}
-        if s.tunnel_tls:  # one certificate for every worker: an agent pins one fingerprint
+        if s.tunnel_tls or (s.relay_port and s.relay_tls):  # one certificate for every worker: an agent
+            # pins one fingerprint, and the workers' relay links pin it too
             from .tunnel_cert import load_or_create
 
             cert = load_or_create(s)

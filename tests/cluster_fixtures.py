@@ -1,5 +1,6 @@
 """A cluster of real ``proxyorch serve`` processes: one PostgreSQL database, one redis-server, one
-CLUSTER_SECRET, a relay port each, distinct node names."""
+CLUSTER_SECRET, one tunnel certificate (TUNNEL_TLS_CERT/KEY: the device tunnels and the relay links are
+TLS, agents and nodes pin one fingerprint), a relay port each, distinct node names."""
 
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ class ClusterNode(NodeProcess):
     def env(self) -> dict[str, str]:
         return {**super().env(), "RELAY_PORT": str(self.relay_port)}
 
+    @property
+    def fingerprint(self) -> str:
+        from device_tunnel.tls import fingerprint_pem
+
+        return fingerprint_pem(Path(self.env()["TUNNEL_TLS_CERT"]).read_text())
+
     async def _start_once(self) -> NodeProcess:
         try:
             return await super()._start_once()
@@ -47,6 +54,14 @@ class Cluster:
         self.deps: dict[int, Deployment] = {}
         self.admin_token = uuid.uuid4().hex
 
+    def certificate(self, name: str = "shared") -> dict[str, str]:
+        """TUNNEL_TLS_CERT/KEY of a certificate made once under ``base/tls-<name>``."""
+        from proxyorch.config import load_settings
+        from proxyorch.tunnel_cert import load_or_create
+
+        cert = load_or_create(load_settings({"DATA_DIR": str(self.base / f"tls-{name}"), "NODE_NAME": name}))
+        return {"TUNNEL_TLS_CERT": cert.cert_file, "TUNNEL_TLS_KEY": cert.key_file}
+
     def name(self, i: int) -> str:
         return f"{self.tag}-n{i}"
 
@@ -54,10 +69,7 @@ class Cluster:
         node = ClusterNode(self.database_url, self.base / f"n{i}", {
             "NODE_NAME": self.name(i), "REDIS_URL": self.redis_url, "CLUSTER_SECRET": secret,
             "PRESENCE_TTL_S": str(PRESENCE_TTL_S), "RMS_KEY": RMS_KEY,
-            "ADMIN_TOKEN": self.admin_token,
-            # separate DATA_DIRs mean separate tunnel certificates; the agents here fail over between
-            # nodes, so the tunnel runs plaintext on loopback (a shared TUNNEL_TLS_CERT is the real setup)
-            "TUNNEL_TLS": "0", **env})
+            "ADMIN_TOKEN": self.admin_token, **self.certificate(), **env})
         node.admin_token = self.admin_token
         return node
 

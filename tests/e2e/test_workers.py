@@ -208,6 +208,16 @@ async def test_a_device_on_worker_1_serves_clients_landing_on_worker_0(pg_root, 
             writer.write_eof()
             assert await asyncio.wait_for(reader.read(), 15) == b"x" * 1000
             writer.close()
+        # the workers relayed over TLS 1.3 with the one certificate they share (the agent's pin)
+        from device_tunnel.tls import client_context, peer_fingerprint
+
+        relay = int(w.env()["RELAY_PORT"])
+        for port in (relay, relay + 1):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(pin=w.fingerprint))
+            assert writer.transport.get_extra_info("ssl_object").version() == "TLSv1.3"
+            assert peer_fingerprint(writer.transport) == w.fingerprint
+            assert b'"relay":1' in await asyncio.wait_for(reader.readline(), 5)
+            writer.close()
     finally:
         await dep.close()
         await w.stop(timeout=60)

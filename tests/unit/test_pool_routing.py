@@ -107,3 +107,19 @@ def test_rotating_members_are_avoided_unless_nothing_else_is_usable_but_sticky_t
     assert r.choose(CID, POOL, sticky, everyone, 1.0, rotating.__contains__).device_id == "a"  # waits there
     only_a = (("a", "US"),)
     assert r.choose(CID, only_a, PLAIN, everyone, 1.0, rotating.__contains__).device_id == "a"
+
+
+def test_another_nodes_binding_wins_while_usable_and_release_reports_when_the_token_goes_idle():
+    r = PoolRouter()
+    sticky = RouteParams(CID, session="xyz", ttl=30)
+    # this node would pick "a" (pool order); the cluster says the token is bound to "c"
+    lease = r.choose(CID, POOL, sticky, everyone, 0.0, hint="c")
+    assert lease.device_id == "c"
+    again = r.choose(CID, POOL, sticky, everyone, 1.0)  # no hint now: the adopted binding holds
+    assert again.device_id == "c"
+    assert r.release(lease, 2.0) is None        # one session of the token left
+    assert r.release(again, 3.0) == 30          # the last one: idle, expires ttl from now
+    assert r.bound_device(CID, "xyz", 32.9) == "c" and r.bound_device(CID, "xyz", 33.1) is None
+    # a hint that is not a usable member is ignored
+    assert r.choose(CID, POOL, sticky, lambda d: d != "b", 4.0, hint="b").device_id == "c"
+    assert r.choose(CID, POOL, sticky, everyone, 5.0, hint="elsewhere").device_id == "c"

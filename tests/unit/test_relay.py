@@ -1,14 +1,17 @@
 """The node-to-node relay: the HMAC handshake as bytes in / bytes out, the device id riding in the
-OPEN, and (in-process, real loopback sockets) a relayed stream whose client never reads."""
+OPEN, and (in-process, real loopback sockets) a relayed stream whose client never reads, the TLS link
+pinned to the shared certificate, and CONTROL messages relayed to a device on the peer."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from tunnel_pair import Pair
 
 from device_tunnel.agent import AgentConfig, DeviceAgent
+from device_tunnel.connection import TunnelConfig
 from device_tunnel.events import StreamOpenRequested
 from device_tunnel.relay import RelayMetrics, RelayPool, RelayServer, relay_config
 from device_tunnel.relay_auth import MAX_LINE, DialerAuth, ListenerAuth, RelayAuthError
@@ -248,3 +251,140 @@ async def test_the_agent_moves_past_a_dead_server_to_the_next_of_its_list():
     node.stop_accepting()
     node.close_all()
     await node.wait_tasks()
+
+
+# -- TLS on the link and CONTROL over it (in-process, real loopback sockets) ------------------------
+def make_cert(folder):  # noqa: ANN001, ANN201
+    from proxyorch.config import load_settings
+    from proxyorch.tunnel_cert import load_or_create
+
+    return load_or_create(load_settings({"DATA_DIR": str(folder), "NODE_NAME": "n"}))
+
+
+class YNode:
+    """Node Y in-process: a tunnel server with one device agent (whose runner answers CONTROL) and a
+    relay listener (TLS with ``cert`` unless None)."""
+
+    def __init__(self, cert, auth_timeout: float = 10.0, runner=None) -> None:  # noqa: ANN001
+        self.cert, self.auth_timeout = cert, auth_timeout
+        self.runner = runner or self._echo
+
+    @staticmethod
+    async def _echo(body: dict) -> dict:
+        return {"result": f"ran {body.get('command')}"}
+
+    async def __aenter__(self) -> YNode:
+        async def authenticate(device_id: str, token: str, meta: dict) -> bool:
+            return True
+
+        async def presence(device_id: str, online: bool, meta: dict) -> None:
+            pass
+
+        self.tunnels = TunnelServer(node_name="y", authenticate=authenticate, presence=presence)
+        await self.tunnels.start("127.0.0.1", 0)
+        self.metrics = RelayMetrics()
+        self.relay = RelayServer(node_name="y", secret="s", registry=self.tunnels.registry,
+                                 config=relay_config(self.tunnels.config), budget=self.tunnels.budget,
+                                 metrics=self.metrics, auth_timeout=self.auth_timeout)
+        await self.relay.start("127.0.0.1", 0, ssl=self.cert.context() if self.cert else None)
+        self.agent = DeviceAgent(AgentConfig(plaintext=True, host="127.0.0.1", port=self.tunnels.port,
+                                             device_id="dev", token="t", allow_private=True, runner=self.runner))
+        self.run = asyncio.create_task(self.agent.run())
+        for _ in range(250):
+            if self.tunnels.registry.pick("dev") is not None:
+                break
+            await asyncio.sleep(0.02)
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.relay.port}"
+
+    async def __aexit__(self, *exc) -> None:  # noqa: ANN002
+        self.agent.stop()
+        await asyncio.wait_for(self.run, 10)
+        self.relay.stop_accepting()
+        self.relay.close_all()
+        self.tunnels.stop_accepting()
+        self.tunnels.close_all()
+        await self.tunnels.wait_tasks()
+
+
+def tls_pool(cert, metrics: RelayMetrics | None = None) -> RelayPool:  # noqa: ANN001
+    """X's pool pinning ``cert`` (what a node does with its own certificate)."""
+    from device_tunnel.tls import client_context, pin_verifier
+
+    return RelayPool(node_name="x", secret="s", config=relay_config(TunnelConfig()), budget=MemoryBudget(16 << 20),
+                     metrics=metrics, ssl=client_context(pin=cert.fingerprint), verify=pin_verifier(cert.fingerprint))
+
+
+async def test_a_tls_link_pinned_to_the_shared_certificate_relays_and_carries_control(tmp_path):
+    cert = make_cert(tmp_path / "shared")
+    async with YNode(cert) as y:
+        pool = tls_pool(cert)
+        link = await pool.link("y", y.address)
+        ssl_object = link.transport.get_extra_info("ssl_object")
+        assert ssl_object is not None and ssl_object.version() == "TLSv1.3"
+        reply = await link.control("dev", {"command": "start", "code": "x"}, 5)
+        assert reply["ok"] is True and reply["result"] == "ran start"
+        pool.close()
+
+
+async def test_a_peer_with_another_certificate_is_refused_before_the_handshake_and_counted(tmp_path):
+    shared, other = make_cert(tmp_path / "shared"), make_cert(tmp_path / "other")
+    async with YNode(other) as y:
+        metrics = RelayMetrics()
+        pool = tls_pool(shared, metrics)
+        with pytest.raises(ConnectionError, match="does not match"):
+            await pool.link("y", y.address)
+        assert metrics.failures["y"] == 1 and not pool.links
+        await asyncio.sleep(0.2)
+        assert y.metrics.streams == {} and not any(p.auth.done for p in y.relay.connections)
+        pool.close()
+
+
+async def test_a_plaintext_dialer_gets_no_relay_handshake_from_a_tls_listener(tmp_path):
+    cert = make_cert(tmp_path / "shared")
+    async with YNode(cert, auth_timeout=2.0) as y:
+        reader, writer = await asyncio.open_connection("127.0.0.1", y.relay.port)
+        writer.write(b'{"node":"x","nonce":"00","proof":"00"}\n')  # what a plaintext dialer sends
+        t0 = asyncio.get_running_loop().time()
+        try:
+            answer = await asyncio.wait_for(reader.read(), 5)
+        except ConnectionResetError:
+            answer = b""
+        assert b'"relay"' not in answer and b"nonce" not in answer  # at most a TLS alert, never line 1
+        # and one that sends nothing is closed within the auth timeout (the TLS handshake's half of it)
+        reader, writer2 = await asyncio.open_connection("127.0.0.1", y.relay.port)
+        t0 = asyncio.get_running_loop().time()
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert asyncio.get_running_loop().time() - t0 <= 2.0 + 0.5
+        writer.close()
+        writer2.close()
+
+
+async def test_relayed_control_answers_like_a_local_one(tmp_path):
+    from device_tunnel.relay import DeviceOffline
+
+    async def slow(body: dict) -> dict:
+        if body.get("command") == "slow":
+            await asyncio.sleep(30)
+        return {"result": "fast"}
+
+    async with YNode(None, runner=slow) as y:
+        pool = RelayPool(node_name="x", secret="s", config=relay_config(y.tunnels.config), budget=MemoryBudget(16 << 20))
+        link = await pool.link("y", y.address)
+        assert (await link.control("dev", {"command": "go"}, 5))["result"] == "fast"
+        with pytest.raises(DeviceOffline, match="not on node y"):
+            await link.control("nobody", {"command": "go"}, 5)
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await link.control("dev", {"command": "slow"}, 0.5)
+        assert asyncio.get_running_loop().time() - t0 < 3  # Y's answer, not X's margin
+        pending = asyncio.create_task(link.control("dev", {"command": "slow"}, 10))
+        await asyncio.sleep(0.2)
+        y.relay.close_all()
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(pending, 5)
+        pool.close()
