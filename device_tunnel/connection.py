@@ -149,6 +149,7 @@ class TunnelConnection:
         self.send_paused = False         # set by the adapter while its transport is full
         self.conn_send_credit = 0        # the peer's connection window (known after HELLO/WELCOME)
         self.handshake_done = False
+        self._first_byte_seen = False  # node side: the peer's first byte must open a HELLO frame
         self._hello_seen = False
         self.closed = False
         self.close_code: ErrorCode | None = None
@@ -549,6 +550,13 @@ class TunnelConnection:
             return []
         self.last_rx = now
         try:
+            if not self._first_byte_seen and data:
+                self._first_byte_seen = True
+                if self.role is Role.NODE and data[0] != FrameType.HELLO:
+                    # fail at once, not at the HELLO deadline: the peer does not speak this protocol
+                    raise HandshakeError("a TLS ClientHello on a plaintext tunnel port (run the agent with "
+                                         "--plaintext, or the node with TUNNEL_TLS=1)" if data[0] == 0x16
+                                         else f"the first frame is not HELLO (byte 0x{data[0]:02x})")
             for frame in self._decoder.feed(data):
                 try:
                     self._on_frame(frame)

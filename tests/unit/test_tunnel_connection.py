@@ -100,6 +100,18 @@ def test_frames_before_the_handshake_close_the_tunnel():
     assert isinstance(events[-1], ConnectionTerminated) and events[-1].code == ErrorCode.HANDSHAKE_FAILED
 
 
+def test_a_tls_client_hello_on_a_plaintext_node_fails_at_the_first_byte_not_at_the_deadline():
+    """A ClientHello whose bytes parse as an unknown frame with a payload under 64 KiB would otherwise
+    sit in the decoder until the 10 s HELLO deadline; the first byte alone decides."""
+    node = TunnelConnection(Role.NODE, 0.0)
+    events = node.receive_data(b"\x16\x03\x01\x00", 0.0)  # TLS handshake record, 4 bytes only
+    assert isinstance(events[-1], ConnectionTerminated) and events[-1].code == ErrorCode.HANDSHAKE_FAILED
+    assert "TLS ClientHello" in events[-1].reason
+    other = TunnelConnection(Role.NODE, 0.0)
+    events = other.receive_data(b"GET / HTTP/1.1\r\n", 0.0)
+    assert isinstance(events[-1], ConnectionTerminated) and "not HELLO" in events[-1].reason
+
+
 def test_duplicate_hello_closes_the_tunnel(pair):
     events = pair.node.conn.receive_data(frames.encode_json(FrameType.HELLO, 0, {"window": 1000}), 0.0)
     assert events[-1].code == ErrorCode.HANDSHAKE_FAILED
