@@ -248,7 +248,10 @@ def why_missed(results: dict, profiles: dict) -> str:
              f"time (rate50 profile): node {_top(profiles, 'rate50', 'node')}; agent "
              f"{_top(profiles, 'rate50', 'agent')}." + _share(profiles, "rate50", "node",
              ("chdb", "request_log"), "the request log's chDB insert (a thread in the node process; `Condition.wait` samples are threads waiting, not CPU)")
-             + " Not tried: compiling the sans-I/O cores with mypyc.")
+             + " Compiling the sans-I/O cores with mypyc (`scripts/build_mypyc.sh`, opt-in) makes the cores "
+             "1.3–2× faster (about 30–35 µs per session in all) but is within the noise end to end; what "
+             "remains is mostly uvloop, syscalls and the agent's target connect (flame graphs, A/B figures and "
+             "what each change bought: `CPU-PROFILE.md`).")
     r50 = _get(results, "rtt", "pxo_tunnel", "p50_us")
     rp = _get(results, "rtt", "pxo_plain", "p50_us")
     L.append(f"- **64-byte RTT** ({mark('64-byte RTT')}): {_fmt(r50, '.0f')} µs with TLS, {_fmt(rp, '.0f')} µs "
@@ -277,11 +280,13 @@ def why_missed(results: dict, profiles: dict) -> str:
                  "connection, so the emulator queues it apart from the download (like a per-flow queue in a "
                  "real network); the tunnel carries both in one TCP connection, so everything queued for that "
                  "connection is ahead of the reply. The core sends the smallest stream queue first, but only "
-                 "for bytes still in its own queues. The sampled queues do not add up to the measured excess "
-                 "over direct TCP: the rest is in user space (the agent's TLS transport and the core's output "
-                 "list, not observable from outside; compare the TLS-off row). Not done in this round: sizing "
-                 "those buffers from the measured RTT × rate, and a second tunnel connection for interactive "
-                 "streams.")
+                 "for bytes still in its own queues, which is why the sender paces: it keeps the bytes in "
+                 "flight (written, not yet read by the peer) near the measured bandwidth × RTT and leaves the "
+                 "rest in the per-stream queues, where small streams go first (`device_tunnel/pacing.py`, "
+                 "PROTOCOL.md revision 2.2). What is left is the standing queue the pacer keeps (its rate "
+                 "estimate runs 5–10 % high) and, on the faster link, a core shared by the agent's TLS and "
+                 "the bulk stream; the agent's user-space queues before and after pacing, from its "
+                 "`--stats-file`, are in `HOL.md`. Not done: a second tunnel connection for interactive streams.")
     slow = max(PROFILES, key=lambda p: p["rtt_ms"])
     m = results.get(f"mobile_{slow['key']}", {})
     ns = {k: (m.get(k) or {}).get("new_session", {}).get("total_us") for k in ("pxo_tunnel", "pxo_opt")}
