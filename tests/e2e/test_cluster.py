@@ -215,7 +215,9 @@ async def test_silent_relay_connection_is_closed_within_10_s(cluster):
 
 
 async def test_the_relay_link_is_tls_and_a_plaintext_dialer_gets_no_relay(cluster):
-    """A dialer speaking the relay handshake in the clear gets neither the challenge nor a stream."""
+    """A dialer speaking the relay handshake in the clear gets neither the challenge nor a stream, and
+    its failed TLS handshake is counted as a refused relay connection."""
+    before = (await cluster.dep(2).metrics())["proxyorch_relay_auth_failures_total"]
     reader, writer = await asyncio.open_connection("127.0.0.1", cluster.nodes[2].relay_port)
     writer.write(json.dumps({"node": cluster.name(1), "nonce": "00" * 16, "proof": "00" * 32}).encode() + b"\n")
     try:
@@ -224,6 +226,10 @@ async def test_the_relay_link_is_tls_and_a_plaintext_dialer_gets_no_relay(cluste
         answer = b""
     assert b"nonce" not in answer and b"relay" not in answer, answer  # at most a TLS alert
     writer.close()
+    deadline = time.monotonic() + 10  # counted once the handshake's deadline (5 s) has passed
+    while (await cluster.dep(2).metrics())["proxyorch_relay_auth_failures_total"] != before + 1:
+        assert time.monotonic() < deadline, "the failed TLS handshake was not counted"
+        await asyncio.sleep(0.2)
     # over TLS the same port speaks the relay handshake: TLS 1.3 with the shared certificate
     reader, writer = await relay_open(cluster, 2)
     assert writer.transport.get_extra_info("ssl_object").version() == "TLSv1.3"
