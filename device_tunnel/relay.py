@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 AUTH_TIMEOUT = 10.0     # a relay connection that has not proved the secret by then is closed (TLS included)
 CONNECT_TIMEOUT = 3.0   # TCP connect and TLS handshake of a new link
 CONTROL_MARGIN = 5.0    # X waits this much longer than the device's timeout for Y's answer
+TLS_CHECK_MARGIN = 0.5  # a relay TLS handshake not done this long after its deadline failed
 MAX_CONTROL_TIMEOUT = 600.0
 
 
@@ -434,9 +435,18 @@ class RelayPeer(_LinkBase):
         self.server = server
         self.opening: dict[int, _Bridge] = {}
         self._auth_timer: asyncio.TimerHandle | None = None
+        self.tls_done = False
+
+    def tls_check(self) -> None:
+        """The TLS handshake's deadline has passed (asyncio aborted it by then): a connection that never
+        completed it (failed or timed out; asyncio does not tell the protocol) counts as refused."""
+        if not self.tls_done:
+            self.metrics.auth_failures += 1
+            log.info("relay connection refused: no TLS handshake completed")
 
     def on_connected(self) -> None:
         assert self.transport is not None
+        self.tls_done = True
         self.server.connections.add(self)
         self.transport.write(self.auth.start())  # type: ignore[union-attr]
         # with TLS, half the budget went to the TLS handshake (ssl_handshake_timeout of the listener)
@@ -554,8 +564,16 @@ class RelayServer:
         loop = asyncio.get_running_loop()
         self.tls = ssl is not None
         self._server = await loop.create_server(
-            lambda: RelayPeer(self), host, port, reuse_address=True, backlog=1024, ssl=ssl,
+            self._accepted, host, port, reuse_address=True, backlog=1024, ssl=ssl,
             ssl_handshake_timeout=self.auth_timeout / 2 if ssl is not None else None)
+
+    def _accepted(self) -> RelayPeer:
+        """A new connection (before its TLS handshake): with TLS, a failed handshake is counted in
+        ``auth_failures`` once its deadline has passed (:meth:`RelayPeer.tls_check`)."""
+        peer = RelayPeer(self)
+        if self.tls:
+            asyncio.get_running_loop().call_later(self.auth_timeout / 2 + TLS_CHECK_MARGIN, peer.tls_check)
+        return peer
 
     @property
     def port(self) -> int:

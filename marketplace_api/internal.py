@@ -16,6 +16,11 @@ Sessions (every node):
 - ``POST /internal/sessions`` ``{"connectionIds": [...] | null, "deviceIds": [...] | null}``: this
   node's open sessions of those connections or devices (``null`` for both: all), rows as in
   ``GET /api/v2/proxy/sessions``. The calling node chose the ids for its caller and filters again.
+
+Rotation (every node):
+- ``POST /internal/rotate`` ``{"deviceId"}``: rotate the IP of a device whose tunnel this node holds
+  (:mod:`proxyorch.rotation_forward`); 200 ``{"status", "body", "retryAfter"}`` carrying the answer
+  ``POST /api/v2/devices/{id}/rotate-ip`` gives here. The calling node has checked the tenant.
 """
 
 from __future__ import annotations
@@ -23,12 +28,16 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+import uuid
 from typing import Any
 
 from aiohttp import web
 
+from proxyorch.rotation import RotationError
+from proxyorch.rotation_forward import answer
+
 from .bodies import json_response, read_json
-from .context import PROXY, REQUEST_LOG_READER, SETTINGS
+from .context import PROXY, REQUEST_LOG_READER, ROTATIONS, SETTINGS
 from .errors import ApiError
 
 SECRET_HEADER = "X-Cluster-Secret"
@@ -109,11 +118,25 @@ async def sessions(request: web.Request) -> web.Response:
     return json_response({"success": True, "node": node, "sessions": rows})
 
 
+async def rotate(request: web.Request) -> web.Response:
+    """Internal: rotate a device held here for another node; the public route's status and body."""
+    body = await read_json(request)
+    try:
+        device_id = str(uuid.UUID(str(body.get("deviceId"))))
+    except ValueError:
+        raise ApiError(400, "`deviceId` must be a UUID") from None
+    try:
+        result = await request.config_dict[ROTATIONS].rotate(device_id, "api", forwarded=True)
+    except RotationError as exc:
+        return json_response(answer(None, exc))
+    return json_response(answer(result, None))
+
+
 async def unknown(_request: web.Request) -> web.Response:
     raise ApiError(404, "no such route")
 
 
-for _handler in (ping, log_insert, log_query, sessions):
+for _handler in (ping, log_insert, log_query, sessions, rotate):
     _handler.openapi = {"operation": _DOC}  # type: ignore[attr-defined]
 
 
@@ -123,5 +146,6 @@ def setup(app: web.Application) -> None:
     sub.router.add_post("/log/insert", log_insert)
     sub.router.add_post("/log/query", log_query)
     sub.router.add_post("/sessions", sessions)
+    sub.router.add_post("/rotate", rotate)
     sub.router.add_route("*", "/{tail:.*}", unknown)
     app.add_subapp("/internal/", sub)

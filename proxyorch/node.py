@@ -27,6 +27,7 @@ from .bus import InvalidationBus, RedisBus, make_bus
 from .cluster import ClusterRouting
 from .config import Settings
 from .rotation import RotationManager
+from .rotation_forward import RotationForwarder
 from .tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,9 @@ class Node:
             rotate_wait=s.rotate_wait_s, optimistic_open=s.optimistic_open,
             max_unauth_per_ip=s.max_unauth_per_ip)
         self.proxy.pools = self.cluster.make_pools()
-        self.rotations = RotationManager(self)
+        forwarder = RotationForwarder(s.cluster_secret, s.rotate_wait_s) if (
+            self.cluster.presence is not None and s.cluster_secret) else None
+        self.rotations = RotationManager(self, forwarder)  # a device on another node: rotated there
         if s.redis_url:  # several nodes: session slots and rate budget shared through Redis
             from proxy.cluster_limits import ClusterLimits
             from proxy.limits import LimitBook

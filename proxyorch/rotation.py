@@ -6,6 +6,8 @@ its previous rotation), closes the device's open sessions, parks new ones in the
 :class:`proxy.rotation_gate.RotationGate` (they wait up to ``ROTATE_WAIT_S``), sends CONTROL
 ``{"command": "rotate"}`` and records the answer (``devices.public_ip``/``last_rotated_at`` and a
 ``device_rotations`` row). The timer task rotates devices with ``rotation_interval_s`` set.
+A device whose tunnel is on another live node (presence) is rotated by that node: the whole call is
+forwarded there (:mod:`proxyorch.rotation_forward`) and its answer returned as is.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ class RotationError(Exception):
 class RotationManager:
     """Rotations of the devices whose tunnels this node holds (API and timer)."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: Any, forwarder: Any = None) -> None:
         self.node = node
+        self.forwarder = forwarder  # proxyorch.rotation_forward.RotationForwarder (in a cluster)
         self.running: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._timer_runs: set[asyncio.Task[Any]] = set()
@@ -62,19 +65,24 @@ class RotationManager:
                     await t
         for device_id in list(self.running):
             self.node.proxy.gate.end(device_id)
+        if self.forwarder is not None:
+            await self.forwarder.close()
 
-    async def rotate(self, device_id: str, trigger: str = "api") -> dict:
-        """Rotate now; ``{old_ip, new_ip, changed, took_ms}`` or RotationError."""
+    async def rotate(self, device_id: str, trigger: str = "api", forwarded: bool = False) -> dict:
+        """Rotate now; ``{old_ip, new_ip, changed, took_ms}`` or RotationError. A device held by another
+        node is rotated there, unless ``forwarded`` (the call came from a peer: never forward again)."""
         s = self._settings
         if device_id in self.running:
             raise RotationError(429, "a rotation of this device is in progress", math.ceil(s.rotate_min_interval_s))
         tunnel = self.node.tunnels.registry.pick(device_id)
+        if tunnel is None and not forwarded:
+            peer = await self._peer_of(device_id)
+            if peer is not None:
+                return await self.forwarder.rotate(peer[0], peer[1], device_id)
         row = await self.node.pool.fetchrow(
             "SELECT public_ip, node, online, EXTRACT(EPOCH FROM now() - last_rotated_at) AS since "
             "FROM devices WHERE remote_device_id = $1", device_id)
         if tunnel is None:
-            if row is not None and row["online"] and row["node"] and row["node"] != s.node_name:
-                raise RotationError(409, f"device is connected to node '{row['node']}': rotate it through that node")
             raise RotationError(409, "device is offline")
         if not tunnel.meta.get("can_rotate"):
             raise RotationError(409, "device cannot rotate: its agent runs without --rotate-command")
@@ -110,6 +118,24 @@ class RotationManager:
         log.info("device %s rotated (%s): %s -> %s in %d ms; %d sessions closed, %d waited", device_id, trigger,
                  old_ip, new_ip, took_ms, closed, waiting)
         return {"old_ip": old_ip, "new_ip": new_ip, "changed": changed, "took_ms": took_ms}
+
+    async def _peer_of(self, device_id: str) -> tuple[str, str] | None:
+        """(node, API URL) of the other live node holding the device's tunnel, or None (offline)."""
+        cluster = getattr(self.node, "cluster", None)
+        presence = cluster.presence if cluster is not None else None
+        if presence is None or self.forwarder is None:
+            return None
+        try:
+            found = await presence.locate(device_id)
+            if found is None or found[0] == self._settings.node_name:
+                return None
+            url = (await presence.api_addresses()).get(found[0])
+        except Exception as exc:  # the presence store is unreachable: as good as offline here
+            log.warning("rotation of %s: presence lookup failed: %s", device_id, exc)
+            return None
+        if url is None:  # the node died between the two lookups
+            return None
+        return found[0], url
 
     async def _ask(self, device_id: str, tunnel: Any) -> dict:
         try:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import pytest_asyncio
-from cluster_fixtures import PRESENCE_TTL_S, start_cluster
+from cluster_fixtures import PRESENCE_TTL_S, SECRET, start_cluster
 from socks_client import SocksReplyError, socks5_code, socks5_open
 from targets import expected_digest
 
@@ -215,7 +215,9 @@ async def test_silent_relay_connection_is_closed_within_10_s(cluster):
 
 
 async def test_the_relay_link_is_tls_and_a_plaintext_dialer_gets_no_relay(cluster):
-    """A dialer speaking the relay handshake in the clear gets neither the challenge nor a stream."""
+    """A dialer speaking the relay handshake in the clear gets neither the challenge nor a stream, and
+    its failed TLS handshake is counted as a refused relay connection."""
+    before = (await cluster.dep(2).metrics())["proxyorch_relay_auth_failures_total"]
     reader, writer = await asyncio.open_connection("127.0.0.1", cluster.nodes[2].relay_port)
     writer.write(json.dumps({"node": cluster.name(1), "nonce": "00" * 16, "proof": "00" * 32}).encode() + b"\n")
     try:
@@ -224,6 +226,10 @@ async def test_the_relay_link_is_tls_and_a_plaintext_dialer_gets_no_relay(cluste
         answer = b""
     assert b"nonce" not in answer and b"relay" not in answer, answer  # at most a TLS alert
     writer.close()
+    deadline = time.monotonic() + 10  # counted once the handshake's deadline (5 s) has passed
+    while (await cluster.dep(2).metrics())["proxyorch_relay_auth_failures_total"] != before + 1:
+        assert time.monotonic() < deadline, "the failed TLS handshake was not counted"
+        await asyncio.sleep(0.2)
     # over TLS the same port speaks the relay handshake: TLS 1.3 with the shared certificate
     reader, writer = await relay_open(cluster, 2)
     assert writer.transport.get_extra_info("ssl_object").version() == "TLSv1.3"
@@ -316,6 +322,88 @@ async def test_launch_automation_through_node_1_reaches_the_device_on_node_2(clu
     status, body = await launch(cluster, 1, cluster.token, device_id=idle["remote_device_id"], command="start",
                                 code="x")
     assert status == 400 and "offline" in body["error"], body
+
+
+ROTATE_SCRIPT = """#!/bin/sh
+echo run >> "{dir}/runs"
+if [ "$(cat "{dir}/state")" = 127.0.0.2 ]; then n=127.0.0.3; else n=127.0.0.2; fi
+echo "$n" > "{dir}/state"
+echo "source_address=$n"
+"""
+
+
+async def rotate_via(cluster, i: int, token: str, device_id: str) -> tuple[int, dict, dict]:
+    dep = cluster.dep(i)
+    async with dep.http.post(f"{dep.node.api}/api/v2/devices/{device_id}/rotate-ip",
+                             headers={"Authorization": f"Bearer {token}"}) as r:
+        return r.status, await r.json(), dict(r.headers)
+
+
+async def test_rotate_ip_through_node_1_is_done_by_the_devices_node_2(cluster, targets, tmp_path):
+    (tmp_path / "state").write_text("127.0.0.2\n")
+    script = tmp_path / "rotate.sh"
+    script.write_text(ROTATE_SCRIPT.format(dir=tmp_path))
+    device = await cluster.dep(2).device(cluster.token)
+    device_id = device["remote_device_id"]
+    await cluster.dep(2).agent(device, "--allow-private", "--source-address", EXIT_A, "--server", cluster.servers(2),
+                               "--rotate-command", f"sh {script}", "--rotate-recheck-s", "0.5",
+                               "--ip-echo-url", f"http://127.0.0.1:{targets.http_port}/peer")
+    await cluster.wait_device_on(device_id, 2)
+    conn = await cluster.dep(1).connection(cluster.token, device_id)
+    cid, pw = conn["connectionId"], conn["password"]
+    assert await exit_of(cluster.nodes[3].proxy_port, cid, pw, targets.peer_port) == EXIT_A
+
+    t0 = time.monotonic()
+    status, body, _h = await rotate_via(cluster, 1, cluster.token, device_id)
+    took = time.monotonic() - t0
+    assert status == 200, body
+    assert (body["success"], body["old_ip"], body["new_ip"], body["changed"]) == (True, EXIT_A, EXIT_B, True), body
+    assert isinstance(body["took_ms"], int)
+    print(f"\n[rotate-ip via node 1, device on node 2] answered in {took * 1000:.0f} ms")
+    assert (tmp_path / "runs").read_text().splitlines() == ["run"]  # node 2's tunnel ran the command once
+    assert await exit_of(cluster.nodes[3].proxy_port, cid, pw, targets.peer_port) == EXIT_B
+    s, hist = await cluster.dep(3).call("GET", f"/api/v2/devices/{device_id}/rotations", cluster.token)
+    assert s == 200 and [(r["old_ip"], r["new_ip"], r["trigger"]) for r in hist["rotations"]] == [
+        (EXIT_A, EXIT_B, "api")], hist
+    # inside ROTATE_MIN_INTERVAL_S: node 3 answers the 429 node 2 answers, with Retry-After
+    status, body, headers = await rotate_via(cluster, 3, cluster.token, device_id)
+    local = await rotate_via(cluster, 2, cluster.token, device_id)
+    assert status == local[0] == 429 and body["success"] is False and body["error"] == local[1]["error"], body
+    assert 1 <= int(headers["Retry-After"]) <= 10
+    assert (tmp_path / "runs").read_text().splitlines() == ["run"]
+
+    # the same answers as on the device's node: a stranger, a device that cannot rotate, one online nowhere
+    _uid, stranger = await cluster.dep(1).user("rotate-stranger")
+    status, body, _h = await rotate_via(cluster, 1, stranger, device_id)
+    assert status == 404 and body == {"success": False, "error": "Device not found"}
+    idle = await cluster.dep(2).device(cluster.token)
+    for other, error in ((cluster.dev_a["remote_device_id"], "cannot rotate"),
+                         (idle["remote_device_id"], "device is offline")):
+        remote = await rotate_via(cluster, 1, cluster.token, other)
+        local = await rotate_via(cluster, 2, cluster.token, other)
+        assert remote[0] == local[0] == 409 and remote[1] == local[1], (remote, local)
+        assert error in remote[1]["error"], remote
+
+
+async def test_internal_rotate_needs_the_secret_checks_its_body_and_never_forwards_again(cluster):
+    url = cluster.nodes[1].api + "/internal/rotate"
+    http = cluster.dep(1).http
+    device_id = cluster.dev_a["remote_device_id"]  # on node 2
+    for headers in ({}, {"X-Cluster-Secret": "wrong-" + SECRET}):
+        async with http.post(url, json={"deviceId": device_id}, headers=headers) as r:
+            assert r.status == 401 and (await r.json())["success"] is False
+    ok = {"X-Cluster-Secret": SECRET}
+    for bad in ({}, {"deviceId": "nope"}, {"deviceId": 7}):
+        async with http.post(url, json=bad, headers=ok) as r:
+            assert r.status == 400 and "deviceId" in (await r.json())["error"]
+    # a forwarded call for a device this node does not hold is answered here, not passed on
+    async with http.post(url, json={"deviceId": device_id}, headers=ok) as r:
+        assert r.status == 200
+        assert await r.json() == {"status": 409, "body": {"success": False, "error": "device is offline"},
+                                  "retryAfter": None}
+    status, doc = await cluster.dep(1).call("GET", "/api/v2/openapi.json")
+    op = doc["paths"]["/internal/rotate"]["post"]
+    assert op["tags"] == ["internal"] and any(p["name"] == "X-Cluster-Secret" for p in op["parameters"])
 
 
 async def test_a_task_assigned_through_node_1_is_delivered_to_the_device_on_node_2(cluster):

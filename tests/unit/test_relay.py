@@ -364,6 +364,25 @@ async def test_a_plaintext_dialer_gets_no_relay_handshake_from_a_tls_listener(tm
         writer2.close()
 
 
+async def test_failed_tls_handshakes_are_counted_once_and_good_links_not_at_all(tmp_path):
+    cert = make_cert(tmp_path / "shared")
+    async with YNode(cert, auth_timeout=2.0) as y:
+        pool = tls_pool(cert)
+        await pool.link("y", y.address)  # TLS and the relay handshake succeed: never counted
+        reader, plain = await asyncio.open_connection("127.0.0.1", y.relay.port)
+        plain.write(b'{"node":"x","nonce":"00","proof":"00"}\n')  # not TLS: the handshake fails at once
+        _r2, silent = await asyncio.open_connection("127.0.0.1", y.relay.port)  # no TLS handshake at all
+        with contextlib.suppress(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 5)
+        await asyncio.sleep(1.0 + 0.5 + 0.5)  # counted at the TLS handshake's deadline (1 s here) + 0.5 s
+        assert y.metrics.auth_failures == 2
+        await asyncio.sleep(1.0)
+        assert y.metrics.auth_failures == 2 and len(pool.links) == 1  # once each; the good link is up
+        plain.close()
+        silent.close()
+        pool.close()
+
+
 async def test_relayed_control_answers_like_a_local_one(tmp_path):
     from device_tunnel.relay import DeviceOffline
 
