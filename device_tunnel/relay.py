@@ -24,7 +24,7 @@ import logging
 import ssl as ssl_module
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .adapter import TunnelProtocol, TunnelStream
 from .connection import Role, TunnelConfig
@@ -373,13 +373,22 @@ class _End:
         self.bridge.device_opened(result)
 
 
+class RotationWait(Protocol):
+    """What the relay needs of the proxy's rotation gate (``proxy.rotation_gate.RotationGate``)."""
+
+    def is_rotating(self, device_id: str | None) -> bool: ...
+
+    def wait(self, device_id: str, resume: Callable[[], None]) -> Callable[[], None]: ...
+
+
 class _Bridge:
     """One relayed stream on Y: the link leg (to X) and the device leg (to the device's tunnel)."""
 
-    def __init__(self, peer: RelayPeer, link_sid: int, connection_id: str) -> None:
+    def __init__(self, peer: RelayPeer, link_sid: int, connection_id: str, device_id: str = "") -> None:
         self.peer = peer
         self.link_sid = link_sid
         self.connection_id = connection_id
+        self.device_id = device_id
         self.link_end, self.device_end = _End(self), _End(self)
         self.link_end.other, self.device_end.other = self.device_end, self.link_end
         self.cancel: Callable[[], None] | None = None
@@ -512,6 +521,21 @@ class RelayPeer(_LinkBase):
     def _open(self, ev: StreamOpenRequested) -> None:
         relay = ev.relay or {}
         device = relay.get("device")
+        gate = self.server.gate
+        if gate is not None and isinstance(device, str) and gate.is_rotating(device):
+            # the device is changing its public IP: the open waits as a local one does (X's open timer
+            # bounds the wait; X's RST or the link's end cancels it)
+            conn_id = relay.get("connection")
+            waiting = _Bridge(self, ev.stream_id, conn_id if isinstance(conn_id, str) else "", device)
+            self.opening[ev.stream_id] = waiting
+
+            def resume() -> None:
+                if self.opening.get(ev.stream_id) is waiting:
+                    del self.opening[ev.stream_id]
+                    if not self.closed:
+                        self._open(ev)
+            waiting.cancel = gate.wait(device, resume)
+            return
         tunnel = self.server.registry.pick(device) if isinstance(device, str) and device else None
         self.metrics.streams[self.peer] += 1
         if tunnel is None:
@@ -521,7 +545,7 @@ class RelayPeer(_LinkBase):
             self.output_ready()
             return
         conn_id = relay.get("connection")
-        bridge = _Bridge(self, ev.stream_id, conn_id if isinstance(conn_id, str) else "")
+        bridge = _Bridge(self, ev.stream_id, conn_id if isinstance(conn_id, str) else "", device)
         self.opening[ev.stream_id] = bridge
         self.server._bridge_added(bridge)
         sid = tunnel.open_stream(ev.host, ev.port, bridge.device_end)  # type: ignore[arg-type]
@@ -554,6 +578,10 @@ class RelayServer:
         self.tls = False
         self.connections: set[RelayPeer] = set()
         self._by_connection: dict[str, set[_Bridge]] = {}
+        self._by_device: dict[str, set[_Bridge]] = {}
+        # devices rotating their IP (``is_rotating(device)``, ``wait(device, resume) -> cancel``): relayed
+        # opens for them wait like local ones; None = never wait
+        self.gate: RotationWait | None = None
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int, ssl: ssl_module.SSLContext | None = None) -> None:
@@ -583,13 +611,23 @@ class RelayServer:
     def _bridge_added(self, bridge: _Bridge) -> None:
         if bridge.connection_id:
             self._by_connection.setdefault(bridge.connection_id, set()).add(bridge)
+        if bridge.device_id:
+            self._by_device.setdefault(bridge.device_id, set()).add(bridge)
 
     def _bridge_done(self, bridge: _Bridge) -> None:
-        group = self._by_connection.get(bridge.connection_id)
-        if group is not None:
-            group.discard(bridge)
-            if not group:
-                del self._by_connection[bridge.connection_id]
+        for index, key in ((self._by_connection, bridge.connection_id), (self._by_device, bridge.device_id)):
+            group = index.get(key)
+            if group is not None:
+                group.discard(bridge)
+                if not group:
+                    del index[key]
+
+    def terminate_device(self, device_id: str, reason: str) -> int:
+        """End the streams relayed to a device on this node (its IP rotates: they would break anyway)."""
+        bridges = list(self._by_device.get(device_id, ()))
+        for bridge in bridges:
+            bridge.terminate(reason)
+        return len(bridges)
 
     def terminate_connection(self, connection_id: str, reason: str) -> int:
         """End the relayed streams of a connection on this node (the client's node ends its session too)."""

@@ -102,6 +102,10 @@ class RotationManager:
         for session in self.node.proxy.sessions.of_device(device_id):
             session.terminate(CLOSE_REASON)  # they would break anyway when the address changes
             closed += 1
+        cluster = getattr(self.node, "cluster", None)
+        relay = cluster.relay_server if cluster is not None else None
+        if relay is not None:  # sessions other nodes relay to this device end too (their node sees a reset)
+            closed += relay.terminate_device(device_id, CLOSE_REASON)
         try:
             reply = await self._ask(device_id, tunnel)
         except RotationError as exc:

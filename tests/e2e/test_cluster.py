@@ -326,6 +326,7 @@ async def test_launch_automation_through_node_1_reaches_the_device_on_node_2(clu
 
 ROTATE_SCRIPT = """#!/bin/sh
 echo run >> "{dir}/runs"
+sleep 1
 if [ "$(cat "{dir}/state")" = 127.0.0.2 ]; then n=127.0.0.3; else n=127.0.0.2; fi
 echo "$n" > "{dir}/state"
 echo "source_address=$n"
@@ -353,10 +354,29 @@ async def test_rotate_ip_through_node_1_is_done_by_the_devices_node_2(cluster, t
     cid, pw = conn["connectionId"], conn["password"]
     assert await exit_of(cluster.nodes[3].proxy_port, cid, pw, targets.peer_port) == EXIT_A
 
+    # a session node 1 relays to the device: the rotation on node 2 ends it too
+    held_r, held_w, _ = await socks5_open(cluster.nodes[1].proxy_port, cid, pw, "127.0.0.1", targets.echo_port)
+    held_w.write(b"x")
+    assert await asyncio.wait_for(held_r.readexactly(1), 10) == b"x"
+
     t0 = time.monotonic()
-    status, body, _h = await rotate_via(cluster, 1, cluster.token, device_id)
+    rotation = asyncio.create_task(rotate_via(cluster, 1, cluster.token, device_id))
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "runs").exists() and time.monotonic() < deadline:  # the command runs (it takes 1 s)
+        await asyncio.sleep(0.02)
+    assert (tmp_path / "runs").exists(), "the rotation never ran on node 2"
+    # meanwhile a new session through node 1 waits for the rotation and leaves from the new address
+    during = asyncio.create_task(exit_of(cluster.nodes[1].proxy_port, cid, pw, targets.peer_port))
+    try:
+        ended = await asyncio.wait_for(held_r.read(), 10)
+    except (ConnectionError, OSError):
+        ended = b""
+    assert ended == b"", "the relayed session outlived the rotation of its device"
+    held_w.close()
+    status, body, _h = await rotation
     took = time.monotonic() - t0
     assert status == 200, body
+    assert await asyncio.wait_for(during, 30) == EXIT_B  # waited, then relayed through the new address
     assert (body["success"], body["old_ip"], body["new_ip"], body["changed"]) == (True, EXIT_A, EXIT_B, True), body
     assert isinstance(body["took_ms"], int)
     print(f"\n[rotate-ip via node 1, device on node 2] answered in {took * 1000:.0f} ms")
