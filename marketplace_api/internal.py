@@ -33,6 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxyorch.internal_client import CLUSTER_SECRET_HEADER as SECRET_HEADER
 from proxyorch.rotation import RotationError
 from proxyorch.rotation_forward import answer
 
@@ -40,7 +41,6 @@ from .bodies import json_response, read_json
 from .context import PROXY, REQUEST_LOG_READER, ROTATIONS, SETTINGS
 from .errors import ApiError
 
-SECRET_HEADER = "X-Cluster-Secret"
 _DOC = {"tags": ["internal"], "description": "Node-to-node only: 401 without the cluster secret.",
         "parameters": [{"name": SECRET_HEADER, "in": "header", "required": True, "schema": {"type": "string"}}]}
 

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from .internal import SECRET_HEADER
+from proxyorch.internal_client import InternalClient
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,12 @@ class SessionFanout:
     """One per app: a pooled HTTP client and the last known peer list. Close with :meth:`close`."""
 
     def __init__(self, secret: str, node_name: str) -> None:
-        self.secret = secret
         self.node_name = node_name
-        self._http: aiohttp.ClientSession | None = None
+        self._client = InternalClient(secret, PEER_TIMEOUT_S)
         self._known: dict[str, str] = {}
 
     async def close(self) -> None:
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        await self._client.close()
 
     async def peers(self, presence: Any) -> dict[str, str]:
         """The other live nodes: name -> API URL (the last answer when the presence store fails)."""
@@ -72,15 +69,12 @@ class SessionFanout:
     async def _ask(self, url: str, body: bytes) -> list[dict[str, Any]] | None:
         if not url:
             return None  # the node advertises no API address
-        if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PEER_TIMEOUT_S))
         try:
-            async with self._http.post(f"{url}/internal/sessions", data=body, headers={
-                    SECRET_HEADER: self.secret, "Content-Type": "application/json"}) as r:
-                if r.status != 200:
-                    log.warning("sessions: %s answered %d", url, r.status)
-                    return None
-                rows = orjson.loads(await r.read()).get("sessions")
+            status, raw = await self._client.post(url, "/internal/sessions", body)
+            if status != 200:
+                log.warning("sessions: %s answered %d", url, status)
+                return None
+            rows = orjson.loads(raw).get("sessions")
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, AttributeError) as exc:
             log.info("sessions: %s did not answer: %s", url, type(exc).__name__)
             return None

@@ -15,11 +15,11 @@ from typing import Any
 import aiohttp
 import orjson
 
+from .internal_client import InternalClient
 from .rotation import CONTROL_TIMEOUT_S, RotationError
 
 log = logging.getLogger(__name__)
 
-SECRET_HEADER = "X-Cluster-Secret"
 PATH = "/internal/rotate"
 
 
@@ -27,28 +27,19 @@ class RotationForwarder:
     """One per node: a pooled HTTP client for forwarded rotations. Close with :meth:`close`."""
 
     def __init__(self, secret: str, rotate_wait_s: float) -> None:
-        self.secret = secret
         # the device's node may take CONTROL_TIMEOUT_S, then ROTATE_WAIT_S for a reconnect
-        self.timeout = CONTROL_TIMEOUT_S + 2 * rotate_wait_s + 30
-        self._http: aiohttp.ClientSession | None = None
+        self._client = InternalClient(secret, CONTROL_TIMEOUT_S + 2 * rotate_wait_s + 30)
 
     async def close(self) -> None:
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        await self._client.close()
 
     async def rotate(self, node: str, url: str, device_id: str) -> dict:
         """The rotation's result from ``node`` at ``url`` (``{old_ip, new_ip, changed, took_ms}``), or
         its RotationError; 502/504 when that node does not answer."""
         if not url:
             raise RotationError(502, f"the device's node '{node}' advertises no API address")
-        if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
         try:
-            async with self._http.post(f"{url}{PATH}", data=orjson.dumps({"deviceId": device_id}), headers={
-                    SECRET_HEADER: self.secret, "Content-Type": "application/json"}) as r:
-                raw = await r.read()
-                status = r.status
+            status, raw = await self._client.post(url, PATH, orjson.dumps({"deviceId": device_id}))
         except TimeoutError:
             raise RotationError(504, "the device did not finish the rotation in time") from None
         except aiohttp.ClientError as exc:

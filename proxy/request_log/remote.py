@@ -26,10 +26,11 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from proxyorch.internal_client import CLUSTER_SECRET_HEADER as SECRET_HEADER
+
 from .clickhouse import ClickHouse
 from .writer import COLUMNS
 
-SECRET_HEADER = "X-Cluster-Secret"
 INSERT_PATH = "/internal/log/insert"
 QUERY_PATH = "/internal/log/query"
 CHUNK_BYTES = 256 * 1024          # well under the API's 1 MiB body limit
