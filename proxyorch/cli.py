@@ -59,6 +59,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except TunnelCertError as exc:
         print(f"proxyorch serve: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a listener could not bind (address already in use, not permitted)
+        print(f"proxyorch serve: cannot listen: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import signal
@@ -225,6 +226,16 @@ class Node:
             self.internal_listener = Listener(self.api_runner.server)  # type: ignore[arg-type]
             await self.internal_listener.start("127.0.0.1", s.internal_api_port, backlog=1024)
 
+    async def abandon_start(self) -> None:
+        """After a failed :meth:`start`: free this node's name in the presence map first (a corrected
+        restart must not be refused as a live duplicate), then close whatever did start."""
+        if self.cluster is not None:
+            cluster, self.cluster = self.cluster, None
+            with contextlib.suppress(Exception):
+                await cluster.close()
+        with contextlib.suppress(Exception):
+            await self.stop()
+
     async def stop(self) -> None:
         """Graceful: stop accepting, tell devices to go away, drain sessions, flush the log."""
         s = self.settings
@@ -281,7 +292,13 @@ class Node:
 async def serve(settings: Settings) -> None:
     """Run a node until SIGINT/SIGTERM, then shut down gracefully."""
     node = Node(settings)
-    await node.start()
+    try:
+        await node.start()
+    except BaseException:
+        # a start that failed part-way (a port in use, the database gone) gives back what it took,
+        # above all this node's name in the presence map: a corrected restart must not be refused
+        await node.abandon_start()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

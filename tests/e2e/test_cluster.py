@@ -624,5 +624,28 @@ async def test_without_redis_presence_and_relay_work_through_postgresql(pg_root,
         twin = c.make_node(2, REDIS_URL="")
         with pytest.raises(RuntimeError, match="live presence"):
             await twin.start()
+        # a start that fails part-way (its relay port is in use) says why in one line and frees its
+        # name at once: the corrected restart right after it is not refused as a live duplicate
+        import socket
+
+        from conftest import PortTaken
+
+        squatter = socket.socket()
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        third = c.make_node(3, REDIS_URL="")
+        third.relay_port = squatter.getsockname()[1]
+        try:
+            with pytest.raises(PortTaken):
+                await third._start_once()
+        finally:
+            squatter.close()
+        log = third.log_path.read_text()
+        assert "proxyorch serve: cannot listen:" in log and "Traceback" not in log
+        third.log.close()
+        await third.start()  # a fresh relay port (PortTaken chose one), the same name, within the TTL
+        await c.attach(3, third)
+        _s, health = await c.dep(1).call("GET", "/healthz")
+        assert c.name(3) in {n["name"] for n in health["nodes"]}
     finally:
         await c.close()
