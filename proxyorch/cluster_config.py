@@ -45,6 +45,18 @@ def problems(s: Settings, *, supervisor: bool = False) -> list[str]:
                                   ("INTERNAL_API_PORT", s.internal_api_port)) if v]
     for i, (name, port) in enumerate(ports):  # with SO_REUSEPORT a clash would not even fail to bind
         out += [f"{name} and {other} are both {port}" for other, p in ports[i + 1:] if p == port]
+    if supervisor and s.workers > 1:  # worker i takes RELAY_PORT + i and INTERNAL_API_PORT + i
+        ranges = [(n, v, v + s.workers - 1) for n, v in (("RELAY_PORT", s.relay_port),
+                                                         ("INTERNAL_API_PORT", s.internal_api_port)) if v]
+        for name, lo, hi in ranges:
+            if hi > 65535:
+                out.append(f"{name} + WORKERS - 1 must be at most 65535 (got {hi})")
+            out += [f"{other} ({port}) is in the workers' {name} range {lo}-{hi}"
+                    for other, port in ports if other != name and lo < port <= hi]
+        if len(ranges) == 2 and ranges[0][1] <= ranges[1][2] and ranges[1][1] <= ranges[0][2] and \
+                ranges[0][1] != ranges[1][1]:
+            out.append(f"the workers' RELAY_PORT range {ranges[0][1]}-{ranges[0][2]} and INTERNAL_API_PORT range "
+                       f"{ranges[1][1]}-{ranges[1][2]} overlap")
     if supervisor:
         out += [f"{n} must not be 0 with WORKERS > 1 (the workers share it)"
                 for n, v in (("PROXY_PORT", s.proxy_port), ("TUNNEL_PORT", s.tunnel_port), ("API_PORT", s.api_port))

@@ -135,7 +135,10 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
      "http://HOST:API_PORT of the node owning the request log; empty = this node owns its own store"),
     ("WORKERS", "workers", int, 1, "Node processes on this machine sharing the ports (SO_REUSEPORT)"),
     ("INTERNAL_API_PORT", "internal_api_port", int, 0,
-     "Extra API listener on 127.0.0.1 (set by the supervisor for each worker: its own API address; worker 0's also serves the log store)"),
+     "Extra API listener on INTERNAL_API_HOST (set by the supervisor for each worker: its own API address; worker 0's also serves the log store). "
+     "Given to a supervisor: worker i uses INTERNAL_API_PORT + i (fixed ports for a firewall) instead of free ones"),
+    ("INTERNAL_API_HOST", "internal_api_host", str, "127.0.0.1",
+     "Address of the INTERNAL_API_PORT listener (the supervisor sets BIND_HOST when API_ADVERTISE says the workers are reached from other machines)"),
     ("REUSE_PORT", "reuse_port", bool, False, "Listen with SO_REUSEPORT (set by the supervisor for its workers)"),
 ]
 
@@ -243,6 +246,7 @@ class Settings:
     log_store_url: str
     workers: int
     internal_api_port: int
+    internal_api_host: str
     reuse_port: bool
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -224,7 +224,7 @@ class Node:
         await self.api_listener.start(s.bind_host, s.api_port, backlog=1024, reuse_port=s.reuse_port)
         if s.internal_api_port:  # a supervisor's worker: its own address for the other workers (API_ADVERTISE)
             self.internal_listener = Listener(self.api_runner.server)  # type: ignore[arg-type]
-            await self.internal_listener.start("127.0.0.1", s.internal_api_port, backlog=1024)
+            await self.internal_listener.start(s.internal_api_host, s.internal_api_port, backlog=1024)
 
     async def abandon_start(self) -> None:
         """After a failed :meth:`start`: free this node's name in the presence map first (a corrected

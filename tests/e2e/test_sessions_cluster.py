@@ -176,16 +176,41 @@ async def test_a_killed_node_does_not_break_the_call_and_leaves_it_after_its_pre
     assert sorted((r["node"], r["bytesIn"]) for r in body["sessions"]) == [(c.name(1), 1_000), (c.name(2), 2_000)]
 
 
-async def test_workers_list_the_sessions_of_both_workers_from_either(pg_root, tmp_path, targets):
+def _two_free_ports() -> int:
+    """A port p such that p and p + 1 are both free now."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            try:
+                b.bind(("127.0.0.1", a.getsockname()[1] + 1))
+            except OSError:
+                continue
+            return a.getsockname()[1]
+    raise AssertionError("no two consecutive free ports")
+
+
+@pytest.mark.parametrize("reach", ["this machine", "other machines"])
+async def test_workers_list_the_sessions_of_both_workers_from_either(pg_root, tmp_path, targets, reach):
     """``serve --workers 2``: each worker advertises its own private API port; asked there, each
-    lists the sessions held by both workers (which worker holds a session: from the kernel, psutil)."""
+    lists the sessions held by both workers (which worker holds a session: from the kernel, psutil).
+    "other machines": API_ADVERTISE names the host the other nodes reach this machine at (127.0.0.3
+    here), INTERNAL_API_PORT the first of the workers' fixed private ports; the private listeners bind
+    BIND_HOST (a listener on 127.0.0.1 alone would not answer at 127.0.0.3)."""
     import collections
 
     from conftest import AgentProcess, Deployment, create_database
     from test_workers import Workers, tunnel_holders
 
     url = await create_database(pg_root[0])
-    w = await Workers(url, tmp_path / "sup", 2).start()
+    w = Workers(url, tmp_path / "sup", 2)
+    base = 0
+    if reach == "other machines":
+        base = _two_free_ports()
+        w.extra_env.update({"BIND_HOST": "0.0.0.0", "API_ADVERTISE": f"http://127.0.0.3:{w.api_port}",
+                            "INTERNAL_API_PORT": str(base)})
+    await w.start()
     dep = Deployment(w)
     await dep.open()
     writers = []
@@ -203,6 +228,8 @@ async def test_workers_list_the_sessions_of_both_workers_from_either(pg_root, tm
         names = {pid: p.environ()["NODE_NAME"] for pid, p in workers.items()}
         apis = {names[pid]: p.environ()["API_ADVERTISE"] for pid, p in workers.items()}
         assert len(set(apis.values())) == 2, apis
+        if base:
+            assert apis == {"wk-0": f"http://127.0.0.3:{base}", "wk-1": f"http://127.0.0.3:{base + 1}"}
         held: collections.Counter[str] = collections.Counter()
         while min(held.get(n, 0) for n in apis) < 2 and len(writers) < 40:  # the kernel spreads them
             reader, writer, _ = await socks5_open(w.proxy_port, conn["connectionId"], conn["password"],
