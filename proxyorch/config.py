@@ -63,7 +63,8 @@ SETTINGS: list[tuple[str, str, type, Any, str]] = [
     ("CLICKHOUSE_URL", "clickhouse_url", str, "", "ClickHouse http(s) URL; empty = embedded chDB under DATA_DIR"),
     ("REDIS_URL", "redis_url", str, "", "Redis URL; set = invalidations via Redis pub/sub (multi-node)"),
     ("CLUSTER_SECRET", "cluster_secret", str, "", "Shared by the nodes of a cluster: authenticates relay links and /internal/"),
-    ("RELAY_PORT", "relay_port", int, 0, "Node-to-node relay listener port; 0 = no relay (single node)"),
+    ("RELAY_PORT", "relay_port", int, 0, "Node-to-node relay listener port; 0 = no relay (single node; under --workers: private ports on 127.0.0.1)"),
+    ("RELAY_BIND_HOST", "relay_bind_host", str, "", "Address the relay listener binds (default BIND_HOST)"),
     ("RELAY_ADVERTISE", "relay_advertise", str, "",
      "host:port the other nodes dial to relay to this one (default 127.0.0.1:RELAY_PORT)"),
     ("API_ADVERTISE", "api_advertise", str, "",
@@ -239,6 +240,7 @@ class Settings:
     max_unauth_per_ip: int
     cluster_secret: str
     relay_port: int
+    relay_bind_host: str
     relay_advertise: str
     api_advertise: str
     relay_tls: bool

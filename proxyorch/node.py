@@ -146,7 +146,7 @@ class Node:
         # Devices that were online on this node before a crash are offline until they reconnect.
         await self.pool.execute("UPDATE devices SET online = false, node = NULL WHERE node = $1", s.node_name)
         await self.tunnels.start(s.bind_host, s.tunnel_port, ssl=tunnel_ssl, reuse_port=s.reuse_port)
-        await self.cluster.start_listeners(s.bind_host)
+        await self.cluster.start_listeners(s.relay_bind_host or s.bind_host)
         await self.proxy.start(s.bind_host, s.proxy_port, reuse_port=s.reuse_port)
         await self._start_api()
         self.rotations.start()

@@ -7,8 +7,7 @@ The supervisor (this process) prepares what the workers share, then runs and wat
   and handed down as ``DATABASE_URL``.
 - **Coordination**: ``REDIS_URL`` if set; else, when ``redis-server`` is installed, a private one
   this process starts (unix socket ``DATA_DIR/redis.sock``, no persistence, no TCP port); else
-  PostgreSQL ``LISTEN/NOTIFY`` alone (credential invalidations work, the cross-worker relay's
-  presence needs Redis).
+  PostgreSQL alone (``LISTEN/NOTIFY`` for invalidations, presence in ``cluster_nodes``).
 - **Log store**: with ``CLICKHOUSE_URL`` every worker writes to that server. With the embedded
   chDB (one process only), worker 0 owns it in ``DATA_DIR`` and also listens on a private
   ``127.0.0.1:INTERNAL_API_PORT`` (a free port chosen once here, kept across restarts); the
@@ -21,7 +20,8 @@ The supervisor (this process) prepares what the workers share, then runs and wat
   private listeners bind ``BIND_HOST`` and advertise its host; given ``INTERNAL_API_PORT``, worker
   ``i`` uses that port + ``i`` (:func:`worker_api_addresses`).
 - **Identity and secrets**: worker ``i`` is ``NODE_NAME-i``, relays on ``RELAY_PORT + i`` (when
-  set); ``CLUSTER_SECRET``, ``RMS_KEY`` and ``ADMIN_TOKEN`` come from the settings or from files
+  set; else on a private port of 127.0.0.1 chosen here, so that clients on any worker reach a
+  device whose one tunnel is on another); ``CLUSTER_SECRET``, ``RMS_KEY`` and ``ADMIN_TOKEN`` come from the settings or from files
   under ``DATA_DIR`` (``cluster.secret``, ``rms.key``, ``admin.token``; created 0600 once). The
   tunnel TLS certificate (``TUNNEL_TLS_CERT``/``_KEY``, else the one created once under
   ``DATA_DIR``) is handed to every worker: an agent pins one fingerprint, whichever worker it reaches,
@@ -88,6 +88,16 @@ def free_local_port() -> int:
         return s.getsockname()[1]
 
 
+def free_local_ports(n: int, avoid: set[int] | None = None) -> list[int]:
+    """``n`` distinct free ports of 127.0.0.1, none of ``avoid``."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_local_port()  # may repeat itself
+        if port not in ports and port not in (avoid or ()):
+            ports.append(port)
+    return ports
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -101,12 +111,7 @@ def worker_api_addresses(s: Settings) -> tuple[list[int], str, str]:
     advertises ``API_ADVERTISE``'s host (plain HTTP on the worker's own port)."""
     from urllib.parse import urlsplit
 
-    if s.internal_api_port:
-        ports = [s.internal_api_port + i for i in range(s.workers)]
-    else:
-        ports = [free_local_port() for _ in range(s.workers)]
-        while len(set(ports)) < len(ports):  # free_local_port() may repeat itself
-            ports = [free_local_port() for _ in range(s.workers)]
+    ports = [s.internal_api_port + i for i in range(s.workers)] if s.internal_api_port else free_local_ports(s.workers)
     host = urlsplit(s.api_advertise).hostname if s.api_advertise else None
     if not host:
         return ports, "127.0.0.1", "127.0.0.1"
@@ -145,7 +150,7 @@ class Supervisor:
         data_dir = Path(s.data_dir).resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
         shared_env: dict[str, str] = {}
-        if s.tunnel_tls or (s.relay_port and s.relay_tls):  # one certificate for every worker: an agent
+        if s.tunnel_tls or s.relay_tls:  # one certificate for every worker: an agent
             # pins one fingerprint, and the workers' relay links pin it too
             from .tunnel_cert import load_or_create
 
@@ -165,6 +170,9 @@ class Supervisor:
         local_host = "127.0.0.1" if internal_host in ("0.0.0.0", "::", "") else internal_host
         base = s.node_name
         advertise = getattr(s, "relay_advertise", "")
+        # without RELAY_PORT the workers still relay to each other (a phone's one tunnel lands on one
+        # worker; clients land on any): on private ports of this machine, chosen here like the API's
+        private_relay = [] if s.relay_port else free_local_ports(s.workers, avoid=set(internal_ports))
         for i in range(s.workers):
             env = dict(base_env)
             env.update(shared_env)
@@ -180,11 +188,14 @@ class Supervisor:
                 if advertise:
                     host, _, port = advertise.rpartition(":")
                     env["RELAY_ADVERTISE"] = f"{host}:{int(port) + i}"
+            else:
+                env.update({"RELAY_PORT": str(private_relay[i]), "RELAY_BIND_HOST": "127.0.0.1",
+                            "RELAY_ADVERTISE": f"127.0.0.1:{private_relay[i]}"})
             if own_store and i > 0:
                 env["LOG_STORE_URL"] = f"http://{_url_host(local_host)}:{internal_port}"
             self.workers.append(Worker(i, env))
         coordination = ("Redis " + ("(REDIS_URL)" if s.redis_url else "(private redis-server)") if redis_url
-                        else "PostgreSQL LISTEN/NOTIFY")
+                        else "PostgreSQL (LISTEN/NOTIFY, presence in cluster_nodes)")
         log.info("supervisor: %d workers, coordination via %s, log store %s", s.workers, coordination,
                  f"worker 0 ({local_host}:{internal_port})" if own_store else "shared")
 

@@ -189,9 +189,13 @@ async def test_a_killed_worker_is_restarted(rig) -> None:
         await echo_session(rig)
 
 
-async def test_a_device_on_worker_1_serves_clients_landing_on_worker_0(pg_root, tmp_path, targets) -> None:
+@pytest.mark.parametrize("relay", ["RELAY_PORT", "default"])
+async def test_a_device_on_worker_1_serves_clients_landing_on_worker_0(pg_root, tmp_path, targets, relay) -> None:
+    """A phone's one tunnel is on one worker; clients land on both. "default": no RELAY_PORT, the
+    supervisor gives its workers private relay ports on 127.0.0.1 by itself."""
     url = await create_database(pg_root[0])
-    w = await Workers(url, tmp_path / "sup", 2, {"RELAY_PORT": str(20000 + os.getpid() % 20000)}).start()
+    env = {"RELAY_PORT": str(20000 + os.getpid() % 20000)} if relay == "RELAY_PORT" else {}
+    w = await Workers(url, tmp_path / "sup", 2, env).start()
     dep = Deployment(w)
     await dep.open()
     try:
@@ -211,8 +215,10 @@ async def test_a_device_on_worker_1_serves_clients_landing_on_worker_0(pg_root, 
         # the workers relayed over TLS 1.3 with the one certificate they share (the agent's pin)
         from device_tunnel.tls import client_context, peer_fingerprint
 
-        relay = int(w.env()["RELAY_PORT"])
-        for port in (relay, relay + 1):
+        ports = sorted(int(p.environ()["RELAY_PORT"]) for p in w.children())
+        if relay == "RELAY_PORT":
+            assert ports == [int(env["RELAY_PORT"]), int(env["RELAY_PORT"]) + 1]
+        for port in ports:
             reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(pin=w.fingerprint))
             assert writer.transport.get_extra_info("ssl_object").version() == "TLSv1.3"
             assert peer_fingerprint(writer.transport) == w.fingerprint
