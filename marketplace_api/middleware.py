@@ -7,8 +7,8 @@
   ``/healthz`` and ``/metrics`` exempt);
 - ``body_deadline``: a body not complete ``API_BODY_TIMEOUT_S`` after the headers → 408 and the
   connection closes;
-- ``data_errors``: values PostgreSQL refuses (NUL characters, out-of-range numbers) → 400, for
-  every route (the one data-error guard).
+- ``data_errors``: values PostgreSQL refuses (NUL characters, out-of-range numbers) and bodies that
+  do not decode (a bad ``Content-Encoding`` stream) → 400, for every route (the one data-error guard).
 """
 
 from __future__ import annotations
@@ -101,6 +101,13 @@ async def data_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
     except asyncpg.DataError as exc:
         raise ApiError(400, f"invalid input: {exc.__class__.__name__}") from None
+    except web.RequestPayloadError:  # a body that does not decode (Content-Encoding deflate/gzip of garbage)
+        # The rest of the stream cannot be read: end it here (aiohttp would try to drain it after the
+        # answer and log the same error again as unhandled) and close the connection after the answer.
+        request.content.feed_eof()
+        err = ApiError(400, "request body could not be decoded")
+        err.close_connection = True
+        raise err from None
 
 
 def _token_key(request: web.Request) -> str | None:

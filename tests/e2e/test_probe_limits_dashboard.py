@@ -558,3 +558,113 @@ async def test_dashboard_page_and_its_files_have_the_security_headers(rig):
             assert r.headers["X-Content-Type-Options"] == "nosniff"
     async with dep.http.post(dep.node.api + "/", data=b"x") as r:
         assert r.status == 405 and (await r.json())["success"] is False
+
+
+# -- content encodings, methods ------------------------------------------------------------------------
+def _gzip(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, 9)
+
+
+# (not "br": without the Brotli package aiohttp's parser answers a plain-text 400 before the app runs)
+ENCODED = [("gzip", b"\x1f\x8b\x08\x00garbage"), ("gzip", _gzip(b"{") + b"trailing"), ("deflate", b"not deflate"),
+           ("deflate", b"x\x9c" + b"\xff" * 50), ("gzip", _gzip(b"[" * 50 + b"]" * 50)),
+           ("gzip", _gzip(b'{"quota_bytes": 1, "pad": "' + b"0" * (8 * MAX_BODY) + b'"}'))]
+
+
+@pytest.mark.parametrize("encoding,data", ENCODED, ids=[e for e, _ in ENCODED])
+async def test_compressed_bodies_are_refused_or_limited_after_decompression(rig, encoding, data):
+    before = await snapshot(rig)
+    status, body = await raw(rig, "PUT", f"/api/v2/proxy/connections/{rig['a']['cid']}/limits", rig["a"]["token"],
+                             data, headers={"Content-Encoding": encoding})
+    assert 400 <= status < 500 and status != 404, (status, body)
+    assert isinstance(body, dict) and body.get("success") is False, (status, body)
+    assert await snapshot(rig) == before
+
+
+@pytest.mark.parametrize("method", ["PATCH", "POST", "DELETE"])
+async def test_other_methods_on_the_limits_routes_are_a_json_405(rig, method):
+    for what in ("limits", "access", "usage"):
+        status, body = await raw(rig, method, f"/api/v2/proxy/connections/{rig['a']['cid']}/{what}", rig["a"]["token"])
+        refused(status, body, (405,))
+
+
+BAD_CONNECTION_BODIES = [
+    {}, {"device_id": None}, {"device_id": ""}, {"device_id": 1}, {"device_id": []}, {"device_id": "x"},
+    {"device_id": "{a_did}", "pool": {"country": "US"}}, {"device_id": "{a_did}", "name": 1},
+    {"device_id": "{a_did}", "name": "x" * 10_000}, {"device_id": "{a_did}", "name": ["n"]},
+    {"pool": "US"}, {"pool": {}}, {"pool": {"country": "USA"}}, {"pool": {"country": "Ü1"}},
+    {"pool": {"country": 1}}, {"pool": {"device_ids": []}}, {"pool": {"device_ids": "x"}},
+    {"pool": {"device_ids": ["{a_did}", "{a_did}"]}}, {"pool": {"device_ids": [1]}},
+    {"pool": {"device_ids": [NEW_ID]}}, {"pool": {"device_ids": ["{b_did}"]}},
+    {"pool": {"country": "US", "device_ids": ["{a_did}"]}}, {"device_id": NEW_ID}, {"device_id": "{b_did}"},
+]
+
+
+def _fill_body(rig, body: dict) -> dict:
+    return orjson.loads(fill(rig, orjson.dumps(body).decode().replace("{", "{{").replace("}", "}}")
+                             .replace("{{a_did}}", "{a_did}").replace("{{b_did}}", "{b_did}")))
+
+
+@pytest.mark.parametrize("body", BAD_CONNECTION_BODIES, ids=range(len(BAD_CONNECTION_BODIES)))
+async def test_bad_connection_create_and_set_device_bodies_are_4xx_and_change_nothing(rig, body):
+    before = await snapshot(rig)
+    a = rig["a"]
+    body = _fill_body(rig, body)
+    status, answer = await rig["dep"].call("POST", "/api/v2/proxy/connections", a["token"], json=body)
+    refused(status, answer, (400, 403, 404))
+    if body and not (body.get("device_id") == a["did"] and "pool" not in body):  # (set_device ignores "name")
+        status, answer = await rig["dep"].call("PUT", f"/api/v2/proxy/connections/{a['cid']}/device", a["token"],
+                                               json=body)
+        refused(status, answer, (400, 403, 404))
+    assert await snapshot(rig) == before
+
+
+BAD_DOMAINS = [None, "x.test", [], [1], [None], [""], ["  "], ["a" * 254], [["x.test"]], [{"d": 1}],
+               ["x.test"] * 100_001, ["exa mple.test"], ["x.test\x00"], ["*"], ["..."], ["http://x.test/"]]
+
+
+@pytest.mark.parametrize("domains", BAD_DOMAINS, ids=range(len(BAD_DOMAINS)))
+async def test_bad_blacklist_bodies_are_400_and_change_nothing(rig, domains):
+    before = await snapshot(rig)
+    a = rig["a"]
+    for path in (f"/api/v2/proxy/connections/{a['cid']}/blacklist", f"/api/v2/devices/{a['did']}/blacklist"):
+        for method in ("POST", "DELETE"):
+            status, body = await rig["dep"].call(method, path, a["token"], json={"domains": domains})
+            refused(status, body, (400, 413))
+    assert await snapshot(rig) == before
+
+
+@pytest.mark.parametrize("name", [1, "", "   ", "x" * 101, ["n"], "nul\x00name", "\ud83d\ude00" * 30])
+async def test_bad_device_names_are_400_and_register_nothing(rig, name):
+    before = await snapshot(rig)
+    status, body = await rig["dep"].call("POST", "/api/v2/devices/register", rig["a"]["token"],
+                                         data=orjson.dumps({"name": name}) if isinstance(name, str) and "\ud83d" not in name
+                                         else __import__("json").dumps({"name": name}).encode(),
+                                         headers={"Content-Type": "application/json"})
+    if name == "\ud83d\ude00" * 30:  # 30 emoji: a valid name of 30 characters
+        assert status == 200, body
+        return
+    refused(status, body, (400,))
+    assert await snapshot(rig) == before
+
+
+async def test_concurrent_overlapping_ip_only_claims_admit_exactly_one(rig):
+    dep, a = rig["dep"], rig["a"]
+    _uid, c_token = await dep.user("probe-c")
+    c_device = await dep.device(c_token)
+    conns = [await dep.connection(a["token"], a["did"]), await dep.connection(c_token, c_device["remote_device_id"])]
+    tokens = [a["token"], c_token]
+    try:
+        claims = [dep.call("PUT", f"/api/v2/proxy/connections/{conns[i % 2]['connectionId']}/access", tokens[i % 2],
+                           json={"mode": "ip_only", "allowed_ips": [f"198.51.100.{i * 8}/29", "198.51.100.0/25"]})
+                  for i in range(8)]
+        answers = await asyncio.gather(*claims)
+        codes = sorted(s for s, _ in answers)
+        assert set(codes) <= {200, 409}, answers
+        winners = {i % 2 for i, (s, _) in enumerate(answers) if s == 200}
+        assert len(winners) == 1, answers  # only one tenant's connection ever holds the range
+    finally:
+        for conn, token in zip(conns, tokens, strict=True):
+            await dep.call("DELETE", f"/api/v2/proxy/connections/{conn['connectionId']}", token)
