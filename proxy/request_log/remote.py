@@ -70,7 +70,10 @@ def _cell(column: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"`{column}` must be an ISO 8601 string")
         ts = datetime.fromisoformat(value)
-        return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+        try:
+            return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+        except OverflowError:  # an offset that moves year 1 or 9999 out of range in UTC
+            raise ValueError(f"`{column}` is out of range") from None
     if column in _INT_COLUMNS:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
             raise ValueError(f"`{column}` must be a non-negative integer")

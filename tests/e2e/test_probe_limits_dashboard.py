@@ -358,9 +358,15 @@ BAD_QUERIES = [
     ("/api/v2/proxy/domains?" + _window(connectionId="x"), (400,)),
     ("/api/v2/proxy/domains?" + _window(deviceId="x"), (400,)),
     *(("/api/v2/devices/{a_did}/rotations?limit=" + v, (400,)) for v in ("0", "-1", "501", "abc", "%C2%B2",
-                                                                          "%D9%A3" * 4, "1.0", str(2**64))),
+                                                                          "%D9%A3" * 4, "1.0", str(2**64), "9" * 5000,
+                                                                          "%ff", "%zz", "1%20", "")),
     *(("/api/v2/proxy/connections?" + q, (400,)) for q in ("limit=0", "limit=abc", "offset=-1", "limit=%C2%B2",
-                                                           "limit=" + str(2**64))),
+                                                           "limit=" + str(2**64), "limit=" + "9" * 5000, "limit=%ff")),
+    *(("/api/v2/admin/proxies?" + q, (400, 401)) for q in ("limit=0", "limit=abc", "offset=" + "9" * 5000)),
+    ("/api/v2/proxy/domains?" + _window(limit="9" * 5000), (400,)),
+    ("/api/v2/proxy/domains?" + _window(to="%ff"), (400,)),
+    ("/api/v2/proxy/logs?" + _window(limit="9" * 5000), (400,)),
+    ("/api/v2/proxy/logs?" + _window(offset="-1"), (400,)),
 ]
 
 
@@ -452,7 +458,9 @@ async def test_rotate_ip_of_an_offline_device_is_a_json_409(rig):
 
 
 # -- /internal/ ------------------------------------------------------------------------------------------
-INTERNAL = [("GET", "/internal/ping"), ("POST", "/internal/sessions"), ("POST", "/internal/log/insert"),
+INTERNAL = [("GET", "/internal/ping"), ("GET", "/internal/ping/"), ("GET", "/internal//ping"), ("GET", "/internal/./ping"),
+            ("GET", "/internal/%70ing"), ("GET", "/internal/sessions/../ping"), ("GET", "/INTERNAL/ping"),
+            ("GET", "/internal"), ("GET", "//internal/ping"), ("GET", "/api/v2/../internal/ping"), ("POST", "/internal/sessions"), ("POST", "/internal/log/insert"),
             ("POST", "/internal/log/query"), ("POST", "/internal/rotate"), ("GET", "/internal/unknown/path"),
             ("GET", "/internal/"), ("DELETE", "/internal/sessions"), ("POST", "/internal/%2e%2e/api/v2/proxy/sessions")]
 
@@ -464,7 +472,8 @@ async def test_internal_routes_without_or_with_a_wrong_secret_are_401(rig):
                         {"X-Cluster-Secret": SECRET.upper()}, {"Authorization": f"Bearer {rig['a']['token']}"},
                         {"X-Admin-Token": rig["dep"].node.admin_token}):
             status, body = await raw(rig, method, path, data=b"{}" if method == "POST" else None, headers=headers)
-            refused(status, body, (401,))
+            # (paths outside /internal/ — other case, no trailing slash — are unknown routes of the API)
+            refused(status, body, (401,) if path.startswith("/internal/") else (401, 404))
 
 
 GARBAGE_INTERNAL = [
@@ -510,8 +519,34 @@ GARBAGE_INTERNAL = [
                                      "limit": True}},
         {"kind": "table_columns", "args": {"table": "system.users"}},
         {"kind": "table_columns", "args": {"table": []}},
-        {"kind": "bytes_by_connection", "args": {"connection_ids": [1], "now": "2026-01-01T00:00:00"}})),
+        {"kind": "bytes_by_connection", "args": {"connection_ids": [1], "now": "2026-01-01T00:00:00"}},
+        {"kind": "logs", "args": {"start": "0001-01-01T00:00:00+01:00", "end": "2026-01-02T00:00:00+00:00",
+                                  "limit": 1, "offset": 0}})),
 ]
+EXTREME_INTERNAL_QUERIES = [
+    {"kind": "logs", "args": {"start": "2026-01-01T00:00:00+00:00", "end": "2026-01-02T00:00:00+00:00",
+                              "limit": 2**63 - 1, "offset": 2**63 - 1}},
+    {"kind": "logs", "args": {"start": "2026-01-01T00:00:00+00:00", "end": "2026-01-02T00:00:00+00:00",
+                              "limit": 2**64 - 1, "offset": 0}},
+    {"kind": "domains", "args": {"start": "0001-01-01T00:00:00+00:00", "end": "9999-12-31T00:00:00+00:00",
+                                 "limit": 2**63}},
+    {"kind": "bandwidth", "args": {"group_by": "century"}},
+    {"kind": "bandwidth", "args": {"limit": 0, "offset": 2**63 - 1}},
+    {"kind": "bytes_by_connection", "args": {"connection_ids": ["not-a-uuid", "'; DROP TABLE x"],
+                                             "now": "2026-01-01T00:00:00"}},
+    {"kind": "logs", "args": {"start": "2026-01-01T00:00:00+00:00", "end": "2026-01-02T00:00:00+00:00",
+                              "limit": 1, "offset": 0, "device_ids": ["x" * 900, "'"], "target": "\x00%_'",
+                              "action": "nope", "connection_id": "not-a-uuid"}},
+]
+
+
+@pytest.mark.parametrize("body", EXTREME_INTERNAL_QUERIES, ids=range(len(EXTREME_INTERNAL_QUERIES)))
+async def test_internal_log_queries_at_the_edges_answer_200_or_400_never_a_store_error(rig, body):
+    status, answer = await raw(rig, "POST", "/internal/log/query", data=orjson.dumps(body),
+                               headers={"X-Cluster-Secret": SECRET})
+    assert status in (200, 400), (status, answer)
+    if status == 400:
+        refused(status, answer, (400,))
 
 
 @pytest.mark.parametrize("path,data", GARBAGE_INTERNAL, ids=range(len(GARBAGE_INTERNAL)))
