@@ -703,3 +703,29 @@ async def test_concurrent_overlapping_ip_only_claims_admit_exactly_one(rig):
     finally:
         for conn, token in zip(conns, tokens, strict=True):
             await dep.call("DELETE", f"/api/v2/proxy/connections/{conn['connectionId']}", token)
+
+
+async def test_the_owner_of_a_routed_through_device_may_read_but_not_change_limits_or_access(rig):
+    """A connection of a routed through b's device (as the admin CLI can make it): b reads, never writes."""
+    dep, a, b = rig["dep"], rig["a"], rig["b"]
+    conn = await dep.connection(a["token"], a["did"], name="probe-routed")
+    cid = conn["connectionId"]
+    await dep.pool.execute("UPDATE proxy_credentials SET device_id = $2 WHERE connection_id = $1", cid, b["did"])
+    try:
+        for what in ("limits", "access", "usage"):
+            status, body = await dep.call("GET", f"/api/v2/proxy/connections/{cid}/{what}", b["token"])
+            assert status == 200, (what, body)
+        before = await snapshot(rig)
+        for what, body in (("limits", {"quota_bytes": 1}), ("access", {"mode": "password"})):
+            status, answer = await dep.call("PUT", f"/api/v2/proxy/connections/{cid}/{what}", b["token"], json=body)
+            refused(status, answer, (403,))
+        status, answer = await dep.call("GET", f"/api/v2/proxy/connections/{cid}/limits", a["token"])
+        assert status == 200 and answer["quota_bytes"] is None, answer
+        assert await snapshot(rig) == before
+        # a third user sees none of it
+        _uid, c_token = await dep.user("probe-routed-c")
+        for what in ("limits", "access", "usage"):
+            status, answer = await dep.call("GET", f"/api/v2/proxy/connections/{cid}/{what}", c_token)
+            refused(status, answer, (403, 404))
+    finally:
+        await dep.call("DELETE", f"/api/v2/proxy/connections/{cid}", a["token"])
