@@ -729,3 +729,22 @@ async def test_the_owner_of_a_routed_through_device_may_read_but_not_change_limi
             refused(status, answer, (403, 404))
     finally:
         await dep.call("DELETE", f"/api/v2/proxy/connections/{cid}", a["token"])
+
+
+# -- the same integer-parsing defect on two older surfaces (found by the probe's grep) ------------------------
+@pytest.mark.parametrize("value", ["%C2%B2", "9" * 5000, "%D9%A3" * 5, "-1", "1.5", "%20"])
+async def test_v1_tasks_available_with_a_non_ascii_or_endless_limit_is_400(rig, value):
+    from taskmarket_fixtures import agent
+
+    key = (await agent(rig["dep"], rig["a"]["token"]))["apiKey"]
+    status, body = await raw(rig, "GET", f"/v1/tasks/available?limit={value}", key)
+    assert status == 400 and body["ok"] is False and body["error"]["code"] == "BAD_REQUEST", (status, body)
+
+
+@pytest.mark.parametrize("value", ["²", "--5", "9" * 5000, "٣" * 5, "5.0", " "])
+async def test_job_submit_with_a_bad_integer_string_is_a_validation_error(rig, value):
+    status, body = await rig["dep"].call("POST", "/api/v2/jobs/submit", rig["a"]["token"],
+                                         json={"title": "t", "description": "d", "proof": "p", "category": "c",
+                                               "duration": value, "positions": 1, "job_price": 1})
+    assert status == 400 and body["success"] is False, (status, body)
+    assert any("duration" in e for e in body["errors"]), body
