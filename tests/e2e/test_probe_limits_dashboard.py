@@ -604,7 +604,8 @@ def _gzip(data: bytes) -> bytes:
 
 # (not "br": without the Brotli package aiohttp's parser answers a plain-text 400 before the app runs)
 ENCODED = [("gzip", b"\x1f\x8b\x08\x00garbage"), ("gzip", _gzip(b"{") + b"trailing"), ("deflate", b"not deflate"),
-           ("deflate", b"x\x9c" + b"\xff" * 50), ("gzip", _gzip(b"[" * 50 + b"]" * 50)),
+           ("deflate", b"x\x9c" + b"\xff" * 50), ("deflate", b"not deflate" * 60_000), ("gzip", b"\x1f\x8b" * 300_000),
+           ("gzip", _gzip(b"{}")[:-8] + b"\x00" * 400_000), ("gzip", _gzip(b"[" * 50 + b"]" * 50)),
            ("gzip", _gzip(b'{"quota_bytes": 1, "pad": "' + b"0" * (8 * MAX_BODY) + b'"}'))]
 
 
