@@ -26,7 +26,7 @@ from aiohttp import web
 from proxyorch.config import Settings
 
 from . import store_errors
-from .bodies import json_response
+from .bodies import UNDECODABLE, end_undecodable_body, json_response
 from .errors import ApiError, surface_error
 from .exhaustion import is_exhausted, unavailable
 from .ratelimit import RateLimiter
@@ -102,10 +102,8 @@ async def data_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except asyncpg.DataError as exc:
         raise ApiError(400, f"invalid input: {exc.__class__.__name__}") from None
     except web.RequestPayloadError:  # a body that does not decode (Content-Encoding deflate/gzip of garbage)
-        # The rest of the stream cannot be read: end it here (aiohttp would try to drain it after the
-        # answer and log the same error again as unhandled) and close the connection after the answer.
-        request.content.feed_eof()
-        err = ApiError(400, "request body could not be decoded")
+        end_undecodable_body(request)
+        err = ApiError(400, UNDECODABLE)
         err.close_connection = True
         raise err from None
 
