@@ -3,7 +3,12 @@ sessions, domains, device presence, dashboard) and the node-to-node ``/internal/
 one real node (PostgreSQL, chDB request log, a direct exit and a real SOCKS5 client).
 
 Every refused request must get its surface's JSON error with a defined 4xx code, leave the state as
-it was, and leave no traceback in the node's log (checked after every test).
+it was, and leave no traceback in the node's log (checked after every test). Probed: bodies that are
+not a JSON object, too large (declared or chunked), compressed garbage and bombs; wrong-typed,
+out-of-range and unknown fields; bad CIDRs, IPv6 zones and IPv4-mapped forms; unknown, malformed and
+traversal ids; the other tenant on every connection and device route and in every list view;
+bad and repeated query parameters; missing, wrong and cross-kind credentials; ``/internal/`` without
+or with a wrong secret, and with the secret and garbage; the dashboard's static paths.
 """
 
 from __future__ import annotations
