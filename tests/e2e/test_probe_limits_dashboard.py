@@ -761,3 +761,15 @@ async def test_undecodable_bodies_on_the_escrow_and_v1_surfaces_are_400_in_their
     for data in (b"not deflate", b"not deflate" * 15_000):
         status, body = await raw(rig, "POST", path, rig["a"]["token"], data, headers={"Content-Encoding": "deflate"})
         assert status == 400 and body["ok"] is False and body["error"]["code"] == "BAD_REQUEST", (status, body)
+
+
+async def test_other_spellings_of_an_id_find_the_same_objects(rig):
+    a = rig["a"]
+    for spelling in (a["cid"].upper(), "{" + a["cid"] + "}", "urn:uuid:" + a["cid"], a["cid"].replace("-", "")):
+        status, body = await rig["dep"].call("GET", "/api/v2/proxy/sessions", a["token"],
+                                             params={"connectionId": spelling})
+        assert status == 200 and body["total"] == 1, (spelling, body)
+        if "{" in spelling:
+            continue  # (aiohttp's path parameters never contain braces: that path is an unknown route)
+        status, body = await rig["dep"].call("GET", f"/api/v2/proxy/connections/{spelling}/limits", a["token"])
+        assert status == 200 and body["quota_bytes"] == 10**9, (spelling, body)
