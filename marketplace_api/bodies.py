@@ -28,6 +28,17 @@ def too_large() -> ApiError:
     return ApiError(413, "request body too large")
 
 
+UNDECODABLE = "request body could not be decoded"
+
+
+def end_undecodable_body(request: web.Request) -> None:
+    """After ``web.RequestPayloadError`` (a ``Content-Encoding`` stream of garbage): end the body here.
+
+    aiohttp would otherwise drain it again after the answer and log the same error as unhandled. The
+    caller answers 400 and closes the connection (the rest of the stream cannot be framed)."""
+    request.content.feed_eof()
+
+
 def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     """True when arrays/objects in ``value`` nest deeper than ``limit`` levels (iterative walk)."""
     stack: list[tuple[Any, int]] = [(value, 1)]

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from . import store_errors
 from .auth import bearer_token
-from .bodies import json_response
+from .bodies import UNDECODABLE, end_undecodable_body, json_response
 from .context import ADMIN_TOKEN, POOL
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,11 @@ async def error_middleware(request: web.Request, handler):  # noqa: ANN001, ANN2
         return json_response(bad(f"invalid input ({type(exc).__name__})").body(), 400)
     except web.HTTPRequestEntityTooLarge:
         return json_response(bad("request body too large").body(), 400)
+    except web.RequestPayloadError:
+        end_undecodable_body(request)
+        response = json_response(bad(UNDECODABLE).body(), 400)
+        response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

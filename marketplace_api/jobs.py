@@ -72,8 +72,12 @@ def _int_field(body: dict, name: str, errors: list[str], required: bool, lo: int
         if required:
             errors.append(f"{name} is required")
         return default
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        digits = text[1:] if text.startswith("-") else text
+        # ASCII digits, one sign at most, bounded: '²'.isdigit() is true yet int() refuses it (and '--5', 5000 digits)
+        if digits.isascii() and digits.isdigit() and len(digits) <= 18:
+            value = int(text)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:

@@ -7,8 +7,8 @@
   ``/healthz`` and ``/metrics`` exempt);
 - ``body_deadline``: a body not complete ``API_BODY_TIMEOUT_S`` after the headers → 408 and the
   connection closes;
-- ``data_errors``: values PostgreSQL refuses (NUL characters, out-of-range numbers) → 400, for
-  every route (the one data-error guard).
+- ``data_errors``: values PostgreSQL refuses (NUL characters, out-of-range numbers) and bodies that
+  do not decode (a bad ``Content-Encoding`` stream) → 400, for every route (the one data-error guard).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from aiohttp import web
 from proxyorch.config import Settings
 
 from . import store_errors
-from .bodies import json_response
+from .bodies import UNDECODABLE, end_undecodable_body, json_response
 from .errors import ApiError, surface_error
 from .exhaustion import is_exhausted, unavailable
 from .ratelimit import RateLimiter
@@ -101,6 +101,11 @@ async def data_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
     except asyncpg.DataError as exc:
         raise ApiError(400, f"invalid input: {exc.__class__.__name__}") from None
+    except web.RequestPayloadError:  # a body that does not decode (Content-Encoding deflate/gzip of garbage)
+        end_undecodable_body(request)
+        err = ApiError(400, UNDECODABLE)
+        err.close_connection = True
+        raise err from None
 
 
 def _token_key(request: web.Request) -> str | None:

@@ -28,9 +28,11 @@ def parse_time(value: str | None, name: str, required: bool) -> datetime | None:
         text = text[:-1] + "+00:00"
     try:
         ts = datetime.fromisoformat(text)
+        return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
     except ValueError:
         raise ApiError(400, f"`{name}` is not a valid ISO 8601 timestamp") from None
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    except OverflowError:  # an offset that moves year 1 or 9999 out of range in UTC
+        raise ApiError(400, f"`{name}` is out of range") from None
 
 
 def parse_int(value: str | None, name: str, default: int, lo: int, hi: int) -> int:

@@ -96,7 +96,8 @@ async def list_rotations(request: web.Request) -> web.Response:
     """The device's rotations, newest first (?limit=, default 50, at most 500)."""
     device_id = await _accessible(request)
     raw = request.query.get("limit", "50")
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_HISTORY:
+    # at most 3 ASCII digits: str.isdigit() is also true of '²', and int() refuses 5000 digits
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 3) or not 1 <= int(raw) <= MAX_HISTORY:
         raise ApiError(400, f"limit must be a whole number from 1 to {MAX_HISTORY}")
     rows = await _pool(request).fetch(
         """SELECT id, old_ip, new_ip, changed, trigger, started_at, took_ms, error FROM device_rotations

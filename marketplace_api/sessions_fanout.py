@@ -78,6 +78,12 @@ class SessionFanout:
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, AttributeError) as exc:
             log.info("sessions: %s did not answer: %s", url, type(exc).__name__)
             return None
-        if not isinstance(rows, list) or not all(isinstance(r, dict) and "sessionId" in r for r in rows):
+        if not isinstance(rows, list) or not all(_row_ok(r) for r in rows):
             return None
         return rows
+
+
+def _row_ok(row: Any) -> bool:
+    """A peer's row has the id and sort fields the caller dedups, filters and sorts on, with their types."""
+    return (isinstance(row, dict) and isinstance(row.get("sessionId"), str)
+            and all(isinstance(row.get(k), str | None) for k in ("startedAt", "connectionId", "deviceId")))

@@ -22,7 +22,7 @@ from proxyorch.tokens import hash_token
 
 from . import idempotency, store_errors
 from .auth import bearer_token
-from .bodies import json_response
+from .bodies import UNDECODABLE, end_undecodable_body, json_response
 from .context import POOL
 from .errors import ApiError
 
@@ -82,6 +82,11 @@ async def v1_errors(request: web.Request, handler):  # noqa: ANN001, ANN201
         raise v1_error(exc.status, None, exc.reason) from None
     except asyncpg.DataError as exc:
         raise bad(f"invalid input: {exc.__class__.__name__}") from None
+    except web.RequestPayloadError:
+        end_undecodable_body(request)
+        err = bad(UNDECODABLE)
+        err.close_connection = True
+        raise err from None
     except Exception as exc:
         if store_errors.is_store_unavailable(exc):
             return store_errors.response(store_errors.V1_BODY, request, exc)

@@ -49,8 +49,9 @@ async def available(request: web.Request) -> web.Response:
     """Open tasks, newest first, in cursor pages (stable while tasks are added)."""
     await require_agent(request)
     q = request.query
-    raw_limit = q.get("limit", "20")
-    if not raw_limit.strip().isdigit() or not 1 <= int(raw_limit) <= 100:
+    raw_limit = q.get("limit", "20").strip()
+    # at most 3 ASCII digits: '²'.isdigit() is true yet int() refuses it, and 5000 digits
+    if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 3) or not 1 <= int(raw_limit) <= 100:
         raise bad("limit must be an integer between 1 and 100")
     limit = int(raw_limit)
     category = q.get("category") or None

@@ -37,6 +37,9 @@ def parse_network(text: str) -> IPNetwork:
         raise ValueError("not an IP address or CIDR")
     raw = text.strip()
     addr, _, prefix = raw.partition("/")
+    if "%" in addr and ":" in addr:  # an IPv6 zone ("fe80::1%eth0"): dropped, as normalize_address drops it from clients
+        addr = addr.split("%", 1)[0]
+        raw = addr + ("/" + prefix if prefix else "")
     net = ipaddress.ip_network(addr if not prefix else raw, strict=True)
     if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped is not None:
         if net.prefixlen < 96:

@@ -70,7 +70,10 @@ def _cell(column: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"`{column}` must be an ISO 8601 string")
         ts = datetime.fromisoformat(value)
-        return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+        try:
+            return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+        except OverflowError:  # an offset that moves year 1 or 9999 out of range in UTC
+            raise ValueError(f"`{column}` is out of range") from None
     if column in _INT_COLUMNS:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
             raise ValueError(f"`{column}` must be a non-negative integer")
@@ -83,13 +86,13 @@ def _cell(column: str, value: Any) -> Any:
 def decode_batch(body: dict[str, Any]) -> tuple[str, str, list[str], list[tuple]]:
     """(table, token, columns, rows) of an insert body, every cell checked; ValueError otherwise."""
     table, token, columns, rows = body.get("table"), body.get("token"), body.get("columns"), body.get("rows")
-    if table not in COLUMNS:
+    if not isinstance(table, str) or table not in COLUMNS:  # (a list or object is not hashable)
         raise ValueError(f"`table` must be one of {sorted(COLUMNS)}")
     if not isinstance(token, str) or not 0 < len(token) <= 200:
         raise ValueError("`token` must be a non-empty string of at most 200 characters")
     known = COLUMNS[table]
-    if (not isinstance(columns, list) or not columns or len(set(columns)) != len(columns)
-            or any(c not in known for c in columns)):
+    if (not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns)
+            or len(set(columns)) != len(columns) or any(c not in known for c in columns)):
         raise ValueError(f"`columns` must be distinct columns of {table}: {known}")
     if not isinstance(rows, list) or len(rows) > MAX_ROWS_PER_REQUEST:
         raise ValueError(f"`rows` must be a list of at most {MAX_ROWS_PER_REQUEST} rows")
@@ -214,7 +217,7 @@ def _spec() -> dict[str, tuple[Callable[..., Any], dict[str, str]]]:
 def run_query(ch: ClickHouse, kind: Any, args: Any) -> Any:
     """Run read query ``kind`` with JSON ``args`` on ``ch``; the result JSON-shaped (ValueError on bad input)."""
     spec = _spec()
-    if kind not in spec:
+    if not isinstance(kind, str) or kind not in spec:  # (a list or object is not hashable)
         raise ValueError(f"`kind` must be one of {sorted(spec)}")
     if not isinstance(args, dict) or set(args) - set(spec[kind][1]):
         raise ValueError(f"`args` must be an object with keys among {sorted(spec[kind][1])}")

@@ -74,6 +74,9 @@ def bad_node(kind: str) -> web.Application:
             return web.Response(body=b"\x00not json", content_type="application/json")
         if kind == "shape":
             return web.json_response({"success": True, "sessions": [1, "two"]})
+        if kind == "fields":  # rows of the right kind with fields the caller could not dedup or sort
+            return web.json_response({"success": True, "sessions": [{"sessionId": ["x"], "startedAt": 5},
+                                                                    {"sessionId": "y", "startedAt": 7}]})
         return web.json_response({"success": False, "error": "boom"}, status=500)
 
     app = web.Application()
@@ -88,7 +91,7 @@ async def cluster():
     reg.add(Session("c-2", "d-2", 222))
     runners, apis = [], {}
     for name, app in [("good", good_node("good", reg)), ("other-secret", good_node("other-secret", reg, "x" * 24)),
-                      *((k, bad_node(k)) for k in ("garbage", "shape", "error", "slow"))]:
+                      *((k, bad_node(k)) for k in ("garbage", "shape", "fields", "error", "slow"))]:
         runner, url = await serve(app)
         runners.append(runner)
         apis[name] = url
@@ -108,7 +111,7 @@ async def test_bad_peers_are_missing_and_the_good_ones_rows_arrive_within_one_ti
     rows, missing = await fanout.collect(presence, None, None)
     took = time.monotonic() - t0
     assert sorted(r["bytesIn"] for r in rows) == [111, 222] and {r["node"] for r in rows} == {"good"}
-    assert missing == ["error", "garbage", "gone", "no-address", "other-secret", "shape", "slow"]
+    assert missing == ["error", "fields", "garbage", "gone", "no-address", "other-secret", "shape", "slow"]
     assert PEER_TIMEOUT_S <= took < PEER_TIMEOUT_S + 3  # the peers are asked at once, not one after another
 
 
