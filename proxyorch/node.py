@@ -128,6 +128,7 @@ class Node:
             rotate_wait=s.rotate_wait_s, optimistic_open=s.optimistic_open,
             max_unauth_per_ip=s.max_unauth_per_ip)
         self.proxy.pools = self.cluster.make_pools()
+        self.rms.local = self._bus_event  # a change through this node's API applies here before it answers
         if self.cluster.relay_server is not None:  # relayed opens wait out a rotation as local ones do
             self.cluster.relay_server.gate = self.proxy.gate
         forwarder = RotationForwarder(s.cluster_secret, s.rotate_wait_s) if (

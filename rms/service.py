@@ -119,8 +119,13 @@ class Rms:
         self.pool = pool
         self.box = box
         self.publish = publish
+        # this node's own handler of bus events, called at once after a commit: a change made through
+        # a node applies there before the API answers (read-your-writes), not when the bus brings it back
+        self.local: Callable[[str], None] | None = None
 
     async def _publish(self, event: str) -> None:
+        if self.local is not None:
+            self.local(event)
         if self.publish is not None:
             await self.publish(event)
 
