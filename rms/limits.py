@@ -73,8 +73,29 @@ def validate_access(body: dict[str, Any]) -> tuple[str, list[str]]:
             raise RmsError(400, f"invalid allowed_ips entry: {entry!r}") from None
     if mode in ("ip_only", "password_and_ip") and not nets:
         raise RmsError(400, f"mode {mode} needs a non-empty allowed_ips")
+    if mode == "ip_only":
+        _refuse_open_proxy(nets)
     unique = sorted({str(n) for n in nets}, key=lambda s: (":" in s, s))
     return mode, unique
+
+
+# ip_only admits whoever has an allowed address, with no password: a list covering more than a /8 of
+# IPv4 or a /32 of IPv6 in total (0.0.0.0/0, ::/0, ::ffff:0:0/96, or many large ranges) would make the
+# connection an open proxy, and would also claim ranges no other tenant could use for ip_only (409)
+IP_ONLY_MAX_V4 = 2 ** 24
+IP_ONLY_MAX_V6 = 2 ** 96
+
+
+def _refuse_open_proxy(nets: list[Any]) -> None:
+    """RmsError(400) when an ip_only list covers too many addresses (overlaps counted once)."""
+    import ipaddress
+
+    for version, most, widest in ((4, IP_ONLY_MAX_V4, "/8"), (6, IP_ONLY_MAX_V6, "/32")):
+        collapsed = ipaddress.collapse_addresses([n for n in nets if n.version == version])
+        if sum(n.num_addresses for n in collapsed) > most:
+            raise RmsError(400, f"allowed_ips of an ip_only connection may cover at most a {widest} of IPv{version} "
+                                "in total (no password is asked: a wider range would be an open proxy); "
+                                "use password_and_ip for wide ranges")
 
 
 def limits_json(row: asyncpg.Record | None) -> dict[str, Any]:

@@ -39,6 +39,7 @@ class TargetServers:
         self.progress: dict[str, int] = {}   # ?tag=... -> bytes the target has written so far
         self.source_port = 0
         self.source_sent = 0                 # bytes the blasting source has written in total
+        self.bytes_requests = 0              # GET /bytes/ requests served
 
     async def start(self, host: str = "127.0.0.1") -> TargetServers:
         app = web.Application()
@@ -70,6 +71,7 @@ class TargetServers:
         return web.Response(text="hello through the tunnel\n")
 
     async def _bytes(self, request: web.Request) -> web.StreamResponse:
+        self.bytes_requests += 1  # requests that reached the target (a proxy may refuse to relay one)
         size = int(request.match_info["size"])
         resp = web.StreamResponse()
         resp.content_length = size

@@ -76,7 +76,8 @@ async def test_limits_defaults_bad_bodies_and_tenants(world):
     assert data["download_bytes_per_s"] is None and data["quota_bytes"] == 1000
     for bad in ({"mode": "open"}, {"mode": "ip_only", "allowed_ips": []}, {"mode": "ip_only"},
                 {"mode": "ip_only", "allowed_ips": ["10.0.0.1/33"]}, {"mode": "ip_only", "allowed_ips": ["10.0.0.1/8"]},
-                {"mode": "password", "allowed_ips": "10.0.0.0/8"}, {"mode": "password", "extra": 1}):
+                {"mode": "password", "allowed_ips": "10.0.0.0/8"}, {"mode": "password", "extra": 1},
+                {"mode": "ip_only", "allowed_ips": ["0.0.0.0/0"]}, {"mode": "ip_only", "allowed_ips": ["::/0"]}):
         status, data = await put(world, conn, "access", bad)
         assert status == 400, (bad, data)
     assert (await get(world, conn, "access"))[1] == {"mode": "password", "allowed_ips": []}

@@ -185,6 +185,20 @@ def test_bad_access_bodies_are_refused(body: dict) -> None:
     assert e.value.status == 400
 
 
+@pytest.mark.parametrize("ips", [["0.0.0.0/0"], ["::/0"], ["::ffff:0:0/96"], ["10.0.0.0/8", "11.0.0.0/8"],
+                                 ["2001:db8::/31"], ["0.0.0.0/1", "128.0.0.0/1"]])
+def test_an_ip_only_list_wider_than_a_slash_8_or_a_v6_slash_32_is_refused_as_an_open_proxy(ips: list) -> None:
+    with pytest.raises(RmsError, match="open proxy") as e:
+        validate_access({"mode": "ip_only", "allowed_ips": ips})
+    assert e.value.status == 400
+
+
+def test_ip_only_takes_up_to_a_slash_8_overlaps_counted_once_and_password_and_ip_any_width() -> None:
+    assert validate_access({"mode": "ip_only", "allowed_ips": ["10.0.0.0/8", "10.1.0.0/16"]})[0] == "ip_only"
+    assert validate_access({"mode": "ip_only", "allowed_ips": ["2001:db8::/32", "10.0.0.0/8"]})[0] == "ip_only"
+    assert validate_access({"mode": "password_and_ip", "allowed_ips": ["0.0.0.0/0", "::/0"]})[1] == ["0.0.0.0/0", "::/0"]
+
+
 # -- the session core with limits and access --------------------------------------------------------
 def test_socks_no_auth_greeting_gets_0xff_unless_the_address_is_on_an_ip_only_list() -> None:
     idx = AccessIndex()
