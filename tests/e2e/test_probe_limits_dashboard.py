@@ -608,8 +608,9 @@ def _gzip(data: bytes) -> bytes:
     return gzip.compress(data, 9)
 
 
-# (not "br": without the Brotli package aiohttp's parser answers a plain-text 400 before the app runs)
-ENCODED = [("gzip", b"\x1f\x8b\x08\x00garbage"), ("gzip", _gzip(b"{") + b"trailing"), ("deflate", b"not deflate"),
+# "br" is decoded by aiohttp with the Brotli package (a dependency: without it aiohttp's parser answers
+# a plain-text 400 and logs a traceback before the app runs)
+ENCODED = [("br", b"not brotli at all"), ("br", b"\xff" * 70_000), ("gzip", b"\x1f\x8b\x08\x00garbage"), ("gzip", _gzip(b"{") + b"trailing"), ("deflate", b"not deflate"),
            ("deflate", b"x\x9c" + b"\xff" * 50), ("deflate", b"not deflate" * 15_000), ("gzip", b"\x1f\x8b" * 80_000),
            ("gzip", _gzip(b"{}")[:-8] + b"\x00" * 150_000), ("gzip", _gzip(b"[" * 50 + b"]" * 50)),
            ("gzip", _gzip(b'{"quota_bytes": 1, "pad": "' + b"0" * (8 * MAX_BODY) + b'"}'))]
