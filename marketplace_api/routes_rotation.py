@@ -78,6 +78,9 @@ async def set_rotation(request: web.Request) -> web.Response:
     body = await read_json(request)
     if "interval_s" not in body:
         raise ApiError(400, "interval_s is required (seconds, or null to stop the timer)")
+    unknown = sorted(set(body) - {"interval_s"})
+    if unknown:  # as the limits and access bodies: a misspelt key is not silently ignored
+        raise ApiError(400, f"unknown keys: {', '.join(unknown)}")
     interval = body["interval_s"]
     minimum = _settings(request).rotation_min_timer_s
     if interval is not None:

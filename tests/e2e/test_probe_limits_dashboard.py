@@ -454,6 +454,9 @@ async def test_bad_rotation_intervals_are_400_and_change_nothing(rig, value):
     refused(status, body, (400,))
     status, body = await rig["dep"].call("PUT", f"/api/v2/devices/{a['did']}/rotation", a["token"], json={})
     refused(status, body, (400,))
+    status, body = await rig["dep"].call("PUT", f"/api/v2/devices/{a['did']}/rotation", a["token"],
+                                         json={"interval_s": 600, "intervall_s": 60})  # a misspelt key
+    refused(status, body, (400,))
     assert await snapshot(rig) == before
 
 
