@@ -289,6 +289,9 @@ class TunnelProtocol(asyncio.Protocol):
             elif cls is StreamResumed:
                 h = handles.get(ev.stream_id)  # type: ignore[attr-defined]
                 if h is not None and h.handler is not None:
+                    s = conn.streams.get(ev.stream_id)  # type: ignore[attr-defined]
+                    if s is not None and s.source_paused:
+                        continue  # stale: send_data paused the source again after this was queued
                     h.handler.resume_source()
             elif cls is StreamEnded:
                 h = handles.get(ev.stream_id)  # type: ignore[attr-defined]

@@ -316,8 +316,18 @@ class TunnelConnection:
         self._drain_waiting()
         if stream.pending_bytes > PENDING_HIGH and not stream.source_paused:
             stream.source_paused = True
+            if self._events:
+                self._withdraw_resume(stream_id)
             return True
         return False
+
+    def _withdraw_resume(self, stream_id: int) -> None:
+        """The source was just paused again: a ``StreamResumed`` of this stream still queued (a drain
+        inside another call, e.g. another stream's ``send_data``, took the queue below ``PENDING_HIGH``
+        before this write filled it again) is stale. Delivered after the pause, it would resume the
+        source while the core counts it paused, and the core would never say pause again."""
+        self._events = [ev for ev in self._events
+                        if not (type(ev) is StreamResumed and ev.stream_id == stream_id)]  # type: ignore[attr-defined]
 
     def send_eof(self, stream_id: int) -> None:
         """Half-close our direction: FIN after whatever is still queued."""

@@ -1,0 +1,159 @@
+"""Back-pressure signals stay consistent: a ``StreamResumed`` queued by a drain that ran inside another
+stream's ``send_data`` must not un-pause a source that ``send_data`` paused again since.
+
+The CI failure of ``test_relayed_clients_that_never_read_stall_without_growing_x_or_y``: on node Y the
+relay link's transport resumed (``resume_writing`` defers the drain), device DATA for stream A drained
+stream B below ``PENDING_HIGH`` (StreamResumed(B) queued, not yet dispatched), device DATA for B in the
+same batch paused B again (``send_data`` True: the bridge withholds B's device credit), then the adapter
+dispatched the stale StreamResumed(B): the bridge returned the device credit while the core still had
+B paused, so every later ``send_data(B)`` returned False and Y acknowledged every byte the device sent
+(20 GiB queued on the link stream)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from tunnel_pair import Pair
+
+from device_tunnel import frames
+from device_tunnel.adapter import TunnelProtocol, TunnelStream
+from device_tunnel.connection import PENDING_HIGH, Role
+from device_tunnel.events import StreamResumed
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+class Source:
+    """What a stream's writer believes (the relay bridge's ``blocked``, the proxy's ``pause_reading``)."""
+
+    def __init__(self, pair: Pair, sids: list[int]) -> None:
+        self.conn = pair.agent.conn
+        self.paused = dict.fromkeys(sids, False)
+
+    def write(self, sid: int, n: int) -> None:
+        if self.conn.send_data(sid, b"x" * n):
+            self.paused[sid] = True
+
+    def events(self) -> list[int]:
+        resumed = []
+        for ev in self.conn.pop_events():
+            if isinstance(ev, StreamResumed):
+                self.paused[ev.stream_id] = False
+                resumed.append(ev.stream_id)
+        return resumed
+
+
+def stalled_pair(n: int) -> tuple[Pair, list[int]]:
+    p = Pair()
+    p.handshake()
+    sids = [p.open() for _ in range(n)]
+    p.node.stalled |= set(sids)  # X's clients do not read: X returns no credit
+    return p, sids
+
+
+def test_a_stale_resume_queued_before_a_new_pause_is_withdrawn():
+    p, (a, b) = stalled_pair(2)
+    y = p.agent.conn
+    src = Source(p, [a, b])
+    src.write(b, y.streams[b].send_credit - 10 * KiB)  # B has 10 KiB of X's credit left
+    p.pump()
+    y.send_paused = True                   # the link's transport is full
+    src.write(a, 10 * KiB)
+    src.write(b, 70 * KiB)
+    assert src.paused[b] and y.streams[b].source_paused
+    y.send_paused = False                  # resume_writing: the adapter's drain is deferred (call_soon)
+    src.write(a, 1 * KiB)                  # DATA for A first: its send_data drains B below PENDING_HIGH
+    assert y.stream_buffered(b) <= PENDING_HIGH and not y.streams[b].source_paused
+    src.write(b, 20 * KiB)                 # DATA for B in the same batch: B is over PENDING_HIGH again
+    assert src.paused[b] and y.streams[b].source_paused
+    assert b not in src.events()           # the adapter's flush: no stale resume of B
+    assert src.paused[b]
+    # and so the writer stays paused; the queue holds what it held
+    assert y.stream_buffered(b) == 80 * KiB
+
+
+def test_the_writer_never_believes_a_paused_stream_is_resumed_under_adversarial_orders():
+    """A relay-like model: per stream a device that sends within its window (256 KiB), credit returned
+    only while the writer is not paused (all held credit on resume); X returns credit at random
+    moments, then none (its clients stop reading); the link's transport pauses and resumes at random;
+    drains and event dispatch happen in random orders. The link stream's queue stays bounded by what
+    flow control allows, and whenever events are dispatched the writer agrees with the core."""
+    device_window = 256 * KiB
+    for seed in range(60):
+        rng = random.Random(seed)
+        p, sids = stalled_pair(4)
+        y = p.agent.conn
+        src = Source(p, sids)
+        device_credit = dict.fromkeys(sids, device_window)
+        held = dict.fromkeys(sids, 0)
+        x_credit_left = 3 * MiB
+        for step in range(3000):
+            op = rng.random()
+            if op < 0.55:  # device DATA for one stream (what the device's window lets it send)
+                sid = rng.choice(sids)
+                n = min(device_credit[sid], rng.choice((1 * KiB, 16 * KiB, 64 * KiB)))
+                if n:
+                    device_credit[sid] -= n
+                    src.write(sid, n)
+                    if src.paused[sid]:
+                        held[sid] += n
+                    else:
+                        device_credit[sid] += n
+            elif op < 0.65:
+                y.send_paused = not y.send_paused
+            elif op < 0.75 and x_credit_left > 0:  # X's client read some: WINDOW for a stream
+                sid = rng.choice(sids)
+                inc = rng.choice((4 * KiB, 32 * KiB, 128 * KiB))
+                x_credit_left -= inc
+                for ev in y.receive_data(frames.encode_window(sid, inc) + frames.encode_window(0, inc), p.now):
+                    if isinstance(ev, StreamResumed):
+                        src.paused[ev.stream_id] = False
+            elif op < 0.9:  # the adapter's flush: write (drain) then dispatch
+                y.data_to_send_list(True, p.now)
+            for sid in src.events() if op >= 0.9 or rng.random() < 0.5 else ():
+                device_credit[sid] += held[sid]
+                held[sid] = 0
+            for sid in sids:
+                if not src.paused[sid]:  # the bridge's sink_ready: credit for what it held
+                    device_credit[sid] += held[sid]
+                    held[sid] = 0
+                assert y.stream_buffered(sid) <= device_window + PENDING_HIGH + 64 * KiB, (seed, step, sid)
+        src.events()
+        for sid in sids:
+            assert src.paused[sid] == y.streams[sid].source_paused, (seed, sid)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.resumed = 0
+
+    def stream_data(self, data) -> None: ...
+    def stream_eof(self) -> None: ...
+    def stream_closed(self, error) -> None: ...
+    def pause_source(self) -> None: ...
+    def sink_ready(self) -> bool:
+        return True
+
+    def resume_source(self) -> None:
+        self.resumed += 1
+
+
+class _Adapter(TunnelProtocol):
+    role = Role.AGENT
+
+
+async def test_the_adapter_drops_a_resume_for_a_stream_paused_again_since_it_was_taken():
+    """Events already taken from the core (a list being dispatched) can be stale too."""
+    p, (sid,) = stalled_pair(1)
+    t = _Adapter(p.agent.conn.config, None)
+    t.conn = p.agent.conn
+    handler = _Recorder()
+    t.handles[sid] = TunnelStream(t, sid, handler)
+    t.conn.streams[sid].source_paused = True
+    t.dispatch([StreamResumed(sid)])
+    assert handler.resumed == 0
+    t.conn.streams[sid].source_paused = False
+    t.dispatch([StreamResumed(sid)])
+    assert handler.resumed == 1
+    await asyncio.sleep(0)
