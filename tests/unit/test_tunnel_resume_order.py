@@ -157,3 +157,75 @@ async def test_the_adapter_drops_a_resume_for_a_stream_paused_again_since_it_was
     t.dispatch([StreamResumed(sid)])
     assert handler.resumed == 1
     await asyncio.sleep(0)
+
+
+# -- defense in depth: a hard cap on a stream's outbound queue ------------------------------------
+def test_a_source_that_ignores_the_pause_is_reset_at_the_queue_cap_not_grown():
+    from device_tunnel.connection import TunnelConfig
+    from device_tunnel.errors import ErrorCode
+    from device_tunnel.events import StreamReset
+
+    p = Pair(agent_config=TunnelConfig(pending_max=1 * MiB))
+    p.handshake()
+    sid, other = p.open(), p.open()
+    p.node.stalled |= {sid, other}
+    y = p.agent.conn
+    written = 0
+    while sid in y.streams:  # a writer that never pauses
+        y.send_data(sid, b"x" * 64 * KiB)
+        written += 64 * KiB
+        assert written < 4 * MiB
+    # the first write left at once (the output had room); the queue passed the cap on the 17th after it
+    assert written == 64 * KiB + 1 * MiB + 64 * KiB
+    assert y.queue_overflows == 1 and y.stream_buffered(sid) == 0  # the queue is freed
+    assert y.buffered_bytes < 64 * KiB + 200  # what is left: the first frame and the RST
+    reset = [e for e in y.pop_events() if isinstance(e, StreamReset)]
+    assert [(e.stream_id, e.code, e.remote) for e in reset] == [(sid, ErrorCode.INTERNAL_ERROR, False)]
+    assert "outbound queue over 1048576 bytes" in reset[0].reason
+    p.pump()
+    peer_reset = p.node.of(StreamReset)
+    assert [(e.stream_id, e.code, e.remote) for e in peer_reset] == [(sid, ErrorCode.INTERNAL_ERROR, True)]
+    # the tunnel and its other streams are untouched
+    assert not y.send_data(other, b"y" * KiB) and other in y.streams and not y.closed
+
+
+def test_the_default_cap_is_far_above_what_flow_control_queues():
+    from device_tunnel.connection import TunnelConfig, TunnelConnection
+    from device_tunnel.windows import WindowSettings
+
+    conn = TunnelConnection(Role.AGENT, 0.0, TunnelConfig(windows=WindowSettings(max_window=8 * MiB)))
+    assert conn.pending_max >= 2 * (8 * MiB + PENDING_HIGH)
+
+
+async def test_the_adapter_counts_queue_overflows_and_warns_once(caplog):
+    from device_tunnel import adapter
+    from device_tunnel.connection import TunnelConfig
+
+    p = Pair(agent_config=TunnelConfig(pending_max=256 * KiB))
+    p.handshake()
+    sids = [p.open(), p.open()]
+    t = _Adapter(p.agent.conn.config, None)
+    t.conn = p.agent.conn
+    handlers = {}
+    for sid in sids:
+        handlers[sid] = _Closed()
+        t.handles[sid] = TunnelStream(t, sid, handlers[sid])
+    before = adapter.QUEUE_OVERFLOWS["tunnel"]
+    adapter._overflow_warned = False
+    for sid in sids:
+        for _ in range(32):
+            t.handles[sid].write(b"x" * 64 * KiB) if sid in t.handles else None
+    t._flush()
+    assert adapter.QUEUE_OVERFLOWS["tunnel"] == before + 2
+    assert all(h.error and "outbound queue over" in h.error for h in handlers.values())
+    warnings = [r for r in caplog.records if "outbound queue passed" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+class _Closed(_Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: str | None = None
+
+    def stream_closed(self, error) -> None:
+        self.error = error
