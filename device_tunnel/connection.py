@@ -301,9 +301,10 @@ class TunnelConnection:
     # == data =====================================================================================
     def send_data(self, stream_id: int, data: bytes | memoryview) -> bool:
         """Queue stream bytes (sent within the windows). Returns True when the source should pause
-        (its queue is over ``PENDING_HIGH``); ``StreamResumed`` says when to resume. Bytes for a
-        stream that is gone or half-closed locally are dropped. A queue over ``pending_max`` (a
-        source that ignored the pause) resets the stream: RST to the peer, ``StreamReset`` here."""
+        (its queue is over ``PENDING_HIGH``; on every such write, so pausing must be idempotent);
+        ``StreamResumed`` says when to resume. Bytes for a stream that is gone or half-closed
+        locally are dropped. A write while paused that takes the queue over ``pending_max`` (a
+        source that ignores the pause) resets the stream: RST to the peer, ``StreamReset`` here."""
         stream = self.streams.get(stream_id)
         if stream is None or not data or stream.local_closed or self.closed:
             return False
@@ -322,14 +323,15 @@ class TunnelConnection:
         stream.pending_bytes += n
         self._waiting[stream] = None
         self._drain_waiting()
-        if stream.pending_bytes > self.pending_max:
+        if stream.source_paused and stream.pending_bytes > self.pending_max:  # paused before this write
             self._queue_overflow(stream)
             return False
-        if stream.pending_bytes > PENDING_HIGH and not stream.source_paused:
-            stream.source_paused = True
-            if self._events:
-                self._withdraw_resume(stream_id)
-            return True
+        if stream.pending_bytes > PENDING_HIGH:
+            if not stream.source_paused:
+                stream.source_paused = True
+                if self._events:
+                    self._withdraw_resume(stream_id)
+            return True  # on every write over the mark, not only the first: a lost pause heals
         return False
 
     def _queue_overflow(self, stream: Stream) -> None:

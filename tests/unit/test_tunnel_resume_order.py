@@ -229,3 +229,29 @@ class _Closed(_Recorder):
 
     def stream_closed(self, error) -> None:
         self.error = error
+
+
+def test_every_write_over_the_mark_says_pause_so_a_lost_pause_heals():
+    """A writer that missed the first True (e.g. one that ignored it) is told again by its next write."""
+    p, (sid,) = stalled_pair(1)
+    y = p.agent.conn
+    y.send_paused = True
+    assert y.send_data(sid, b"x" * (PENDING_HIGH + 1))
+    assert y.send_data(sid, b"x")  # still over the mark: pause again (idempotent for the writer)
+    y.send_paused = False
+    y.data_to_send_list(True, p.now)  # drained: the queue is below the mark
+    assert [e.stream_id for e in y.pop_events() if isinstance(e, StreamResumed)] == [sid]
+    assert not y.send_data(sid, b"x")
+
+
+def test_one_large_write_of_a_writer_not_yet_paused_is_queued_not_reset():
+    """The cap is for writes after the pause: a caller may hand one large buffer (its own memory)."""
+    from device_tunnel.connection import TunnelConfig
+
+    p = Pair(agent_config=TunnelConfig(pending_max=1 * MiB))
+    p.handshake()
+    sid = p.open()
+    y = p.agent.conn
+    assert y.send_data(sid, b"x" * 4 * MiB) and sid in y.streams and y.queue_overflows == 0
+    y.send_data(sid, b"x")  # but the next one, while paused and over the cap, resets it
+    assert sid not in y.streams and y.queue_overflows == 1
