@@ -255,3 +255,63 @@ def test_one_large_write_of_a_writer_not_yet_paused_is_queued_not_reset():
     assert y.send_data(sid, b"x" * 4 * MiB) and sid in y.streams and y.queue_overflows == 0
     y.send_data(sid, b"x")  # but the next one, while paused and over the cap, resets it
     assert sid not in y.streams and y.queue_overflows == 1
+
+
+# -- the relay bridge itself (node Y): the real _End handlers and adapter dispatch, no sockets -----
+class _NodeAdapter(TunnelProtocol):
+    role = Role.NODE
+
+
+class _NoBridge:
+    def done(self) -> None: ...
+
+
+async def test_relay_bridge_keeps_the_device_credit_withheld_through_a_stale_resume():
+    """Y between X (link, whose clients never read) and the device: two relayed streams, the CI order
+    of events. Y must never return the device more credit than the link stream can take."""
+    from device_tunnel.relay import _End
+
+    link, dev = Pair(), Pair()  # link: node = X, agent = Y's link end; dev: node = Y, agent = the device
+    link.handshake()
+    dev.handshake()
+    y_link, y_dev = _Adapter(link.agent.conn.config, None), _NodeAdapter(dev.node.conn.config, None)
+    y_link.conn, y_dev.conn = link.agent.conn, dev.node.conn
+    legs = []
+    for _ in range(2):
+        ls, ds = link.open(), dev.open()
+        link.node.stalled.add(ls)
+        le, de = _End(_NoBridge()), _End(_NoBridge())  # type: ignore[arg-type]
+        le.other, de.other = de, le
+        le.stream = y_link.handles[ls] = TunnelStream(y_link, ls, le)
+        de.stream = y_dev.handles[ds] = TunnelStream(y_dev, ds, de)
+        legs.append((ls, ds))
+    (a_link, a_dev), (b_link, b_dev) = legs
+    device = dev.agent.conn
+
+    def wire() -> None:
+        """The device's bytes reach Y's device tunnel (one read: one batch of events); Y's WINDOW
+        frames reach the device; Y's link output reaches X (which returns no credit)."""
+        if out := device.data_to_send():
+            y_dev.data_received(out)
+        dev.agent.take(device.receive_data(dev.node.conn.data_to_send(), 0.0))
+        if out := b"".join(y_link.conn.data_to_send_list(False, 0.0)):
+            link.node.take(link.node.conn.receive_data(out, 0.0))
+
+    device.send_data(b_dev, b"b" * (y_link.conn.streams[b_link].send_credit - 10 * KiB))
+    wire()                                   # B has 10 KiB of X's credit left on the link
+    y_link.pause_writing()                   # the link's TLS transport is full
+    device.send_data(a_dev, b"a" * 10 * KiB)
+    device.send_data(b_dev, b"b" * 70 * KiB)
+    wire()                                   # B's link queue over PENDING_HIGH: its device credit withheld
+    y_link.resume_writing()                  # the drain is only scheduled (call_soon)
+    device.send_data(a_dev, b"a" * 1 * KiB)  # one read on the device tunnel: A's DATA then B's
+    device.send_data(b_dev, b"b" * 20 * KiB)
+    wire()
+    y_link._flush()                          # the scheduled drain and its events
+    for _ in range(40):                      # the device sends all the credit Y gives it
+        device.send_data(b_dev, b"b" * max(1, device.streams[b_dev].send_credit))
+        wire()
+        y_link._flush()
+        queued = y_link.conn.stream_buffered(b_link)
+        assert queued <= dev.node.conn.streams[b_dev].recv.window + PENDING_HIGH + 64 * KiB, queued
+    await asyncio.sleep(0)
