@@ -340,8 +340,12 @@ class TunnelConnection:
         self.queue_overflows += 1
         reason = f"outbound queue over {self.pending_max} bytes"
         self._queue(frames.encode_rst(stream.id, ErrorCode.INTERNAL_ERROR, reason))
+        opening = stream.state is StreamState.OPENING
         self._forget(stream)
-        self._events.append(StreamReset(stream.id, ErrorCode.INTERNAL_ERROR, reason, remote=False))
+        if opening and self.role is Role.NODE:  # an optimistic open: its opener waits for an outcome
+            self._events.append(StreamOpenFailed(stream.id, ReplyCode.GENERAL_FAILURE, reason, ""))
+        else:
+            self._events.append(StreamReset(stream.id, ErrorCode.INTERNAL_ERROR, reason, remote=False))
 
     def _withdraw_resume(self, stream_id: int) -> None:
         """The source was just paused again: a ``StreamResumed`` of this stream still queued (a drain

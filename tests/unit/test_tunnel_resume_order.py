@@ -315,3 +315,19 @@ async def test_relay_bridge_keeps_the_device_credit_withheld_through_a_stale_res
         queued = y_link.conn.stream_buffered(b_link)
         assert queued <= dev.node.conn.streams[b_dev].recv.window + PENDING_HIGH + 64 * KiB, queued
     await asyncio.sleep(0)
+
+
+def test_an_optimistic_open_over_the_queue_cap_fails_its_open():
+    """Node side, a stream still opening (early data): its opener waits for an outcome, so it gets one."""
+    from device_tunnel.connection import TunnelConfig
+    from device_tunnel.events import StreamOpenFailed
+
+    p = Pair(node_config=TunnelConfig(pending_max=512 * KiB))
+    p.handshake()
+    node = p.node.conn
+    sid = node.open_stream("example.com", 443, early=True)
+    while sid in node.streams:
+        node.send_data(sid, b"x" * 64 * KiB)
+    failed = [e for e in node.pop_events() if isinstance(e, StreamOpenFailed)]
+    assert [(e.stream_id, e.reason) for e in failed] == [(sid, "outbound queue over 524288 bytes")]
+    assert node.queue_overflows == 1
