@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections import Counter
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
@@ -37,6 +38,11 @@ TUNNEL_WRITE_HIGH = 32 * 1024
 TUNNEL_WRITE_LOW = 8 * 1024
 TUNNEL_NOTSENT_LOWAT = 16 * 1024
 CLOSE_GRACE_S = 2.0  # a closing tunnel whose peer does not read its last frames is aborted after this
+
+# Streams reset because their outbound queue passed the core's ``pending_max``, by ``queue_kind``
+# ("tunnel": device tunnels and agents, "relay": node-to-node links); process-wide, for /metrics.
+QUEUE_OVERFLOWS: Counter[str] = Counter()
+_overflow_warned = False
 
 
 class StreamHandler(Protocol):
@@ -130,6 +136,7 @@ class TunnelProtocol(asyncio.Protocol):
     """Common adapter; subclasses handle handshake, OPEN and CONTROL events in ``on_event``."""
 
     role: Role
+    queue_kind = "tunnel"
 
     def __init__(self, config: TunnelConfig, budget: MemoryBudget | None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -144,6 +151,7 @@ class TunnelProtocol(asyncio.Protocol):
         self._timer_at = 0.0
         self._closing = False
         self._tls = False
+        self._overflows_seen = 0
 
     def now(self) -> float:
         return self._loop.time()
@@ -226,7 +234,21 @@ class TunnelProtocol(asyncio.Protocol):
         if events:
             self.dispatch(events)
             self._write(drain=True)
+        if self.conn.queue_overflows != self._overflows_seen:
+            self._queue_overflowed()
         self._arm_timer()  # an in-flight probe may be due before the next ping
+
+    def _queue_overflowed(self) -> None:
+        """Count streams the core reset for an outbound queue over its cap; warn once per process."""
+        global _overflow_warned
+        n = self.conn.queue_overflows - self._overflows_seen
+        self._overflows_seen = self.conn.queue_overflows
+        QUEUE_OVERFLOWS[self.queue_kind] += n
+        if not _overflow_warned:
+            _overflow_warned = True
+            log.warning("tunnel %s: a stream's outbound queue passed %d bytes and was reset (a flow-control "
+                        "bug; further ones are counted in proxyorch_tunnel_queue_overflows_total only)",
+                        self.describe(), self.conn.pending_max)
 
     def _write(self, drain: bool) -> None:
         t = self.transport
@@ -289,6 +311,9 @@ class TunnelProtocol(asyncio.Protocol):
             elif cls is StreamResumed:
                 h = handles.get(ev.stream_id)  # type: ignore[attr-defined]
                 if h is not None and h.handler is not None:
+                    s = conn.streams.get(ev.stream_id)  # type: ignore[attr-defined]
+                    if s is not None and s.source_paused:
+                        continue  # stale: send_data paused the source again after this was queued
                     h.handler.resume_source()
             elif cls is StreamEnded:
                 h = handles.get(ev.stream_id)  # type: ignore[attr-defined]

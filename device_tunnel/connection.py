@@ -102,6 +102,10 @@ class TunnelConfig:
     dgram_queue_max: int = 256
     dgram_queue_bytes: int = 1024 * 1024
     dgram_tunnel_bytes: int = 16 * 1024 * 1024  # all UDP streams of the tunnel together
+    # Hard cap on one stream's outbound queue (defense in depth: correct flow control never comes
+    # near it); beyond it the stream is reset. 0 = 2 x (max_window + PENDING_HIGH + a frame), what
+    # a source that keeps writing a full window of its own after being paused could queue, doubled.
+    pending_max: int = 0
 
 
 class _Rate:
@@ -171,6 +175,9 @@ class TunnelConnection:
         self.peer_early_data = 0
         self.stream_errors = 0  # streams this side reset for the peer's violation
         self.malformed_open_replies = 0  # of those: OPEN_OK with a malformed address
+        self.pending_max = self.config.pending_max or 2 * (self.config.windows.max_window + PENDING_HIGH
+                                                           + frames.MAX_PAYLOAD)
+        self.queue_overflows = 0  # streams reset because their outbound queue passed pending_max
 
     # == handshake ================================================================================
     def send_hello(self, device_id: str, token: str, meta: dict, features: tuple[str, ...] = ()) -> None:
@@ -294,8 +301,10 @@ class TunnelConnection:
     # == data =====================================================================================
     def send_data(self, stream_id: int, data: bytes | memoryview) -> bool:
         """Queue stream bytes (sent within the windows). Returns True when the source should pause
-        (its queue is over ``PENDING_HIGH``); ``StreamResumed`` says when to resume. Bytes for a
-        stream that is gone or half-closed locally are dropped."""
+        (its queue is over ``PENDING_HIGH``; on every such write, so pausing must be idempotent);
+        ``StreamResumed`` says when to resume. Bytes for a stream that is gone or half-closed
+        locally are dropped. A write while paused that takes the queue over ``pending_max`` (a
+        source that ignores the pause) resets the stream: RST to the peer, ``StreamReset`` here."""
         stream = self.streams.get(stream_id)
         if stream is None or not data or stream.local_closed or self.closed:
             return False
@@ -314,10 +323,37 @@ class TunnelConnection:
         stream.pending_bytes += n
         self._waiting[stream] = None
         self._drain_waiting()
-        if stream.pending_bytes > PENDING_HIGH and not stream.source_paused:
-            stream.source_paused = True
-            return True
+        if stream.source_paused and stream.pending_bytes > self.pending_max:  # paused before this write
+            self._queue_overflow(stream)
+            return False
+        if stream.pending_bytes > PENDING_HIGH:
+            if not stream.source_paused:
+                stream.source_paused = True
+                if self._events:
+                    self._withdraw_resume(stream_id)
+            return True  # on every write over the mark, not only the first: a lost pause heals
         return False
+
+    def _queue_overflow(self, stream: Stream) -> None:
+        """The stream's outbound queue passed ``pending_max``: its source ignored back-pressure (a bug;
+        flow control keeps it near ``PENDING_HIGH`` plus a window). Reset it rather than grow."""
+        self.queue_overflows += 1
+        reason = f"outbound queue over {self.pending_max} bytes"
+        self._queue(frames.encode_rst(stream.id, ErrorCode.INTERNAL_ERROR, reason))
+        opening = stream.state is StreamState.OPENING
+        self._forget(stream)
+        if opening and self.role is Role.NODE:  # an optimistic open: its opener waits for an outcome
+            self._events.append(StreamOpenFailed(stream.id, ReplyCode.GENERAL_FAILURE, reason, ""))
+        else:
+            self._events.append(StreamReset(stream.id, ErrorCode.INTERNAL_ERROR, reason, remote=False))
+
+    def _withdraw_resume(self, stream_id: int) -> None:
+        """The source was just paused again: a ``StreamResumed`` of this stream still queued (a drain
+        inside another call, e.g. another stream's ``send_data``, took the queue below ``PENDING_HIGH``
+        before this write filled it again) is stale. Delivered after the pause, it would resume the
+        source while the core counts it paused, and the core would never say pause again."""
+        self._events = [ev for ev in self._events
+                        if not (type(ev) is StreamResumed and ev.stream_id == stream_id)]  # type: ignore[attr-defined]
 
     def send_eof(self, stream_id: int) -> None:
         """Half-close our direction: FIN after whatever is still queued."""

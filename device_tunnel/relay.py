@@ -84,6 +84,8 @@ class RelayMetrics:
 class _LinkBase(TunnelProtocol):
     """Relay handshake before the tunnel core; byte counting; metrics bookkeeping."""
 
+    queue_kind = "relay"
+
     def __init__(self, config: TunnelConfig, budget: MemoryBudget | None, metrics: RelayMetrics,
                  auth: DialerAuth | ListenerAuth) -> None:
         super().__init__(config, budget)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from device_tunnel.adapter import QUEUE_OVERFLOWS
+
 
 def abuse_metrics(proxy: Any, tunnels: Any) -> list[str]:
     """Prometheus lines for the node's proxy server and tunnel server."""
@@ -14,6 +16,8 @@ def abuse_metrics(proxy: Any, tunnels: Any) -> list[str]:
              for code, n in sorted(tunnels.errors.items())]
     lines += [f'proxyorch_device_misbehaviour_total{{kind="{kind}"}} {n}'
               for kind, n in sorted(tunnels.misbehaviour.items())]
+    lines += [f'proxyorch_tunnel_queue_overflows_total{{kind="{kind}"}} {QUEUE_OVERFLOWS[kind]}'
+              for kind in ("tunnel", "relay")]
     lines += [
         f"proxyorch_devices_marked {len(tunnels.marked)}",
         f"proxyorch_tunnel_streams {sum(len(t.streams) for t in tunnels.connections)}",

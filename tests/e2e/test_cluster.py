@@ -514,6 +514,10 @@ async def test_relayed_clients_that_never_read_stall_without_growing_x_or_y(clus
         # each stalled stream holds at most its windows on each hop plus socket buffers
         assert x1 - x0 < 160 and y1 - y0 < 160
         assert await asyncio.wait_for(socks5_code(port, cid, pw, "127.0.0.1", targets.echo_port), 20) == 0
+        for node in (1, 2):  # flow control held: no stream needed the outbound queue cap
+            m = await cluster.dep(node).metrics()
+            assert m['proxyorch_tunnel_queue_overflows_total{kind="relay"}'] == 0
+            assert m['proxyorch_tunnel_queue_overflows_total{kind="tunnel"}'] == 0
     finally:
         for w in writers:
             w.close()
