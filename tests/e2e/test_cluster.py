@@ -533,8 +533,21 @@ async def test_sigkill_of_the_device_node_fails_over_within_5_s(cluster, targets
     cid, pw = conn["connectionId"], conn["password"]
     port = cluster.nodes[1].proxy_port
     assert await exit_of(port, cid, pw, targets.peer_port) == EXIT_A
+    # a session node 1 relays to node 2, open and in use when node 2 dies
+    live = await cluster.dep(1).connection(cluster.token, dev["remote_device_id"])
+    reader, writer, _ = await socks5_open(port, live["connectionId"], live["password"], "127.0.0.1",
+                                          targets.echo_port)
+    writer.write(b"m" * 5000)
+    assert await asyncio.wait_for(reader.readexactly(5000), 15) == b"m" * 5000
     cluster.nodes[2].proc.kill()
     t0 = time.monotonic()
+    # its client sees the end at once (the kernel resets the link to the dead node), not a hang
+    try:
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionResetError:
+        pass
+    ended = time.monotonic() - t0
+    writer.close()
     # its name is still live: a node taking it right away is refused (checked in-process, so a node
     # start slower than the TTL on a loaded machine cannot miss the window; the refusal of a whole
     # `serve` process is in the PostgreSQL test below)
@@ -554,7 +567,8 @@ async def test_sigkill_of_the_device_node_fails_over_within_5_s(cluster, targets
         except (SocksReplyError, ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             await asyncio.sleep(0.05)
     assert served is not None, "never served again after the kill"
-    print(f"\n[SIGKILL of the device's node] served again via node 1 after {served:.2f} s")
+    print(f"\n[SIGKILL of the device's node] the relayed session ended {ended:.2f} s after; "
+          f"served again via node 1 after {served:.2f} s")
     assert served < 5 + 3  # the bound is 5 s; slack for a loaded machine
     await cluster.wait_device_on(dev["remote_device_id"], 3, timeout=5)
     status, devices = await cluster.dep(1).call("GET", "/api/v2/devices", cluster.token)
@@ -575,6 +589,11 @@ async def test_sigkill_of_the_device_node_fails_over_within_5_s(cluster, targets
     for i in (1, 3):
         assert await socks5_code(cluster.nodes[i].proxy_port, conn_a["connectionId"], conn_a["password"],
                                  "127.0.0.1", targets.peer_port) == 0x03
+    # the session that died with node 2 is one row at node 1: the bytes its client moved, and why it ended
+    rows = await logged(cluster, 1, live["connectionId"])
+    assert len(rows) == 1, rows
+    assert (rows[0]["bytesIn"], rows[0]["bytesOut"], rows[0]["deviceNode"]) == (5000, 5000, cluster.name(2)), rows
+    assert rows[0]["error"], rows
     # a restart after the TTL succeeds and the node is listed again
     await cluster.nodes[2].start()
     _s, health = await cluster.dep(1).call("GET", "/healthz")
