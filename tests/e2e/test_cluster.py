@@ -670,5 +670,26 @@ async def test_without_redis_presence_and_relay_work_through_postgresql(pg_root,
         await c.attach(3, third)
         _s, health = await c.dep(1).call("GET", "/healthz")
         assert c.name(3) in {n["name"] for n in health["nodes"]}
+        # the client's node dies mid-stream (SIGKILL): the device's node ends the relayed stream, so the
+        # device lets go of the target at once, and nothing stays open on the device's node
+        accepted: asyncio.Queue = asyncio.Queue()
+
+        async def on_target(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await accepted.put(r)
+            await r.read()  # until the device closes its side
+            await accepted.put("closed")
+            w.close()
+        server = await asyncio.start_server(on_target, "127.0.0.1", 0)
+        try:
+            cr, cw, _ = await socks5_open(c.nodes[1].proxy_port, conn["connectionId"], conn["password"], "127.0.0.1",
+                                          server.sockets[0].getsockname()[1])
+            await asyncio.wait_for(accepted.get(), 15)
+            c.nodes[1].proc.kill()
+            t0 = time.monotonic()
+            assert await asyncio.wait_for(accepted.get(), 10) == "closed"
+            print(f"\n[SIGKILL of the client's node] the device closed the target {time.monotonic() - t0:.2f} s after")
+            cw.close()
+        finally:
+            server.close()
     finally:
         await c.close()
