@@ -1,4 +1,4 @@
-"""Install what the benchmark compares against: the peers and the C compiler (apt, as root), py-spy (pip).
+"""Install what the benchmark compares against: the peers and the C compiler (apt, as root), py-spy and pproxy (pip).
 
 ``python -m benchmarks`` calls :func:`ensure_peers` first (``--no-install`` skips it); ``benchmarks/setup.sh``
 does the same from a shell. Nothing is installed when everything is already there or when not root.
@@ -37,6 +37,11 @@ def ensure_peers() -> None:
     spy = Path(sys.executable).parent / "py-spy"
     if not spy.exists():
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], capture_output=True)
+    try:  # the Python peer of the comparison (the bench extra); a report without it misses a column
+        import pproxy  # noqa: F401
+    except ImportError:
+        print("[bench] pip install pproxy", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "pproxy>=2.7"], capture_output=True)
 
 
 if __name__ == "__main__":
