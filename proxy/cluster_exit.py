@@ -16,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from device_tunnel.relay import DeviceOffline, RelayPool
+from device_tunnel.relay import DeviceOffline, RelayLink, RelayPool
 from device_tunnel.replies import ReplyCode
 from device_tunnel.server import OpenHandler, OpenResult
 
@@ -57,20 +57,14 @@ class ClusterExit(TunnelExit):
         return cancel
 
     async def _relay(self, device_id: str, host: str, port: int, handler: OpenHandler, state: dict) -> None:
-        try:
-            where = await self.locate(device_id)
-        except Exception as exc:  # presence store down: the device cannot be found
-            log.warning("presence lookup failed: %s", exc)
-            where = None
+        where = await self._where(device_id)
         if where is None:
             handler.open_result(OpenResult(rep=ReplyCode.NETWORK_UNREACHABLE, reason="device offline"))
             return
         node, address = where
         try:
-            link = await self.pool.link(node, address)
-        except ConnectionError as exc:
-            log.warning("%s", exc)
-            self.forget(device_id)
+            link = await self._link(device_id, node, address)
+        except DeviceOffline:
             handler.open_result(OpenResult(rep=ReplyCode.NETWORK_UNREACHABLE, reason="device offline", node=node))
             return
         if state["cancelled"]:
@@ -87,21 +81,31 @@ class ClusterExit(TunnelExit):
         tunnel = self.registry.pick(device_id)
         if tunnel is not None:
             return await tunnel.control(body, timeout=timeout)
-        try:
-            where = await self.locate(device_id)
-        except Exception as exc:
-            log.warning("presence lookup failed: %s", exc)
-            where = None
+        where = await self._where(device_id)
         if where is None:
             raise DeviceOffline("device offline")
         node, address = where
+        link = await self._link(device_id, node, address)
+        return await link.control(device_id, body, timeout)
+
+    async def _where(self, device_id: str) -> tuple[str, str] | None:
+        """(node, relay address) of the device's tunnel; None when it is online nowhere or the presence
+        store cannot be asked (then it cannot be found either)."""
         try:
-            link = await self.pool.link(node, address)
+            return await self.locate(device_id)
+        except Exception as exc:
+            log.warning("presence lookup failed: %s", exc)
+            return None
+
+    async def _link(self, device_id: str, node: str, address: str) -> RelayLink:
+        """A pooled link to the device's node; DeviceOffline (and the presence answer forgotten) when
+        that node cannot be reached."""
+        try:
+            return await self.pool.link(node, address)
         except ConnectionError as exc:
             log.warning("%s", exc)
             self.forget(device_id)
             raise DeviceOffline(f"device offline (its node {node} cannot be reached)") from None
-        return await link.control(device_id, body, timeout)
 
     def close(self) -> None:
         for task in list(self.tasks):

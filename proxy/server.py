@@ -347,6 +347,11 @@ class ClientSession(asyncio.Protocol):
         self.write_paused = False
         if self.down_throttle is not None or self.held_down:
             return  # the limit's timer (or the keeper's lease) resumes the source
+        self._sink_drained()
+
+    def _sink_drained(self) -> None:
+        """The client socket drained: return the withheld credit of the stream (or, for absolute-form
+        forwarding, of every upstream stream)."""
         if self.stream is not None:
             self.stream.sink_drained()
         else:
@@ -585,12 +590,7 @@ class ClientSession(asyncio.Protocol):
         if down:
             if self.write_paused or self.held_down:
                 return
-            if self.stream is not None:
-                self.stream.sink_drained()
-            else:  # absolute-form forwarding: its upstream streams
-                for up in list(self.upstreams.values()):
-                    if up.stream is not None:
-                        up.stream.sink_drained()
+            self._sink_drained()
         elif (self.relaying or self.core.phase is Phase.FORWARD) and not self.source_paused and not self.held_up:
             self.resume_reading()
 
