@@ -56,6 +56,47 @@ async def read_for(reader: asyncio.StreamReader, seconds: float) -> int:
     return got
 
 
+DOWNLOAD_REQUEST = b"GET /bytes/50000000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+async def download_until_closed(port: int, cid: str, pw: str, http_port: int) -> tuple[int, bool]:
+    """Send DOWNLOAD_REQUEST through the proxy; (bytes received, closed by the proxy before 20 s idle)."""
+    r, w, _ = await socks5_open(port, cid, pw, "127.0.0.1", http_port)
+    w.write(DOWNLOAD_REQUEST)
+    got, closed = 0, False
+    try:
+        while chunk := await asyncio.wait_for(r.read(65536), 20):
+            got += len(chunk)
+        closed = True
+    except (TimeoutError, ConnectionError):
+        pass
+    w.close()
+    return got, closed
+
+
+async def two_direct_nodes(url: str, base, env: dict[str, str], prefix: str, user: str) -> dict:  # noqa: ANN001
+    """Two direct-exit nodes ``<prefix>-a`` / ``<prefix>-b`` on one database (a cluster: shared secret and
+    RMS key) and a user with a device; close with :func:`stop_two_nodes`."""
+    from conftest import Deployment, NodeProcess
+
+    env = {"DIRECT_EXIT": "1", "DIRECT_EXIT_ALLOW_PRIVATE": "1", "REQUEST_LOG": "0",
+           # a cluster shares its secret, RMS key and admin token (start-up refuses it otherwise)
+           "CLUSTER_SECRET": f"{prefix}-" + "s" * 16, "RMS_KEY": "cm90YXRpb24ta2V5LXJvdGF0aW9uLWtleS0zMmJ5dGU=", **env}
+    a = await NodeProcess(url, base / "a", {**env, "NODE_NAME": f"{prefix}-a"}).start()
+    b = await NodeProcess(url, base / "b", {**env, "NODE_NAME": f"{prefix}-b"}).start()
+    dep = Deployment(a)
+    await dep.open()
+    _uid, token = await dep.user(user)
+    device = await dep.device(token)
+    return {"dep": dep, "a": a, "b": b, "token": token, "device": device}
+
+
+async def stop_two_nodes(rig: dict) -> None:
+    await rig["dep"].close()
+    await rig["b"].stop()
+    await rig["a"].stop()
+
+
 async def test_limits_defaults_bad_bodies_and_tenants(world):
     conn = await new_connection(world)
     status, data = await get(world, conn, "limits")

@@ -9,9 +9,9 @@ import time
 
 import pytest
 import pytest_asyncio
-from conftest import Deployment, NodeProcess, create_database
+from conftest import create_database
 from socks_client import socks5_code, socks5_open
-from test_limits import read_for
+from test_limits import DOWNLOAD_REQUEST, download_until_closed, read_for, stop_two_nodes, two_direct_nodes
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -19,20 +19,10 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def cluster(pg_root, redis_url, tmp_path_factory):
     url = await create_database(pg_root[0])
-    base = tmp_path_factory.mktemp("cluster")
-    env = {"DIRECT_EXIT": "1", "DIRECT_EXIT_ALLOW_PRIVATE": "1", "REQUEST_LOG": "0", "REDIS_URL": redis_url,
-           # a cluster shares its secret, RMS key and admin token (start-up refuses it otherwise)
-           "CLUSTER_SECRET": "limits-cluster-" + "s" * 16, "RMS_KEY": "cm90YXRpb24ta2V5LXJvdGF0aW9uLWtleS0zMmJ5dGU="}
-    a = await NodeProcess(url, base / "a", {**env, "NODE_NAME": "node-a"}).start()
-    b = await NodeProcess(url, base / "b", {**env, "NODE_NAME": "node-b"}).start()
-    dep = Deployment(a)
-    await dep.open()
-    _uid, token = await dep.user("reseller")
-    device = await dep.device(token)
-    yield {"dep": dep, "a": a, "b": b, "token": token, "device": device}
-    await dep.close()
-    await b.stop()
-    await a.stop()
+    rig = await two_direct_nodes(url, tmp_path_factory.mktemp("cluster"), {"REDIS_URL": redis_url},
+                                 "limits-cluster", "reseller")
+    yield rig
+    await stop_two_nodes(rig)
 
 
 async def new_connection(c, limits: dict) -> dict:
@@ -109,18 +99,8 @@ async def test_concurrent_downloads_on_two_nodes_never_pass_one_quota(cluster, t
     cid, pw = conn["connectionId"], conn["password"]
 
     async def fetch(port: int) -> tuple[int, bool]:
-        r, w, _ = await socks5_open(port, cid, pw, "127.0.0.1", targets.http_port)
-        req = b"GET /bytes/50000000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        w.write(req)
-        got, closed = 0, False
-        try:
-            while chunk := await asyncio.wait_for(r.read(65536), 20):
-                got += len(chunk)
-            closed = True
-        except (TimeoutError, ConnectionError):
-            pass
-        w.close()
-        return got + len(req), closed
+        got, closed = await download_until_closed(port, cid, pw, targets.http_port)
+        return got + len(DOWNLOAD_REQUEST), closed  # both nodes relayed their request (asserted below)
 
     (got_a, closed_a), (got_b, closed_b) = await asyncio.gather(fetch(cluster["a"].proxy_port),
                                                                 fetch(cluster["b"].proxy_port))

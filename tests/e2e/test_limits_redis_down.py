@@ -12,9 +12,9 @@ import time
 
 import pytest
 import pytest_asyncio
-from conftest import Deployment, NodeProcess, create_database, free_port
+from conftest import NodeProcess, create_database, free_port
 from socks_client import socks5_code, socks5_open
-from test_limits import read_for
+from test_limits import DOWNLOAD_REQUEST, download_until_closed, read_for, stop_two_nodes, two_direct_nodes
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -54,19 +54,9 @@ async def rig(pg_root, tmp_path_factory):
     redis = RedisServer()
     await redis.start()
     url = await create_database(pg_root[0])
-    base = tmp_path_factory.mktemp("redisdown")
-    env = {"DIRECT_EXIT": "1", "DIRECT_EXIT_ALLOW_PRIVATE": "1", "REQUEST_LOG": "0", "REDIS_URL": redis.url,
-           "CLUSTER_SECRET": "redis-down-" + "s" * 16, "RMS_KEY": "cm90YXRpb24ta2V5LXJvdGF0aW9uLWtleS0zMmJ5dGU="}
-    a = await NodeProcess(url, base / "a", {**env, "NODE_NAME": "rd-a"}).start()
-    b = await NodeProcess(url, base / "b", {**env, "NODE_NAME": "rd-b"}).start()
-    dep = Deployment(a)
-    await dep.open()
-    _uid, token = await dep.user("redis-down")
-    device = await dep.device(token)
-    yield {"dep": dep, "a": a, "b": b, "token": token, "device": device, "redis": redis}
-    await dep.close()
-    await b.stop()
-    await a.stop()
+    rig = await two_direct_nodes(url, tmp_path_factory.mktemp("redisdown"), {"REDIS_URL": redis.url}, "rd", "redis-down")
+    yield {**rig, "redis": redis}
+    await stop_two_nodes(rig)
     redis.stop()
 
 
@@ -80,24 +70,6 @@ async def connection(rig, limits: dict) -> tuple[str, str]:
 
 def warnings(node: NodeProcess, text: str) -> int:
     return node.log_path.read_text(errors="replace").count(text)
-
-
-REQUEST = b"GET /bytes/50000000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-
-
-async def fetch(port: int, cid: str, pw: str, http_port: int) -> tuple[int, bool]:
-    """(bytes received, closed by the proxy): the request's bytes count only if the node relayed them."""
-    r, w, _ = await socks5_open(port, cid, pw, "127.0.0.1", http_port)
-    w.write(REQUEST)
-    got, closed = 0, False
-    try:
-        while chunk := await asyncio.wait_for(r.read(65536), 20):
-            got += len(chunk)
-        closed = True
-    except (TimeoutError, ConnectionError):
-        pass
-    w.close()
-    return got, closed
 
 
 async def test_redis_down_falls_back_to_each_nodes_counts_and_the_quota_holds(rig, targets):
@@ -142,9 +114,9 @@ async def test_redis_down_falls_back_to_each_nodes_counts_and_the_quota_holds(ri
     # the quota does not go through Redis: concurrent downloads on both nodes stop exactly at it (a
     # node that got no lease before the other used the quota up relays not even the request)
     served = targets.bytes_requests
-    (qa, closed_a), (qb, closed_b) = await asyncio.gather(fetch(a, *quoted, targets.http_port),
-                                                          fetch(b, *quoted, targets.http_port))
-    moved = qa + qb + (targets.bytes_requests - served) * len(REQUEST)
+    (qa, closed_a), (qb, closed_b) = await asyncio.gather(download_until_closed(a, *quoted, targets.http_port),
+                                                          download_until_closed(b, *quoted, targets.http_port))
+    moved = qa + qb + (targets.bytes_requests - served) * len(DOWNLOAD_REQUEST)
     print(f"Redis down, one {quota} B quota: node A got {qa} + node B got {qb} + requests relayed "
           f"{targets.bytes_requests - served} = {moved} B, overshoot {moved - quota} B")
     assert closed_a and closed_b and moved == quota
